@@ -1,0 +1,296 @@
+"""The GRPO objective (DeepSeekMath eq. 3), its variants, and exact gradient accumulation.
+
+Per token t of completion i, with ratio r = pi(o_t) / pi_old(o_t) and advantage A:
+
+  l_{i,t} = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t(pi || pi_ref)
+
+and KL_t by the k3 estimator of DeepSeekMath eq. 4: pi_ref/pi - log(pi_ref/pi) - 1.
+The loss is l aggregated over tokens and sequences (`loss_type`):
+
+  "grpo":    mean_i  sum_t l * m / |o_i|        (DeepSeekMath; each sequence weighs 1/B)
+  "dapo":    sum_{i,t} l * m / sum_{i,t} m      (DAPO; each token weighs the same)
+  "dr_grpo": sum_{i,t} l * m / (B * L)          (Dr. GRPO; L = max completion length)
+
+Every aggregation is a weighted token sum, sum_{i,t} l_{i,t} * w_{i,t}, with weights that depend
+only on the mask of the *whole* optimizer batch (`loss_weights`). So a batch split into
+micro-batches, each summing l * w with its slice of the full-batch weights, gives exactly the
+full-batch loss and gradient (`accumulate_gradients`). Metrics are accumulated the same way, as
+weighted sums that are finalised once (`finalize_metrics`).
+
+Shapes: B sequences, T completion tokens. All functions are pure and jittable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+
+LossType = Literal["grpo", "dapo", "dr_grpo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IS_LEVELS = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(logits, targets, *, temperature: float = 1.0) -> jax.Array:
+  """log softmax(logits / temperature)[targets]: [B, T, V], [B, T] -> [B, T] float32.
+
+  Computed as z[target] - logsumexp(z): XLA fuses the scaling into the reduction, so no
+  [B, T, V] log-softmax copy is materialised.
+  """
+  if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
+    raise ValueError(f"token_logprobs: logits {logits.shape} and targets {targets.shape} "
+                     "must be [..., V] and [...]")
+  z = logits.astype(jnp.float32) / temperature
+  target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_z - jax.nn.logsumexp(z, axis=-1)
+
+
+def token_entropy(logits, *, temperature: float = 1.0) -> jax.Array:
+  """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32 (nats)."""
+  z = logits.astype(jnp.float32) / temperature
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  p = jnp.exp(z - lse)
+  return lse[..., 0] - jnp.sum(p * z, axis=-1)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: KLEstimator = "k3") -> jax.Array:
+  """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (Schulman's k1/k2/k3).
+
+  With d = log pi_ref - log pi:  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1  (>= 0, unbiased).
+  """
+  d = ref_logprobs - logprobs
+  if estimator == "k1":
+    return -d
+  if estimator == "k2":
+    return 0.5 * d * d
+  if estimator == "k3":
+    return jnp.expm1(d) - d
+  raise ValueError(f"kl_penalty: unknown kl_estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@flax.struct.dataclass
+class LossWeights:
+  """Per-token weights fixed by the whole optimizer batch, so that sums over micro-batches are exact.
+
+  loss_BxT:  the loss is sum(l * loss_BxT) (depends on loss_type).
+  token_BxT: mask / (number of valid tokens in the batch), for token-mean metrics.
+  seq_B:     1 / B, for sequence-mean metrics.
+  """
+  loss_BxT: jax.Array
+  token_BxT: jax.Array
+  seq_B: jax.Array
+
+
+def loss_weights(mask, *, loss_type: LossType = "grpo",
+                 max_completion_length: int | None = None) -> LossWeights:
+  """The token weights of `loss_type` for a full optimizer batch, mask [B, T] -> LossWeights.
+
+  An empty sequence (mask all zero) contributes 0 tokens, its length counts as 1, and it still
+  counts among the B sequences (TRL's convention), so nothing divides by zero.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  mask = jnp.asarray(mask, jnp.float32)
+  num_seqs, num_steps = mask.shape
+  num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  if loss_type == "grpo":
+    seq_len_B = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    w = mask / (seq_len_B[:, None] * num_seqs)
+  elif loss_type == "dapo":
+    w = mask / num_tokens
+  else:  # dr_grpo
+    length = num_steps if max_completion_length is None else max_completion_length
+    w = mask / (num_seqs * length)
+  return LossWeights(loss_BxT=w, token_BxT=mask / num_tokens,
+                     seq_B=jnp.full((num_seqs,), 1.0 / num_seqs, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
+                  importance_sampling_level, beta, epsilon_low, epsilon_high):
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  if kl_estimator not in KL_ESTIMATORS:
+    raise ValueError(f"grpo_loss: unknown kl_estimator {kl_estimator!r}; "
+                     f"expected one of {KL_ESTIMATORS}")
+  if importance_sampling_level not in IS_LEVELS:
+    raise ValueError(f"grpo_loss: unknown importance_sampling_level "
+                     f"{importance_sampling_level!r}; expected one of {IS_LEVELS}")
+  if logprobs.ndim != 2:
+    raise ValueError(f"grpo_loss: logprobs must be [B, T], got shape {logprobs.shape}")
+  shape = logprobs.shape
+  named = {"old_logprobs": old_logprobs, "mask": mask}
+  if ref_logprobs is not None:
+    named["ref_logprobs"] = ref_logprobs
+  for name, arr in named.items():
+    if arr.shape != shape:
+      raise ValueError(f"grpo_loss: {name} has shape {arr.shape}, logprobs has shape {shape}")
+  if advantages.shape not in (shape[:1], shape):
+    raise ValueError(f"grpo_loss: advantages must be [B] = {shape[:1]} or [B, T] = {shape}, "
+                     f"got {advantages.shape}")
+  if beta != 0.0 and ref_logprobs is None:
+    raise ValueError(f"grpo_loss: beta = {beta} > 0 needs ref_logprobs (the reference policy's "
+                     "log-probs); pass them or set beta = 0")
+  if epsilon_low < 0 or (epsilon_high is not None and epsilon_high < 0):
+    raise ValueError(f"grpo_loss: clip epsilons must be >= 0, got low={epsilon_low}, "
+                     f"high={epsilon_high}")
+  chex.assert_type([logprobs, old_logprobs], float)
+
+
+def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeights, *,
+                    ref_logprobs=None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
+                    beta: float = 0.0, kl_estimator: KLEstimator = "k3",
+                    importance_sampling_level: str = "token") -> tuple[jax.Array, dict]:
+  """The loss as a weighted token sum, and metrics as weighted sums (both additive over batches).
+
+  Use this directly for micro-batching (with the full batch's `weights` sliced); otherwise use
+  `grpo_loss`. Returns (loss, sums) where `finalize_metrics(sums)` gives the metrics.
+  """
+  if epsilon_high is None:
+    epsilon_high = epsilon_low
+  mask = mask.astype(jnp.float32)
+  logprobs = logprobs.astype(jnp.float32)
+  old_logprobs = old_logprobs.astype(jnp.float32)
+  adv_BxT = jnp.broadcast_to(
+      advantages[:, None] if advantages.ndim == 1 else advantages, logprobs.shape
+  ).astype(jnp.float32)
+
+  log_ratio_BxT = logprobs - old_logprobs
+  if importance_sampling_level == "sequence":  # GSPO: length-normalised sequence ratio
+    seq_len_B = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    log_ratio_B = jnp.sum(log_ratio_BxT * mask, axis=1) / seq_len_B
+    log_ratio_BxT = jnp.broadcast_to(log_ratio_B[:, None], logprobs.shape)
+  ratio = jnp.exp(log_ratio_BxT)
+  clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  per_token = -jnp.minimum(ratio * adv_BxT, clipped * adv_BxT)
+
+  sums = {}
+  if ref_logprobs is not None:
+    kl = kl_penalty(logprobs, ref_logprobs.astype(jnp.float32), kl_estimator)
+    if beta != 0.0:
+      per_token = per_token + beta * kl
+    sums["kl"] = jnp.sum(kl * weights.token_BxT)
+
+  loss = jnp.sum(per_token * weights.loss_BxT)
+  w_tok = weights.token_BxT
+  clip_low = ((ratio < 1.0 - epsilon_low) & (adv_BxT < 0)).astype(jnp.float32)
+  clip_high = ((ratio > 1.0 + epsilon_high) & (adv_BxT > 0)).astype(jnp.float32)
+  adv_B = advantages if advantages.ndim == 1 else (
+      jnp.sum(adv_BxT * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1.0))
+  sums.update(
+      ratio_mean=jnp.sum(ratio * w_tok),
+      clip_frac_low=jnp.sum(clip_low * w_tok),
+      clip_frac_high=jnp.sum(clip_high * w_tok),
+      advantage_mean=jnp.sum(adv_B * weights.seq_B),
+      advantage_sq_mean=jnp.sum(adv_B ** 2 * weights.seq_B),
+      completion_length=jnp.sum(jnp.sum(mask, 1) * weights.seq_B),
+  )
+  return loss, sums
+
+
+def finalize_metrics(sums: dict) -> dict:
+  """Weighted sums from `grpo_loss_terms` (possibly summed over micro-batches) -> metrics."""
+  metrics = dict(sums)
+  metrics["clip_frac"] = sums["clip_frac_low"] + sums["clip_frac_high"]
+  metrics["advantage_std"] = jnp.sqrt(
+      jnp.maximum(sums["advantage_sq_mean"] - sums["advantage_mean"] ** 2, 0.0))
+  del metrics["advantage_sq_mean"]
+  return metrics
+
+
+def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
+              loss_type: LossType = "grpo", epsilon_low: float = 0.2,
+              epsilon_high: float | None = None, beta: float = 0.0,
+              kl_estimator: KLEstimator = "k3", importance_sampling_level: str = "token",
+              max_completion_length: int | None = None) -> tuple[jax.Array, dict]:
+  """The negative GRPO objective (to minimise) and its metrics.
+
+  Args:
+    logprobs, old_logprobs: [B, T] log pi(o_t) under the current and the sampling policy.
+    advantages: [B] (outcome) or [B, T] (process supervision).
+    mask: [B, T], 1 for completion tokens (up to and including EOS).
+    ref_logprobs: [B, T] under the reference policy; required when beta != 0.
+    loss_type: "grpo" | "dapo" | "dr_grpo" (see module docstring).
+    epsilon_low, epsilon_high: clip range [1 - low, 1 + high]; high=None means high=low.
+    beta: KL coefficient, inside the loss.
+    kl_estimator: "k1" | "k2" | "k3" (DeepSeekMath uses k3).
+    importance_sampling_level: "token" (GRPO) or "sequence" (GSPO).
+    max_completion_length: L of "dr_grpo" (defaults to T).
+  Returns:
+    (loss scalar, metrics dict): kl (if ref given), ratio_mean, clip_frac_low/high, clip_frac,
+    advantage_mean/std, completion_length.
+  """
+  logprobs, old_logprobs = jnp.asarray(logprobs), jnp.asarray(old_logprobs)
+  advantages, mask = jnp.asarray(advantages), jnp.asarray(mask)
+  _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
+                importance_sampling_level, beta, epsilon_low, epsilon_high)
+  weights = loss_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length)
+  loss, sums = grpo_loss_terms(
+      logprobs, old_logprobs, advantages, mask, weights, ref_logprobs=ref_logprobs,
+      epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator,
+      importance_sampling_level=importance_sampling_level)
+  return loss, finalize_metrics(sums)
+
+
+# ----------------------------------------------------------------------------- micro-batching
+
+
+def split_microbatches(tree: Any, num_microbatches: int) -> Any:
+  """Reshape every leaf [B, ...] -> [M, B / M, ...]; micro-batch m holds rows m, m + M, ...
+
+  Strided rather than contiguous, so that a batch sharded over the data axes stays evenly
+  sharded inside every micro-batch (no device idles, no resharding).
+  """
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"split_microbatches: batch size {x.shape[0]} is not divisible by "
+                       f"num_microbatches = {num_microbatches}")
+    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  if num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+  return jax.tree.map(split, tree)
+
+
+def accumulate_gradients(loss_terms_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params,
+                         batch, num_microbatches: int = 1):
+  """Sum of (loss, metric sums, grads) of `loss_terms_fn` over micro-batches, with `lax.scan`.
+
+  `loss_terms_fn(params, microbatch) -> (loss, sums)` must be additive over rows: build it from
+  `grpo_loss_terms` with LossWeights computed on the *full* batch and carried inside `batch`
+  (then slicing the batch slices the weights). The result equals the full-batch gradient up to
+  floating-point summation order. Returns (loss, sums, grads); call `finalize_metrics(sums)`.
+  """
+  grad_fn = jax.value_and_grad(loss_terms_fn, has_aux=True)
+  if num_microbatches == 1:
+    (loss, sums), grads = grad_fn(params, batch)
+    return loss, sums, grads
+  micro = split_microbatches(batch, num_microbatches)
+
+  def body(carry, mb):
+    (loss, sums), grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda: _flat(grad_fn(params, first)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+  return loss, sums, grads
+
+
+def _flat(out):
+  (loss, sums), grads = out
+  return loss, sums, grads

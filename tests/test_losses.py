@@ -1,0 +1,278 @@
+"""The GRPO loss against an independent NumPy reference, hand cases, gradients, micro-batching."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import losses
+
+# ----------------------------------------------------------------------------- NumPy reference
+
+
+def np_kl(lp, ref, est):
+  d = ref - lp
+  return {"k1": -d, "k2": d * d / 2, "k3": np.exp(d) - d - 1}[est]
+
+
+def np_grpo_loss(lp, old, adv, mask, ref, loss_type, eps_low, eps_high, beta, est, level, max_len):
+  """Sequence by sequence, token by token, in float64."""
+  B, T = lp.shape
+  eps_high = eps_low if eps_high is None else eps_high
+  if adv.ndim == 1:
+    adv = np.repeat(adv[:, None], T, axis=1)
+  per_tok = np.zeros((B, T))
+  for i in range(B):
+    n = mask[i].sum()
+    seq_log_ratio = sum((lp[i, t] - old[i, t]) * mask[i, t] for t in range(T)) / max(n, 1)
+    for t in range(T):
+      log_ratio = seq_log_ratio if level == "sequence" else lp[i, t] - old[i, t]
+      r = np.exp(log_ratio)
+      a = adv[i, t]
+      obj = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+      per_tok[i, t] = -obj + (beta * np_kl(lp[i, t], ref[i, t], est) if beta else 0.0)
+  if loss_type == "grpo":
+    return np.mean([(per_tok[i] * mask[i]).sum() / max(mask[i].sum(), 1) for i in range(B)])
+  if loss_type == "dapo":
+    return (per_tok * mask).sum() / max(mask.sum(), 1)
+  L = T if max_len is None else max_len
+  return (per_tok * mask).sum() / (B * L)
+
+
+def random_inputs(seed, B=6, T=7, adv_2d=False):
+  rng = np.random.default_rng(seed)
+  lp = -rng.uniform(0.1, 3.0, size=(B, T))
+  old = lp + rng.normal(scale=0.3, size=(B, T))  # ratios well outside [0.8, 1.2] sometimes
+  ref = lp + rng.normal(scale=0.5, size=(B, T))
+  adv = rng.normal(size=(B, T) if adv_2d else (B,))
+  lengths = rng.integers(0, T + 1, size=B)
+  lengths[0] = 0  # an all-masked row
+  lengths[1] = T
+  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)
+  return lp, old, adv, mask, ref
+
+
+CLIPS = [(0.2, None), (0.2, 0.28), (0.1, 0.5)]
+
+
+@pytest.mark.parametrize(
+    "loss_type, est, level, clip",
+    list(itertools.product(losses.LOSS_TYPES, losses.KL_ESTIMATORS, losses.IS_LEVELS, CLIPS)))
+def test_loss_matches_numpy_reference(loss_type, est, level, clip):
+  for seed, adv_2d in ((0, False), (1, True)):
+    lp, old, adv, mask, ref = random_inputs(seed, adv_2d=adv_2d)
+    kw = dict(loss_type=loss_type, epsilon_low=clip[0], epsilon_high=clip[1], beta=0.04,
+              kl_estimator=est, importance_sampling_level=level, max_completion_length=10)
+    want = np_grpo_loss(lp, old, adv, mask, ref, loss_type, clip[0], clip[1], 0.04, est, level, 10)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got, metrics = losses.grpo_loss(f32(lp), f32(old), f32(adv), f32(mask), ref_logprobs=f32(ref),
+                                    **kw)
+    np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=1e-6)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_loss_jits_and_beta_zero_needs_no_reference():
+  lp, old, adv, mask, _ = random_inputs(3)
+  f = jax.jit(lambda *a: losses.grpo_loss(*a, loss_type="dapo"))
+  got, metrics = f(*(jnp.asarray(x, jnp.float32) for x in (lp, old, adv, mask)))
+  want = np_grpo_loss(lp, old, adv, mask, None, "dapo", 0.2, None, 0.0, "k3", "token", None)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  assert "kl" not in metrics
+
+
+# ----------------------------------------------------------------------------- hand cases
+
+
+def test_clip_active_on_each_side():
+  # One token per sequence, mask 1, grpo aggregation = mean over the 4 sequences.
+  log = np.log
+  lp = jnp.array([[log(1.5)], [log(1.5)], [log(0.5)], [log(0.5)]], jnp.float32)
+  old = jnp.zeros((4, 1))
+  adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+  loss, m = losses.grpo_loss(lp, old, adv, jnp.ones((4, 1)))
+  # ratio 1.5, A=+1: clipped to 1.2 -> 1.2.   ratio 1.5, A=-1: min(-1.5, -1.2) = -1.5.
+  # ratio 0.5, A=+1: min(0.5, 0.8) = 0.5.     ratio 0.5, A=-1: clipped, min(-0.5, -0.8) = -0.8.
+  np.testing.assert_allclose(float(loss), -(1.2 - 1.5 + 0.5 - 0.8) / 4, rtol=1e-6)
+  assert float(m["clip_frac_high"]) == pytest.approx(0.25)
+  assert float(m["clip_frac_low"]) == pytest.approx(0.25)
+  assert float(m["clip_frac"]) == pytest.approx(0.5)
+  assert float(m["ratio_mean"]) == pytest.approx(1.0)
+  # Asymmetric clipping (DAPO clip-higher): eps_high = 0.6 lets ratio 1.5 through.
+  loss_hi, m = losses.grpo_loss(lp, old, adv, jnp.ones((4, 1)), epsilon_high=0.6)
+  np.testing.assert_allclose(float(loss_hi), -(1.5 - 1.5 + 0.5 - 0.8) / 4, rtol=1e-6)
+  assert float(m["clip_frac_high"]) == 0.0
+
+
+def test_gradient_is_zero_where_clipped():
+  lp = jnp.array([[np.log(1.5), np.log(1.1)]], jnp.float32)
+  g = jax.grad(lambda x: losses.grpo_loss(x, jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)))[0])(lp)
+  # token 0 clipped (ratio 1.5 > 1.2 with A > 0): no gradient. token 1: d(-r/2)/dlp = -1.1/2.
+  np.testing.assert_allclose(g, [[0.0, -0.55]], rtol=1e-6)
+
+
+def test_all_masked_and_zero_spread():
+  # An all-masked row must not give NaN and still counts among the B sequences.
+  lp = jnp.full((2, 3), -1.0)
+  mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  loss, m = losses.grpo_loss(lp, lp, jnp.array([2.0, 5.0]), mask)
+  np.testing.assert_allclose(float(loss), -2.0 / 2, rtol=1e-6)  # row 0 gives -2, row 1 gives 0
+  g = jax.grad(lambda x: losses.grpo_loss(x, lp, jnp.array([2.0, 5.0]), mask)[0])(lp)
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[1] == 0)
+  # Zero advantages (a zero-spread group) and no KL: loss and gradient are exactly zero.
+  loss, _ = losses.grpo_loss(lp, lp, jnp.zeros(2), mask)
+  assert float(loss) == 0.0
+  # Everything masked: finite and zero under every loss type.
+  for lt in losses.LOSS_TYPES:
+    loss, m = losses.grpo_loss(lp, lp, jnp.ones(2), jnp.zeros((2, 3)), loss_type=lt)
+    assert float(loss) == 0.0 and all(np.isfinite(float(v)) for v in m.values())
+
+
+def test_negative_advantage_dapo_and_dr_grpo_hand_values():
+  lp = jnp.zeros((2, 4))
+  mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.float32)
+  adv = jnp.array([-1.0, 3.0])
+  # ratio 1 everywhere, l = -A per token.  token sums: row0 = 4, row1 = -6.
+  for lt, want in (("grpo", (4 / 4 - 6 / 2) / 2), ("dapo", (4 - 6) / 6),
+                   ("dr_grpo", (4 - 6) / (2 * 4))):
+    loss, m = losses.grpo_loss(lp, lp, adv, mask, loss_type=lt)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6, err_msg=lt)
+  loss, _ = losses.grpo_loss(lp, lp, adv, mask, loss_type="dr_grpo", max_completion_length=8)
+  np.testing.assert_allclose(float(loss), -2 / 16, rtol=1e-6)
+  assert float(m["advantage_mean"]) == pytest.approx(1.0)
+  assert float(m["advantage_std"]) == pytest.approx(2.0)
+  assert float(m["completion_length"]) == pytest.approx(3.0)
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+@pytest.mark.parametrize("est", losses.KL_ESTIMATORS)
+def test_kl_values(est):
+  lp, ref = np.array([-1.0, -2.0, -0.5]), np.array([-1.5, -1.0, -0.5])
+  np.testing.assert_allclose(losses.kl_penalty(jnp.asarray(lp), jnp.asarray(ref), est),
+                             np_kl(lp, ref, est), rtol=1e-6)
+
+
+def test_k3_zero_value_and_gradient_at_reference():
+  lp = jnp.asarray(-np.random.default_rng(0).uniform(0.1, 3, size=(3, 5)), jnp.float32)
+  mask = jnp.ones((3, 5))
+  f = lambda x: losses.grpo_loss(x, jax.lax.stop_gradient(x), jnp.zeros(3), mask,
+                                 ref_logprobs=lp, beta=0.5)
+  (loss, m), g = jax.value_and_grad(f, has_aux=True)(lp)
+  assert float(loss) == 0.0 and float(m["kl"]) == 0.0
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def test_kl_gradient_matches_analytic():
+  # k3 = exp(d) - d - 1, d = ref - lp: d k3 / d lp = 1 - exp(ref - lp).  grpo mean over 1 seq of 2.
+  lp = jnp.array([[-1.0, -2.0]])
+  ref = jnp.array([[-1.5, -1.0]])
+  g = jax.grad(lambda x: losses.grpo_loss(x, jax.lax.stop_gradient(x), jnp.zeros(1), jnp.ones((1, 2)),
+                                          ref_logprobs=ref, beta=0.1)[0])(lp)
+  np.testing.assert_allclose(g, 0.1 * (1 - np.exp(ref - lp)) / 2, rtol=1e-6)
+
+
+def test_gradient_against_finite_differences():
+  lp, old, adv, mask, ref = random_inputs(5, B=3, T=4, adv_2d=True)
+  kw = dict(ref_logprobs=ref, beta=0.1, kl_estimator="k3", loss_type="dapo",
+            importance_sampling_level="sequence")
+  x64 = jnp.asarray(lp, jnp.float32)
+  g = np.asarray(jax.grad(lambda x: losses.grpo_loss(x, old, adv, mask, **kw)[0])(x64))
+  h = 1e-6
+  for i, t in itertools.product(range(3), range(4)):
+    e = np.zeros_like(lp)
+    e[i, t] = h
+    num = (np_grpo_loss(lp + e, old, adv, mask, ref, "dapo", 0.2, None, 0.1, "k3", "sequence", None)
+           - np_grpo_loss(lp - e, old, adv, mask, ref, "dapo", 0.2, None, 0.1, "k3", "sequence",
+                          None)) / (2 * h)
+    np.testing.assert_allclose(g[i, t], num, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_and_entropy_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(scale=3, size=(2, 3, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, size=(2, 3))
+  for temp in (1.0, 0.7):
+    z = logits.astype(np.float64) / temp
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(losses.token_logprobs(logits, targets, temperature=temp), want,
+                               rtol=1e-5, atol=1e-6)
+    want_h = -(np.exp(logp) * logp).sum(-1)
+    np.testing.assert_allclose(losses.token_entropy(logits, temperature=temp), want_h, rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="targets"):
+    losses.token_logprobs(logits, targets[:, :2])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_are_clear():
+  x = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match="unknown loss_type 'ppo'"):
+    losses.grpo_loss(x, x, jnp.zeros(2), x, loss_type="ppo")
+  with pytest.raises(ValueError, match="unknown kl_estimator 'k4'"):
+    losses.grpo_loss(x, x, jnp.zeros(2), x, kl_estimator="k4")
+  with pytest.raises(ValueError, match="importance_sampling_level"):
+    losses.grpo_loss(x, x, jnp.zeros(2), x, importance_sampling_level="group")
+  with pytest.raises(ValueError, match="old_logprobs has shape"):
+    losses.grpo_loss(x, jnp.zeros((2, 4)), jnp.zeros(2), x)
+  with pytest.raises(ValueError, match="advantages must be"):
+    losses.grpo_loss(x, x, jnp.zeros(3), x)
+  with pytest.raises(ValueError, match="needs ref_logprobs"):
+    losses.grpo_loss(x, x, jnp.zeros(2), x, beta=0.04)
+  with pytest.raises(ValueError, match="not divisible"):
+    losses.split_microbatches({"a": jnp.zeros((6, 2))}, 4)
+
+
+# ----------------------------------------------------------------------------- micro-batching
+
+
+@pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
+@pytest.mark.parametrize("level", losses.IS_LEVELS)
+def test_microbatched_gradient_equals_full_batch(loss_type, level):
+  """A tiny log-linear policy; the loss's gradient w.r.t. its weights over 1, 2, 4 micro-batches."""
+  B, T, F, V = 8, 5, 3, 7
+  rng = np.random.default_rng(7)
+  feats = jnp.asarray(rng.normal(size=(B, T, F)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, size=(B, T)))
+  params = {"w": jnp.asarray(rng.normal(size=(F, V)), jnp.float32)}
+  lengths = np.array([0, 5, 3, 1, 5, 2, 4, 5])  # ragged, with an empty row
+  mask = jnp.asarray(np.arange(T)[None] < lengths[:, None], jnp.float32)
+  old = jnp.asarray(-rng.uniform(1, 3, size=(B, T)), jnp.float32)
+  ref = jnp.asarray(-rng.uniform(1, 3, size=(B, T)), jnp.float32)
+  adv = jnp.asarray(rng.normal(size=B), jnp.float32)
+  weights = losses.loss_weights(mask, loss_type=loss_type, max_completion_length=6)
+  batch = dict(feats=feats, targets=targets, mask=mask, old=old, ref=ref, adv=adv, weights=weights)
+
+  def terms(p, mb):
+    lp = losses.token_logprobs(mb["feats"] @ p["w"], mb["targets"])
+    return losses.grpo_loss_terms(lp, mb["old"], mb["adv"], mb["mask"], mb["weights"],
+                                  ref_logprobs=mb["ref"], beta=0.04,
+                                  importance_sampling_level=level)
+
+  def full(p):
+    lp = losses.token_logprobs(feats @ p["w"], targets)
+    return losses.grpo_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type,
+                            importance_sampling_level=level, max_completion_length=6)
+
+  (want_loss, want_m), want_g = jax.value_and_grad(full, has_aux=True)(params)
+  for m in (1, 2, 4):
+    loss, sums, g = jax.jit(losses.accumulate_gradients, static_argnums=(0, 3))(
+        terms, params, batch, m)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g["w"], want_g["w"], rtol=1e-5, atol=1e-7)
+    got_m = losses.finalize_metrics(sums)
+    for k, v in want_m.items():
+      np.testing.assert_allclose(got_m[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_split_microbatches_is_strided():
+  x = jnp.arange(8)
+  np.testing.assert_array_equal(losses.split_microbatches(x, 2), [[0, 2, 4, 6], [1, 3, 5, 7]])
