@@ -1,0 +1,19 @@
+"""Decoder models (Qwen2/2.5, Qwen3, Llama 3.x, Gemma 3 text) and Hugging Face checkpoints."""
+
+from grpo_jax.models.config import ModelConfig, PRESETS, get_config
+from grpo_jax.models.transformer import (
+    KVCache,
+    attend,
+    attention_logits,
+    compute_logits,
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    unembed,
+)
+
+__all__ = [
+    "KVCache", "ModelConfig", "PRESETS", "attend", "attention_logits", "compute_logits",
+    "forward", "get_config", "init_cache", "init_params", "param_logical_axes", "unembed",
+]

@@ -1,0 +1,430 @@
+"""Decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3.x, Gemma 3 text) as pure functions.
+
+The network is written as Flax Linen modules but used only through pure functions whose
+parameters are a plain pytree (nested dicts of arrays):
+
+    params = init_params(config, rng)
+    logits_BxTxV, _ = forward(params, config, tokens_BxT, positions_BxT, mask_BxT)
+    cache = init_cache(config, batch_size=B, max_len=S)
+    logits_BxTxV, cache = forward(params, config, tokens_BxT, positions_BxT, mask_BxT, cache)
+
+Shape letters: B batch rows, T new tokens, S cache slots, E hidden_size, V vocab, H query heads,
+K KV heads, G = H / K query heads per KV head, D head_dim, M intermediate_size, L layers.
+
+Parameter layout (`params[...]`, shapes, logical axis names):
+    embedding                       [V, E]          ("vocab", "embed")
+    lm_head                         [E, V]          ("embed", "vocab")       untied only
+    final_norm/scale                [E]             ("norm",)
+    layers_{i}/pre_attn_norm/scale  [E]             ("norm",)
+    layers_{i}/attn/qkv             [E, K, G+2, D]  ("embed", "kv_heads", "qkv", "head_dim")
+    layers_{i}/attn/qkv_bias        [K, G+2, D]     ("kv_heads", "qkv", "head_dim")  qwen2
+    layers_{i}/attn/q_norm/scale    [D]             ("norm",)                 qwen3, gemma3
+    layers_{i}/attn/k_norm/scale    [D]             ("norm",)                 qwen3, gemma3
+    layers_{i}/attn/o               [H, D, E]       ("heads", "head_dim", "embed")
+    layers_{i}/post_attn_norm/scale [E]             ("norm",)                 gemma3
+    layers_{i}/pre_mlp_norm/scale   [E]             ("norm",)
+    layers_{i}/mlp/gate_up          [E, 2, M]       ("embed", "gate_up", "mlp")
+    layers_{i}/mlp/down             [M, E]          ("mlp", "embed")
+    layers_{i}/post_mlp_norm/scale  [E]             ("norm",)                 gemma3
+The q/k/v projections are fused and grouped per KV head: `qkv[:, k, :G]` are the G query heads
+that share KV head k (HF query head h = k * G + g), `qkv[:, k, G]` is key head k and
+`qkv[:, k, G + 1]` value head k. Gate and up projections are fused likewise. Fused weights were
+~10% faster on CPU (PERF_NOTES.md), and grouping per KV head keeps "kv_heads" shardable.
+"qkv", "gate_up" and "norm" are small axes meant to stay replicated; a sharding module maps
+"vocab", "embed", "heads", "kv_heads", "head_dim" and "mlp" onto mesh axes.
+
+Attention masking: key j is visible to query i iff key j is a real token (mask 1), j <= i in
+slot order (causal), and, in Gemma 3 sliding layers, i - j < sliding_window (slot distance, as in
+transformers). RoPE uses the given per-row `positions`, so right-padded (training) and
+left-padded (sampling) batches both work. Pad queries produce finite garbage; mask them out.
+
+KV cache (`KVCache`): pre-allocated, fixed shape, one array per layer (a stacked [L, ...] cache
+was 2x slower to decode), keys stored transposed [B, K, D, S] (Q.K^T 5x faster per decode step
+on CPU), values [B, K, S, D], a validity mask [B, S] and one scalar write index shared by all
+rows (left-padded prompts align the rows). A forward with a cache writes its T tokens at slots
+[index, index + T) and advances the index; the caller keeps index + T <= S (out-of-range writes
+would be clamped by `lax.dynamic_update_slice`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from grpo_jax.models.config import ModelConfig
+
+Params = Any  # nested dict of arrays, structure described in the module docstring
+_MASKED = -1e30  # finite: a row with no visible key gets uniform weights instead of NaN
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decoding state of every layer. Fields are pytree leaves; the tuples have one array per layer."""
+
+  k_BxKxDxS: tuple[jax.Array, ...]
+  v_BxKxSxD: tuple[jax.Array, ...]
+  valid_BxS: jax.Array  # bool: slot holds a real token
+  index: jax.Array  # int32 scalar: next slot to write
+
+  @property
+  def max_len(self) -> int:
+    return self.valid_BxS.shape[1]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache of `max_len` slots per row; `dtype` defaults to the activation dtype."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  B, K, D, S = batch_size, config.num_kv_heads, config.head_dim, max_len
+  return KVCache(
+      k_BxKxDxS=tuple(jnp.zeros((B, K, D, S), dtype) for _ in range(config.num_layers)),
+      v_BxKxSxD=tuple(jnp.zeros((B, K, S, D), dtype) for _ in range(config.num_layers)),
+      valid_BxS=jnp.zeros((B, S), jnp.bool_),
+      index=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(config: ModelConfig, sliding: bool) -> np.ndarray:
+  """Inverse frequencies [D/2] (float32, a trace-time constant), with Llama 3.1 / linear scaling.
+
+  Sliding (Gemma 3 local) layers use `rope_local_theta` and no scaling; others `rope_theta`.
+  Float32 arithmetic as in transformers, so positions up to the context length match exactly.
+  """
+  D = config.head_dim
+  theta = np.float32(config.rope_local_theta if sliding else config.rope_theta)
+  inv_freq = (1.0 / theta ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
+  inv_freq = inv_freq.astype(np.float32)
+  if sliding or config.rope_scaling_type is None:
+    return inv_freq
+  factor = np.float32(config.rope_scaling_factor)
+  if config.rope_scaling_type == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  # "llama3": keep high frequencies, divide low ones by `factor`, interpolate in between.
+  old_len = np.float32(config.rope_original_max_position)
+  low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_angles(config: ModelConfig, positions_BxT, sliding: bool):
+  """(cos, sin), each [B, T, D/2] float32, of the rotation at each token's position."""
+  inv_freq = jnp.asarray(rope_inv_freq(config, sliding))
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
+
+
+def apply_rope(x_BxTx___xD, cos_sin):
+  """Rotates the halves (x1, x2) of the last axis (transformers' `rotate_half` convention)."""
+  cos, sin = cos_sin
+  extra = x_BxTx___xD.ndim - 3  # head axes between T and D
+  cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
+  sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
+  x = x_BxTx___xD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTx___xD.dtype)
+
+
+# ----------------------------------------------------------------------------- attention core
+
+
+def attention_logits(q_BxTxKxGxD, k_BxKxDxS, *, scale: float, softcap: float | None):
+  """Scaled (and optionally soft-capped) scores [B, K, G, T, S], float32."""
+  s = jnp.einsum("btkgd,bkds->bkgts", q_BxTxKxGxD, k_BxKxDxS,
+                 preferred_element_type=jnp.float32) * scale
+  if softcap:
+    s = jnp.tanh(s / softcap) * softcap
+  return s
+
+
+def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, *, scale: float,
+           softcap: float | None = None):
+  """Grouped-query attention of T queries over S keys -> [B, T, K, G, D] in v's dtype.
+
+  Kept separate from the layer so that a sampler can attend over a prompt prefix shared by a
+  group plus a per-row cache (compute `attention_logits` on both, concatenate along S).
+  """
+  s_BxKxGxTxS = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
+  s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _MASKED)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxSxD.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", p_BxKxGxTxS, v_BxKxSxD)
+
+
+def attention_masks(config: ModelConfig, attention_mask_BxT, cache: KVCache | None):
+  """(full_mask_BxTxS, sliding_mask_BxTxS or None, valid_BxS after writing the new tokens)."""
+  new_valid_BxT = attention_mask_BxT.astype(jnp.bool_)
+  T = new_valid_BxT.shape[1]
+  if cache is None:
+    valid_BxS, q_slot_T, k_slot_S = new_valid_BxT, jnp.arange(T), jnp.arange(T)
+  else:
+    valid_BxS = lax.dynamic_update_slice(cache.valid_BxS, new_valid_BxT, (0, cache.index))
+    q_slot_T, k_slot_S = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
+  dist_TxS = q_slot_T[:, None] - k_slot_S[None, :]
+  full_BxTxS = valid_BxS[:, None, :] & (dist_TxS >= 0)[None]
+  sliding_BxTxS = None
+  if config.layer_types is not None and "sliding_attention" in config.layer_types:
+    sliding_BxTxS = full_BxTxS & (dist_TxS < config.sliding_window)[None]
+  return full_BxTxS, sliding_BxTxS, valid_BxS
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _kernel_init():
+  return nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * w (or * (1 + w) in Gemma), statistics in float32, output in x's dtype."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    plus_one = c.family == "gemma3"
+    init = nn.initializers.zeros if plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],),
+                       jnp.dtype(c.param_dtype))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.rms_norm_eps)
+    scale32 = scale.astype(jnp.float32)
+    return (x32 * (1.0 + scale32 if plus_one else scale32)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Fused-QKV grouped-query self-attention with RoPE, optional q/k norm and KV cache."""
+
+  config: ModelConfig
+  sliding: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    B, T, E = x_BxTxE.shape
+    K, G, D, H = c.num_kv_heads, c.num_groups, c.head_dim, c.num_heads
+    w_qkv = self.param("qkv", nn.with_logical_partitioning(
+        _kernel_init(), ("embed", "kv_heads", "qkv", "head_dim")), (E, K, G + 2, D), pdtype)
+    qkv_BxTxKxCxD = jnp.einsum("bte,ekcd->btkcd", x_BxTxE, w_qkv.astype(dtype))
+    if c.qkv_bias:
+      b_qkv = self.param("qkv_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("kv_heads", "qkv", "head_dim")), (K, G + 2, D), pdtype)
+      qkv_BxTxKxCxD = qkv_BxTxKxCxD + b_qkv.astype(dtype)
+    q_BxTxKxGxD = qkv_BxTxKxCxD[:, :, :, :G]
+    k_BxTxKxD = qkv_BxTxKxCxD[:, :, :, G]
+    v_BxTxKxD = qkv_BxTxKxCxD[:, :, :, G + 1]
+    if c.qk_norm:
+      q_BxTxKxGxD = RMSNorm(c, name="q_norm")(q_BxTxKxGxD)
+      k_BxTxKxD = RMSNorm(c, name="k_norm")(k_BxTxKxD)
+    q_BxTxKxGxD = apply_rope(q_BxTxKxGxD, cos_sin)
+    k_BxKxDxT = apply_rope(k_BxTxKxD, cos_sin).transpose(0, 2, 3, 1)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    if kv is None:
+      k_BxKxDxS, v_BxKxSxD, new_kv = k_BxKxDxT, v_BxKxTxD, None
+    else:
+      k_cache, v_cache = kv
+      k_BxKxDxS = lax.dynamic_update_slice(k_cache, k_BxKxDxT.astype(k_cache.dtype),
+                                           (0, 0, 0, index))
+      v_BxKxSxD = lax.dynamic_update_slice(v_cache, v_BxKxTxD.astype(v_cache.dtype),
+                                           (0, 0, index, 0))
+      new_kv = (k_BxKxDxS, v_BxKxSxD)
+    scale = (c.query_pre_attn_scalar or D) ** -0.5
+    out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype),
+                           mask_BxTxS, scale=scale, softcap=c.attn_logit_softcap)
+    w_o = self.param("o", nn.with_logical_partitioning(
+        _kernel_init(), ("heads", "head_dim", "embed")), (H, D, E), pdtype)
+    out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(B, T, H, D), w_o.astype(dtype))
+    return out_BxTxE, new_kv
+
+
+class MLP(nn.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    E, M = c.hidden_size, c.intermediate_size
+    w_gate_up = self.param("gate_up", nn.with_logical_partitioning(
+        _kernel_init(), ("embed", "gate_up", "mlp")), (E, 2, M), pdtype)
+    w_down = self.param("down", nn.with_logical_partitioning(
+        _kernel_init(), ("mlp", "embed")), (M, E), pdtype)
+    h_BxTx2xM = jnp.einsum("bte,ecm->btcm", x_BxTxE, w_gate_up.astype(dtype))
+    gate_BxTxM, up_BxTxM = h_BxTx2xM[:, :, 0], h_BxTx2xM[:, :, 1]
+    if c.hidden_act == "silu":
+      act_BxTxM = jax.nn.silu(gate_BxTxM)
+    else:
+      act_BxTxM = jax.nn.gelu(gate_BxTxM, approximate=True)
+    return jnp.einsum("btm,me->bte", act_BxTxM * up_BxTxM, w_down.astype(dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm residual layer; Gemma 3 also normalises each branch output (sandwich norm)."""
+
+  config: ModelConfig
+  sliding: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index):
+    c = self.config
+    sandwich = c.family == "gemma3"
+    h = RMSNorm(c, name="pre_attn_norm")(x_BxTxE)
+    h, new_kv = Attention(c, self.sliding, name="attn")(h, cos_sin, mask_BxTxS, kv, index)
+    if sandwich:
+      h = RMSNorm(c, name="post_attn_norm")(h)
+    x_BxTxE = x_BxTxE + h
+    h = MLP(c, name="mlp")(RMSNorm(c, name="pre_mlp_norm")(x_BxTxE))
+    if sandwich:
+      h = RMSNorm(c, name="post_mlp_norm")(h)
+    return x_BxTxE + h, new_kv
+
+
+def _unembed(config: ModelConfig, embedding_VxE, lm_head_ExV, hidden_BxTxE):
+  """Float32 logits [B, T, V] (soft-capped when the config says so)."""
+  dtype = jnp.dtype(config.dtype)
+  if lm_head_ExV is None:
+    logits = jnp.einsum("bte,ve->btv", hidden_BxTxE, embedding_VxE.astype(dtype),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bte,ev->btv", hidden_BxTxE, lm_head_ExV.astype(dtype),
+                        preferred_element_type=jnp.float32)
+  if config.final_logit_softcap:
+    logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+  return logits
+
+
+class Decoder(nn.Module):
+  """Embedding -> L blocks -> final norm -> (optionally) unembedding."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxT, cache, return_hidden):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    embedding = self.param("embedding", nn.with_logical_partitioning(
+        _kernel_init(), ("vocab", "embed")), (c.vocab_size, c.hidden_size), pdtype)
+    lm_head = None
+    if not c.tie_embeddings:
+      lm_head = self.param("lm_head", nn.with_logical_partitioning(
+          _kernel_init(), ("embed", "vocab")), (c.hidden_size, c.vocab_size), pdtype)
+
+    x_BxTxE = jnp.take(embedding, tokens_BxT, axis=0).astype(dtype)
+    if c.scale_embeddings:  # rounded to the parameter dtype, as in transformers
+      x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(c.hidden_size), pdtype).astype(dtype)
+
+    full_mask, sliding_mask, valid_BxS = attention_masks(c, attention_mask_BxT, cache)
+    global_rope = rope_angles(c, positions_BxT, sliding=False)
+    local_rope = rope_angles(c, positions_BxT, sliding=True) if sliding_mask is not None else None
+    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+
+    block_cls = nn.remat(Block) if c.remat else Block
+    new_k, new_v = [], []
+    for i in range(c.num_layers):
+      sliding = c.layer_is_sliding(i)
+      kv = None if cache is None else (cache.k_BxKxDxS[i], cache.v_BxKxSxD[i])
+      x_BxTxE, new_kv = block_cls(c, sliding, name=f"layers_{i}")(
+          x_BxTxE, local_rope if sliding else global_rope,
+          sliding_mask if sliding else full_mask, kv, index)
+      if cache is not None:
+        new_k.append(new_kv[0])
+        new_v.append(new_kv[1])
+
+    x_BxTxE = RMSNorm(c, name="final_norm")(x_BxTxE)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k_BxKxDxS=tuple(new_k), v_BxKxSxD=tuple(new_v), valid_BxS=valid_BxS,
+                          index=cache.index + tokens_BxT.shape[1])
+    if return_hidden:
+      return x_BxTxE, new_cache
+    return _unembed(c, embedding, lm_head, x_BxTxE), new_cache
+
+
+# ----------------------------------------------------------------------------- pure API
+
+
+def _dummy_inputs():
+  ones = jnp.ones((1, 1), jnp.int32)
+  return ones, ones * 0, ones
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_boxed(config: ModelConfig, rng):
+  return Decoder(config).init(rng, *_dummy_inputs(), None, True)["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters (normal(0.02) kernels, zero biases, identity norms) in `param_dtype`.
+
+  Jittable: wrap in `jax.jit(..., static_argnums=0, out_shardings=...)` to create them sharded.
+  """
+  return flax.core.meta.unbox(_init_boxed(config, rng))
+
+
+def param_logical_axes(config: ModelConfig) -> Params:
+  """The params pytree with a tuple of logical axis names in place of each array.
+
+  Tuples are pytree nodes: map over it with `is_leaf=lambda x: isinstance(x, tuple)`.
+  """
+  boxed = jax.eval_shape(lambda: Decoder(config).init(
+      jax.random.key(0), *_dummy_inputs(), None, True)["params"])
+  specs = nn.get_partition_spec(boxed)
+  return jax.tree.map(lambda s: tuple(s), specs,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, attention_mask_BxT,
+            cache: KVCache | None = None, *, return_hidden: bool = False):
+  """Runs the decoder on T tokens per row.
+
+  Args:
+    params: from `init_params` or `load_hf_checkpoint`.
+    config: the static model description.
+    tokens_BxT: int token ids.
+    positions_BxT: int RoPE positions (cumsum(mask) - 1 for right or left padding).
+    attention_mask_BxT: 1 for real tokens, 0 for padding.
+    cache: None for a full-sequence pass; else a `KVCache` whose slots [index, index + T) receive
+      the new tokens (which attend to every valid earlier slot and causally among themselves).
+    return_hidden: return the final-normed hidden states [B, T, E] (activation dtype) instead of
+      logits, to be projected in chunks with `unembed`.
+
+  Returns:
+    (logits_BxTxV float32 or hidden_BxTxE, new cache or None).
+  """
+  return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT,
+                               cache, return_hidden)
+
+
+def unembed(params: Params, config: ModelConfig, hidden_BxTxE) -> jax.Array:
+  """Float32 logits [B, T, V] from `forward(..., return_hidden=True)` hidden states."""
+  return _unembed(config, params["embedding"], params.get("lm_head"), hidden_BxTxE)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def compute_logits(config: ModelConfig, params: Params, tokens_BxT, attention_mask_BxT=None):
+  """Float32 logits [B, T, V] of a right-padded batch; positions from the mask (notebooks)."""
+  if attention_mask_BxT is None:
+    attention_mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+  attention_mask_BxT = attention_mask_BxT.astype(jnp.int32)
+  positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=-1) - 1, 0)
+  logits_BxTxV, _ = forward(params, config, tokens_BxT, positions_BxT, attention_mask_BxT)
+  return logits_BxTxV
