@@ -1,6 +1,7 @@
 """Decoder models (Qwen2/2.5, Qwen3, Llama 3.x, Gemma 3 text) and Hugging Face checkpoints."""
 
 from grpo_jax.models.config import ModelConfig, PRESETS, get_config
+from grpo_jax.models.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from grpo_jax.models.transformer import (
     KVCache,
     attend,
@@ -15,5 +16,6 @@ from grpo_jax.models.transformer import (
 
 __all__ = [
     "KVCache", "ModelConfig", "PRESETS", "attend", "attention_logits", "compute_logits",
-    "forward", "get_config", "init_cache", "init_params", "param_logical_axes", "unembed",
+    "forward", "get_config", "init_cache", "init_params", "load_hf_checkpoint", "param_logical_axes",
+    "save_hf_checkpoint", "unembed",
 ]
