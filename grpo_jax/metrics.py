@@ -1,0 +1,478 @@
+"""Run metrics: JSON lines, hand-written TensorBoard event files, sample logs, console progress.
+
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write(step, "grpo", {"reward": 0.62, "kl": 3e-3, "eval/accuracy": 0.71})
+    progress = Progress(total_steps=200, phase="grpo", every=10)
+    progress.update(step, reward=0.62, acc=0.71, sample_s=0.31, update_s=0.22, tok_per_s=1200.)
+
+`workdir/metrics.jsonl` holds one JSON object per line: `step`, `phase`, `time` (Unix seconds) and
+the figures. Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity" (JSON has
+no literal for them) and `read_metrics` turns them back into floats. Each line is flushed as it is
+written, so a killed run loses nothing already logged.
+
+`workdir/tb/events.out.tfevents.*` holds the same scalars for TensorBoard, tagged `phase/name`
+(`grpo/reward`, `grpo/eval/accuracy`). The format is small enough to write without TensorFlow: a
+TFRecord stream (uint64 length, masked CRC-32C of the length, payload, masked CRC-32C of the
+payload) of `Event` protobufs, the first carrying `file_version = "brain.Event:2"`:
+
+    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+    Summary { repeated Value value = 1; }
+    Value   { string tag = 1; float simple_value = 2; }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import socket
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+TB_DIR = "tb"
+RESERVED_KEYS = ("step", "phase", "time")
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+# ----------------------------------------------------------------------------------------------
+# CRC-32C (Castagnoli), as TFRecord framing needs it.
+
+
+def _crc32c_table() -> tuple[int, ...]:
+  """Byte table of the reflected Castagnoli polynomial 0x82F63B78."""
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C of `data` (pure Python, table-driven); crc32c(b"123456789") == 0xE3069283."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC: rotate right by 15 bits and add a constant (mod 2^32)."""
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(payload: bytes) -> bytes:
+  """One TFRecord: uint64 length, masked CRC of the length, payload, masked CRC of the payload."""
+  length = struct.pack("<Q", len(payload))
+  return (length + struct.pack("<I", masked_crc32c(length)) + payload
+          + struct.pack("<I", masked_crc32c(payload)))
+
+
+def read_tfrecords(path: str) -> list[bytes]:
+  """All payloads of a TFRecord file; raises ValueError naming the file and offset on a bad CRC
+  or a truncated record."""
+  with open(path, "rb") as f:
+    data = f.read()
+  payloads, pos = [], 0
+  while pos < len(data):
+    if pos + 12 > len(data):
+      raise ValueError(f"{path}: truncated record header at byte {pos}")
+    length_bytes = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", length_bytes)
+    (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    if length_crc != masked_crc32c(length_bytes):
+      raise ValueError(f"{path}: length CRC mismatch at byte {pos}")
+    end = pos + 12 + length
+    if end + 4 > len(data):
+      raise ValueError(f"{path}: truncated record at byte {pos}")
+    payload = data[pos + 12:end]
+    (payload_crc,) = struct.unpack("<I", data[end:end + 4])
+    if payload_crc != masked_crc32c(payload):
+      raise ValueError(f"{path}: payload CRC mismatch at byte {pos}")
+    payloads.append(payload)
+    pos = end + 4
+  return payloads
+
+
+# ----------------------------------------------------------------------------------------------
+# The few protobuf messages of a TensorBoard event file.
+
+
+def _varint(value: int) -> bytes:
+  """Base-128 varint; negative int64 values as their 64-bit two's complement (10 bytes)."""
+  value &= 0xFFFFFFFFFFFFFFFF
+  out = bytearray()
+  while True:
+    bits = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(bits | 0x80)
+    else:
+      out.append(bits)
+      return bytes(out)
+
+
+def _field(number: int, wire_type: int) -> bytes:
+  return _varint((number << 3) | wire_type)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+  return _field(number, 2) + _varint(len(payload)) + payload
+
+
+def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
+                 scalars: Mapping[str, float] | None = None) -> bytes:
+  """Serialised `Event` with either `file_version` or a `Summary` of simple scalar values."""
+  out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
+  if file_version is not None:
+    out += _length_delimited(3, file_version.encode())
+  if scalars:
+    summary = b"".join(
+        _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5)
+                          + struct.pack("<f", value))
+        for tag, value in scalars.items())
+    out += _length_delimited(5, summary)
+  return out
+
+
+def _parse_fields(data: bytes) -> list[tuple[int, int, Any]]:
+  """Generic protobuf wire parse: [(field number, wire type, int | bytes)]."""
+  fields, pos = [], 0
+  while pos < len(data):
+    key, pos = _read_varint(data, pos)
+    number, wire_type = key >> 3, key & 7
+    if wire_type == 0:
+      value, pos = _read_varint(data, pos)
+    elif wire_type == 1:
+      value, pos = data[pos:pos + 8], pos + 8
+    elif wire_type == 2:
+      length, pos = _read_varint(data, pos)
+      value, pos = data[pos:pos + length], pos + length
+    elif wire_type == 5:
+      value, pos = data[pos:pos + 4], pos + 4
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire_type}")
+    fields.append((number, wire_type, value))
+  return fields
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+  result, shift = 0, 0
+  while True:
+    byte = data[pos]
+    pos += 1
+    result |= (byte & 0x7F) << shift
+    shift += 7
+    if not byte & 0x80:
+      return result, pos
+
+
+def decode_event(payload: bytes) -> dict:
+  """`Event` bytes -> {"wall_time", "step", "file_version" (or None), "scalars": {tag: value}}."""
+  event = {"wall_time": 0.0, "step": 0, "file_version": None, "scalars": {}}
+  for number, _, value in _parse_fields(payload):
+    if number == 1:
+      event["wall_time"] = struct.unpack("<d", value)[0]
+    elif number == 2:
+      event["step"] = value - (1 << 64) if value >= 1 << 63 else value
+    elif number == 3:
+      event["file_version"] = value.decode()
+    elif number == 5:
+      for v_number, _, v_value in _parse_fields(value):
+        if v_number != 1:
+          continue
+        tag, simple = None, None
+        for f_number, _, f_value in _parse_fields(v_value):
+          if f_number == 1:
+            tag = f_value.decode()
+          elif f_number == 2:
+            simple = struct.unpack("<f", f_value)[0]
+        if tag is not None and simple is not None:
+          event["scalars"][tag] = simple
+  return event
+
+
+def read_tensorboard_scalars(path: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} from one event file or every `*tfevents*` file under a directory
+  (in name order, i.e. creation order), verifying every CRC."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                   for name in names if "tfevents" in name)
+  else:
+    files = [path]
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for file in files:
+    for payload in read_tfrecords(file):
+      event = decode_event(payload)
+      for tag, value in event["scalars"].items():
+        scalars.setdefault(tag, []).append((event["step"], value))
+  return scalars
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON lines.
+
+
+def to_json_value(value: Any, name: str = "value") -> Any:
+  """A figure as a JSON-safe Python value: jax/numpy scalars and size-1 arrays -> int/float/bool,
+  non-finite floats -> "NaN"/"Infinity"/"-Infinity"; strings and None pass through; nested lists
+  and dicts are converted element-wise. Raises ValueError naming `name` for anything else."""
+  if value is None or isinstance(value, (str, bool)):
+    return value
+  if isinstance(value, np.bool_):
+    return bool(value)
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    return _finite_or_name(float(value))
+  if hasattr(value, "shape") and hasattr(value, "dtype"):  # jax.Array, np.ndarray
+    array = np.asarray(value)
+    if array.size != 1:
+      raise ValueError(f"{name}: expected a scalar, got an array of shape {array.shape}")
+    return to_json_value(array.reshape(()).item(), name)
+  if isinstance(value, Mapping):
+    return {str(k): to_json_value(v, f"{name}.{k}") for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_value(v, f"{name}[{i}]") for i, v in enumerate(value)]
+  raise ValueError(f"{name}: cannot log a {type(value).__name__} as JSON")
+
+
+def _finite_or_name(x: float) -> float | str:
+  if math.isnan(x):
+    return "NaN"
+  if math.isinf(x):
+    return "Infinity" if x > 0 else "-Infinity"
+  return x
+
+
+def _from_json_value(value: Any) -> Any:
+  return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, allow_nan=False) + "\n")
+    f.flush()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Rows of a JSON-lines file; a malformed line raises ValueError naming the file and line."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+  return rows
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of `workdir/metrics.jsonl`, in order, with "NaN"/"Infinity" strings as floats."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no metrics file: {path}")
+  return [{k: (v if k in RESERVED_KEYS else _from_json_value(v)) for k, v in row.items()}
+          for row in read_jsonl(path)]
+
+
+def truncate_lines(path: str, num_lines: int) -> None:
+  """Keep the first `num_lines` complete lines of `path` (a resumed run drops what it will redo,
+  including a half-written last line)."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  complete = lines[:-1]  # the piece after the last newline is empty or half-written
+  if num_lines > len(complete):
+    raise ValueError(f"{path}: asked to keep {num_lines} lines but it has {len(complete)}")
+  with open(path, "wb") as f:
+    f.write(b"".join(line + b"\n" for line in complete[:num_lines]))
+
+
+def count_lines(path: str) -> int:
+  """Complete (newline-terminated) lines in `path`; 0 when it does not exist."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    return f.read().count(b"\n")
+
+
+def write_samples(workdir: str, step: int, rows: Sequence[Mapping[str, Any]],
+                  *, phase: str | None = None) -> None:
+  """Append sample completions to `workdir/samples.jsonl`, one line each: `step` (and `phase`)
+  plus the row's fields (prompt, completion, reward, ...). Call on one process only."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, SAMPLES_FILE)
+  with open(path, "a", encoding="utf-8") as f:
+    for i, row in enumerate(rows):
+      head = {"step": int(step)} if phase is None else {"step": int(step), "phase": phase}
+      line = head | to_json_value(dict(row), f"samples[{i}]")
+      f.write(json.dumps(line, allow_nan=False) + "\n")
+    f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# The writer.
+
+
+def _event_file_name() -> str:
+  return f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+
+
+class MetricsWriter:
+  """Appends figures to `workdir/metrics.jsonl` and `workdir/tb/`; a no-op when `enabled=False`
+  (non-zero processes of a multi-host run).
+
+  `truncate_to=N` first cuts metrics.jsonl to its first N lines: a run resumed from a checkpoint
+  that recorded `writer.num_lines` drops the lines it is about to write again, so the file ends
+  up as an uninterrupted run would have left it. (TensorBoard files are never rewritten; each
+  writer opens a new one, and TensorBoard shows the re-run steps twice.)
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, truncate_to: int | None = None):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb: BinaryIO | None = None
+    if not enabled:
+      return
+    os.makedirs(os.path.join(workdir, TB_DIR), exist_ok=True)
+    if truncate_to is not None and os.path.exists(self.path):
+      truncate_lines(self.path, truncate_to)
+    self._num_lines = count_lines(self.path)
+    self._tb = open(os.path.join(workdir, TB_DIR, _event_file_name()), "ab")
+    self._write_event(encode_event(time.time(), 0, file_version="brain.Event:2"))
+
+  @property
+  def num_lines(self) -> int:
+    """Lines in metrics.jsonl so far (store it in a checkpoint to truncate on resume)."""
+    return self._num_lines if self.enabled else 0
+
+  def write(self, step: int, phase: str, metrics: Mapping[str, Any]) -> dict:
+    """Log `metrics` at `step` of `phase`; returns the JSON row written (or that would be)."""
+    clash = [k for k in metrics if k in RESERVED_KEYS]
+    if clash:
+      raise ValueError(f"metric names {clash} are reserved (step, phase, time)")
+    now = time.time()
+    row = {"step": int(step), "phase": phase, "time": now}
+    row |= {name: to_json_value(value, name) for name, value in metrics.items()}
+    if not self.enabled:
+      return row
+    _append_jsonl(self.path, row)
+    self._num_lines += 1
+    scalars = {f"{phase}/{name}": float(_from_json_value(value))
+               for name, value in row.items() if name not in RESERVED_KEYS
+               and isinstance(_from_json_value(value), (int, float))}
+    if scalars:
+      self._write_event(encode_event(now, int(step), scalars=scalars))
+    return row
+
+  def _write_event(self, payload: bytes) -> None:
+    self._tb.write(tfrecord(payload))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Console progress.
+
+
+def format_duration(seconds: float) -> str:
+  """0:28, 1:52, 1:02:03 (h:mm:ss past an hour); "?" when unknown."""
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_number(x: Any) -> str:
+  """Compact figure: 3 significant digits, k/M/G past a thousand (0.62, 0.003, 23.1, 1.2k)."""
+  if isinstance(x, str):
+    return x
+  x = float(np.asarray(x))
+  if not math.isfinite(x):
+    return str(x)
+  for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g}{suffix}"
+  return f"{x:.3g}"
+
+
+@dataclasses.dataclass
+class Progress:
+  """Console progress lines with ETA and the key figures.
+
+      grpo  40/200 20% | 0:28<1:52 | reward 0.62 acc 0.71 | sample 0.31s update 0.22s | 1.2k tok/s
+
+  `update(step, **figures)` after each step: names ending in `_s` are seconds (the step time
+  split: `sample_s`, `score_s`, `update_s`) and `tok_per_s` is throughput; everything else prints
+  as `name value` in the order given. Figures whose names are not identifiers go in `figures=`.
+  A line is logged every `every` steps and at the last step. Step time is the mean over the steps
+  this object has seen, so a resumed run's ETA ignores the steps it did not run.
+  """
+
+  total_steps: int
+  phase: str
+  every: int = 1
+  print_fn: Any = logging.info
+
+  def __post_init__(self):
+    self._start_time: float | None = None
+    self._start_step: int | None = None
+
+  def update(self, step: int, figures: Mapping[str, Any] | None = None,
+             **more: Any) -> str | None:
+    """Record that `step` (1-based count of finished steps) is done; returns the line if logged."""
+    now = time.time()
+    if self._start_time is None:
+      # The first call's step is already done: time from it on (the first step compiles).
+      self._start_time, self._start_step = now, step
+    if step % self.every and step != self.total_steps:
+      return None
+    line = self.format(step, now - self._start_time, step - self._start_step,
+                       dict(figures or {}) | more)
+    self.print_fn(line)
+    return line
+
+  def format(self, step: int, elapsed: float, steps_timed: int, figures: Mapping[str, Any]) -> str:
+    """The progress line (pure: all inputs given)."""
+    width = len(str(self.total_steps))
+    percent = int(100 * step / self.total_steps) if self.total_steps else 100
+    mean = elapsed / steps_timed if steps_timed > 0 else None
+    eta = mean * max(self.total_steps - step, 0) if mean is not None else None
+    parts = [f"{self.phase}  {step:>{width}}/{self.total_steps} {percent}%",
+             f"{format_duration(elapsed)}<{format_duration(eta)}"]
+    plain = " ".join(f"{k} {format_number(v)}" for k, v in figures.items()
+                     if not k.endswith("_s") and k != "tok_per_s")
+    timing = " ".join(f"{k[:-2]} {format_number(v)}s" for k, v in figures.items()
+                      if k.endswith("_s") and k != "tok_per_s")
+    parts += [p for p in (plain, timing) if p]
+    if "tok_per_s" in figures:
+      parts.append(f"{format_number(figures['tok_per_s'])} tok/s")
+    return " | ".join(parts)
