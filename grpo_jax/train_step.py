@@ -1,0 +1,249 @@
+"""The GRPO update step and the rollout-side log-prob passes, jitted over a device mesh.
+
+  state = TrainState(params, opt_state, step)
+  batch = TrainBatch(prompt tokens [B, P], completion tokens [B, C], advantages, old / ref log-probs)
+  update_step(state, batch) -> (state, metrics)    one optimizer step (pure)
+  sequence_logprobs(params, batch) -> [B, C]       the teacher-forced log-probs of the completions
+
+Memory and speed: rows are processed in micro-batches inside a `lax.scan` (the gradient of the
+whole batch is their exact sum, `losses.accumulate_gradients`), and within a micro-batch the
+[b, C, V] logits are produced chunk by chunk over the sequence under `jax.checkpoint`, so the
+full [B, T, V] float32 logits never exist, neither in the forward nor in the backward pass.
+
+Sharding: `make_update_fn` / `make_logprob_fn` jit these with explicit in/out shardings over a
+`Mesh` (params by logical-axis rules, batch rows over ("data", "fsdp")) and donate the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from grpo_jax import losses, sharding
+from grpo_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static settings of the objective (see `losses.grpo_loss`)."""
+  loss_type: str = "grpo"
+  epsilon_low: float = 0.2
+  epsilon_high: Optional[float] = None
+  beta: float = 0.0
+  kl_estimator: str = "k3"
+  importance_sampling_level: str = "token"
+  max_completion_length: Optional[int] = None
+  temperature: float = 1.0  # log-probs are those of the sampling distribution softmax(z / T)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup, cosine decay and global-norm clipping."""
+  learning_rate: float = 1e-6
+  warmup_steps: int = 0
+  decay_steps: int = 0  # 0: constant after warmup
+  end_lr_factor: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: Optional[float] = 1.0
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+  if cfg.decay_steps > 0:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.decay_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.end_lr_factor)
+  if cfg.warmup_steps > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                 optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+  return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  parts = [] if cfg.max_grad_norm is None else [optax.clip_by_global_norm(cfg.max_grad_norm)]
+  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32 scalar: optimizer steps taken
+
+
+@flax.struct.dataclass
+class TrainBatch:
+  """One optimizer batch of B completions (rows prompt-major: a prompt's G completions adjacent).
+
+  prompt_tokens, prompt_mask:         [B, P] left-padded prompts (mask 1 = real token).
+  completion_tokens, completion_mask: [B, C] (mask 1 up to and including EOS).
+  advantages:                         [B] (outcome) or [B, C] (process supervision).
+  old_logprobs:                       [B, C] under the sampling policy, or None (mu = 1: the
+                                      current policy's, detached; no extra pass).
+  ref_logprobs:                       [B, C] under the reference policy, or None when beta = 0.
+  """
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
+  completion_tokens: jax.Array
+  completion_mask: jax.Array
+  advantages: jax.Array
+  old_logprobs: Optional[jax.Array] = None
+  ref_logprobs: Optional[jax.Array] = None
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperature, chunk):
+  """Log-probs of targets from hidden states, `chunk` positions at a time, rematerialised."""
+  B, C, E = hidden_BxCxE.shape
+  chunk = min(chunk, C)
+  if C % chunk:
+    chunk = C  # fall back to one chunk rather than pad (shapes are static: no recompiles)
+  n = C // chunk
+
+  @jax.checkpoint
+  def one(h_BxcxE, t_Bxc):
+    logits = models.unembed(params, model_config, h_BxcxE)
+    return losses.token_logprobs(logits, t_Bxc, temperature=temperature)
+
+  h = hidden_BxCxE.reshape(B, n, chunk, E).swapaxes(0, 1)
+  t = targets_BxC.reshape(B, n, chunk).swapaxes(0, 1)
+  lp_nxBxc = jax.lax.map(lambda xs: one(*xs), (h, t))
+  return lp_nxBxc.swapaxes(0, 1).reshape(B, C)
+
+
+def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,
+                      vocab_chunk: int = 32) -> jax.Array:
+  """Teacher-forced log-probs of the completion tokens, [B, C] float32.
+
+  The sequence is prompt (left-padded) + completion; positions count real tokens only, so they
+  match the sampler's. The hidden state at position P - 1 + c predicts completion token c.
+  """
+  prompt_len = batch.prompt_tokens.shape[1]
+  tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)
+  # Completion tokens after EOS are padding: they attend to nothing that matters and are masked.
+  comp_valid = jnp.ones_like(batch.completion_mask)
+  attn = jnp.concatenate([batch.prompt_mask, comp_valid], axis=1).astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0)
+  hidden, _ = models.forward(params, model_config, tokens, positions, attn, None,
+                             return_hidden=True)
+  hidden_BxCxE = hidden[:, prompt_len - 1:-1]
+  return _chunked_logprobs(params, model_config, hidden_BxCxE, batch.completion_tokens,
+                           temperature, vocab_chunk)
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def _loss_terms(params, mb: dict, *, model_config, loss_cfg: LossConfig, vocab_chunk: int):
+  batch: TrainBatch = mb["batch"]
+  logprobs = sequence_logprobs(params, batch, model_config=model_config,
+                               temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk)
+  old = batch.old_logprobs if batch.old_logprobs is not None else jax.lax.stop_gradient(logprobs)
+  return losses.grpo_loss_terms(
+      logprobs, old, batch.advantages, batch.completion_mask, mb["weights"],
+      ref_logprobs=batch.ref_logprobs, epsilon_low=loss_cfg.epsilon_low,
+      epsilon_high=loss_cfg.epsilon_high, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
+      importance_sampling_level=loss_cfg.importance_sampling_level)
+
+
+def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: LossConfig,
+                   num_microbatches: int = 1, vocab_chunk: int = 32):
+  """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches."""
+  if loss_cfg.beta != 0.0 and batch.ref_logprobs is None:
+    raise ValueError(f"update_step: beta = {loss_cfg.beta} needs batch.ref_logprobs")
+  weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
+                                max_completion_length=loss_cfg.max_completion_length)
+  terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
+                            vocab_chunk=vocab_chunk)
+  loss, sums, grads = losses.accumulate_gradients(
+      terms, params, {"batch": batch, "weights": weights}, num_microbatches)
+  metrics = losses.finalize_metrics(sums)
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+  return loss, metrics, grads
+
+
+def update_step(state: TrainState, batch: TrainBatch, *, model_config, optimizer,
+                loss_cfg: LossConfig, num_microbatches: int = 1,
+                vocab_chunk: int = 32) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch`: GRPO loss, exact accumulated gradients, optax update.
+
+  Returns the new state and metrics (loss, grad_norm and the loss metrics).
+  """
+  _, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
+                                     loss_cfg=loss_cfg, num_microbatches=num_microbatches,
+                                     vocab_chunk=vocab_chunk)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,
+                     num_microbatches: int = 1, vocab_chunk: int = 32) -> jax.Array:
+  """`sequence_logprobs` over micro-batches of rows (`lax.map`): the reference / old pass."""
+  if num_microbatches == 1:
+    return sequence_logprobs(params, batch, model_config=model_config, temperature=temperature,
+                             vocab_chunk=vocab_chunk)
+  micro = losses.split_microbatches(batch, num_microbatches)
+  lp_MxbxC = jax.lax.map(lambda mb: sequence_logprobs(
+      params, mb, model_config=model_config, temperature=temperature, vocab_chunk=vocab_chunk),
+                         micro)
+  # Undo the strided split: row r of the batch is row r // M of micro-batch r % M.
+  return lp_MxbxC.swapaxes(0, 1).reshape(-1, lp_MxbxC.shape[-1])
+
+
+# ----------------------------------------------------------------------------- jit over a mesh
+
+
+def state_shardings(mesh: Mesh, model_config, optimizer, params_shapes, rules=sharding.DEFAULT_RULES):
+  """NamedShardings of a TrainState, from the model's logical axes and the rules."""
+  param_sh = sharding.tree_shardings(mesh, models.param_logical_axes(model_config), params_shapes,
+                                     rules)
+  opt_sh = sharding.optimizer_shardings(mesh, optimizer, params_shapes, param_sh)
+  return TrainState(params=param_sh, opt_state=opt_sh, step=sharding.replicated(mesh))
+
+
+def init_sharded_state(mesh: Mesh, model_config, optimizer, rng, rules=sharding.DEFAULT_RULES):
+  """A fresh TrainState created directly in its shards (no host copy of the full params), and
+  its shardings. Works unchanged on one device, a multi-device host and several hosts."""
+  params_shapes = jax.eval_shape(functools.partial(models.init_params, model_config), rng)
+  state_sh = state_shardings(mesh, model_config, optimizer, params_shapes, rules)
+  init = lambda r: init_train_state(models.init_params(model_config, r), optimizer)
+  return jax.jit(init, out_shardings=state_sh)(rng), state_sh
+
+
+def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
+                   loss_cfg: LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32):
+  """`update_step` jitted over `mesh`: state in/out with `state_sh`, batch rows over the data
+  axes, metrics replicated, the input state donated."""
+  fn = functools.partial(update_step, model_config=model_config, optimizer=optimizer,
+                         loss_cfg=loss_cfg, num_microbatches=num_microbatches,
+                         vocab_chunk=vocab_chunk)
+  batch_sh = sharding.batch_sharding(mesh)  # a prefix: applies to every leaf's leading axis
+  return jax.jit(fn, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_logprob_fn(mesh: Mesh, params_sh, *, model_config, temperature: float = 1.0,
+                    num_microbatches: int = 1, vocab_chunk: int = 32):
+  """`batched_logprobs` jitted over `mesh` (reference and old-policy passes)."""
+  fn = functools.partial(batched_logprobs, model_config=model_config, temperature=temperature,
+                         num_microbatches=num_microbatches, vocab_chunk=vocab_chunk)
+  return jax.jit(fn, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh, 2))
