@@ -201,13 +201,31 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   return loss, sums
 
 
+def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[jax.Array, dict]:
+  """Weighted negative log-likelihood: the "gradient coefficient" view of DeepSeekMath 5.2.1.
+
+  loss = -sum_{i,t} A_i * log pi(o_{i,t}) * w_{i,t}. With A = 1 on teacher data this is SFT; with
+  A = 1[answer correct] on sampled data it is RFT (offline samples) or Online RFT (live policy).
+  Use token-mean weights (`loss_weights(mask, loss_type="dapo")`) for the usual per-token NLL.
+  """
+  mask = mask.astype(jnp.float32)
+  adv_BxT = jnp.broadcast_to(advantages[:, None] if advantages.ndim == 1 else advantages,
+                             logprobs.shape).astype(jnp.float32)
+  loss = -jnp.sum(adv_BxT * logprobs * weights.loss_BxT)
+  nll = -jnp.sum(logprobs * weights.token_BxT)
+  sums = dict(nll=nll, completion_length=jnp.sum(jnp.sum(mask, 1) * weights.seq_B))
+  return loss, sums
+
+
 def finalize_metrics(sums: dict) -> dict:
   """Weighted sums from `grpo_loss_terms` (possibly summed over micro-batches) -> metrics."""
   metrics = dict(sums)
-  metrics["clip_frac"] = sums["clip_frac_low"] + sums["clip_frac_high"]
-  metrics["advantage_std"] = jnp.sqrt(
-      jnp.maximum(sums["advantage_sq_mean"] - sums["advantage_mean"] ** 2, 0.0))
-  del metrics["advantage_sq_mean"]
+  if "clip_frac_low" in sums:
+    metrics["clip_frac"] = sums["clip_frac_low"] + sums["clip_frac_high"]
+  if "advantage_sq_mean" in sums:
+    metrics["advantage_std"] = jnp.sqrt(
+        jnp.maximum(sums["advantage_sq_mean"] - sums["advantage_mean"] ** 2, 0.0))
+    del metrics["advantage_sq_mean"]
   return metrics
 
 

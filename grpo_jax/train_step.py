@@ -32,7 +32,12 @@ from grpo_jax import models
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static settings of the objective (see `losses.grpo_loss`)."""
+  """Static settings of the objective (see `losses.grpo_loss`).
+
+  objective "grpo": the clipped-ratio GRPO loss; "sft": advantage-weighted NLL
+  (`losses.sft_loss_terms`: SFT with advantages = 1, (Online) RFT with 1[correct]).
+  """
+  objective: str = "grpo"
   loss_type: str = "grpo"
   epsilon_low: float = 0.2
   epsilon_high: Optional[float] = None
@@ -155,6 +160,8 @@ def _loss_terms(params, mb: dict, *, model_config, loss_cfg: LossConfig, vocab_c
   batch: TrainBatch = mb["batch"]
   logprobs = sequence_logprobs(params, batch, model_config=model_config,
                                temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk)
+  if loss_cfg.objective == "sft":
+    return losses.sft_loss_terms(logprobs, batch.completion_mask, batch.advantages, mb["weights"])
   old = batch.old_logprobs if batch.old_logprobs is not None else jax.lax.stop_gradient(logprobs)
   return losses.grpo_loss_terms(
       logprobs, old, batch.advantages, batch.completion_mask, mb["weights"],
@@ -166,9 +173,12 @@ def _loss_terms(params, mb: dict, *, model_config, loss_cfg: LossConfig, vocab_c
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: LossConfig,
                    num_microbatches: int = 1, vocab_chunk: int = 32):
   """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches."""
-  if loss_cfg.beta != 0.0 and batch.ref_logprobs is None:
+  if loss_cfg.objective not in ("grpo", "sft"):
+    raise ValueError(f"unknown objective {loss_cfg.objective!r}; expected 'grpo' or 'sft'")
+  if loss_cfg.objective == "grpo" and loss_cfg.beta != 0.0 and batch.ref_logprobs is None:
     raise ValueError(f"update_step: beta = {loss_cfg.beta} needs batch.ref_logprobs")
-  weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
+  loss_type = "dapo" if loss_cfg.objective == "sft" else loss_cfg.loss_type
+  weights = losses.loss_weights(batch.completion_mask, loss_type=loss_type,
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
                             vocab_chunk=vocab_chunk)
@@ -184,14 +194,20 @@ def update_step(state: TrainState, batch: TrainBatch, *, model_config, optimizer
                 vocab_chunk: int = 32) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`: GRPO loss, exact accumulated gradients, optax update.
 
-  Returns the new state and metrics (loss, grad_norm and the loss metrics).
+  A non-finite loss or gradient skips the update (state unchanged, `skipped` = 1 in the
+  metrics; the driver counts the streak). Returns the new state and metrics (loss, grad_norm,
+  skipped and the loss metrics).
   """
-  _, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
-                                     loss_cfg=loss_cfg, num_microbatches=num_microbatches,
-                                     vocab_chunk=vocab_chunk)
+  loss, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
+                                        loss_cfg=loss_cfg, num_microbatches=num_microbatches,
+                                        vocab_chunk=vocab_chunk)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+  new = TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                   step=state.step + 1)
+  ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+  new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+  metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+  return new, metrics
 
 
 def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,

@@ -276,3 +276,16 @@ def test_microbatched_gradient_equals_full_batch(loss_type, level):
 def test_split_microbatches_is_strided():
   x = jnp.arange(8)
   np.testing.assert_array_equal(losses.split_microbatches(x, 2), [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def test_sft_loss_is_advantage_weighted_nll():
+  rng = np.random.default_rng(3)
+  lp = jnp.asarray(-rng.uniform(0.1, 3, size=(3, 4)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], jnp.float32)
+  adv = jnp.asarray([1.0, 0.0, 1.0])  # RFT: only the correct samples carry gradient
+  w = losses.loss_weights(mask, loss_type="dapo")
+  loss, sums = losses.sft_loss_terms(lp, mask, adv, w)
+  want = -(np.asarray(lp)[0, :3].sum()) / 4  # row 1 has A = 0, row 2 is empty; 4 valid tokens
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  np.testing.assert_allclose(float(sums["nll"]), -(np.asarray(lp) * np.asarray(mask)).sum() / 4,
+                             rtol=1e-6)

@@ -137,3 +137,15 @@ def test_two_processes_agree_with_one_device(tmp_path):
   for k in want:
     tol = dict(rtol=0, atol=1e-5) if "params" in k else dict(rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(got[k], want[k], err_msg=k, **tol)
+
+
+def test_nonfinite_loss_skips_the_update():
+  optimizer = ts.make_optimizer(mw.OPTIM)
+  params = models.init_params(mw.MODEL, jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, mw.make_batch())
+  batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
+  state = ts.init_train_state(params, optimizer)
+  new, metrics = jax.jit(lambda s, b: ts.update_step(
+      s, b, model_config=mw.MODEL, optimizer=optimizer, loss_cfg=ts.LossConfig()))(state, batch)
+  assert float(metrics["skipped"]) == 1.0 and int(new.step) == 0
+  assert_close_tree(new.params, params, 0, 0, "params")
