@@ -173,6 +173,67 @@ def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, *, scale: float,
   return out_BxKxGTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
 
 
+def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR, pv_PxKxRxD,
+                       pmask_PxTxR, *, scale: float, softcap: float | None = None):
+  """`attend` over a prefix shared by groups of rows plus each row's own keys -> [B, T, K, G, D].
+
+  Rows are prefix-major: rows p*N .. p*N+N-1 (N = B / P) share prefix p (a GRPO group shares
+  its prompt's KV, kept once instead of N times). The softmax runs over the concatenation of
+  the two key sets, computed in two parts with shared row statistics so that the prefix scores
+  stay in the layout of their [P, K, N*G*T, D] x [D, R] matmul (only [B, K, G, T] stats move).
+  """
+  B, T, K, G, D = q_BxTxKxGxD.shape
+  P = pk_PxKxDxR.shape[0]
+  N = B // P
+  # Own keys: [B, K, G, T, S].
+  s_own = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
+  s_own = jnp.where(mask_BxTxS[:, None, None], s_own, _MASKED)
+  # Prefix keys: queries of a group stacked along the matmul rows, [P, K, N*G*T, R].
+  q_PxKxNGTxD = q_BxTxKxGxD.reshape(P, N, T, K, G, D).transpose(0, 3, 1, 4, 2, 5).reshape(
+      P, K, N * G * T, D)
+  s_pre = jnp.matmul(q_PxKxNGTxD, pk_PxKxDxR, preferred_element_type=jnp.float32) * scale
+  if softcap:
+    s_pre = jnp.tanh(s_pre / softcap) * softcap
+  R = pk_PxKxDxR.shape[-1]
+  pmask = jnp.broadcast_to(pmask_PxTxR[:, None, None, None], (P, 1, N, G, T, R))
+  s_pre = jnp.where(pmask.reshape(P, 1, N * G * T, R), s_pre, _MASKED)
+
+  def to_rows(x_PxKxNGT):  # [P, K, N*G*T] -> [B, K, G, T]
+    return x_PxKxNGT.reshape(P, K, N, G, T).transpose(0, 2, 1, 3, 4).reshape(B, K, G, T)
+
+  def to_prefix(x_BxKxGxT):  # inverse of to_rows
+    return x_BxKxGxT.reshape(P, N, K, G, T).transpose(0, 2, 1, 3, 4).reshape(P, K, N * G * T)
+
+  m_BxKxGxT = jnp.maximum(to_rows(jnp.max(s_pre, axis=-1)), jnp.max(s_own, axis=-1))
+  e_own = jnp.exp(s_own - m_BxKxGxT[..., None])
+  e_pre = jnp.exp(s_pre - to_prefix(m_BxKxGxT)[..., None])
+  l_BxKxGxT = jnp.sum(e_own, axis=-1) + to_rows(jnp.sum(e_pre, axis=-1))
+  dtype = v_BxKxSxD.dtype
+  out_own = jnp.matmul(e_own.astype(dtype).reshape(B, K, G * T, -1), v_BxKxSxD,
+                       preferred_element_type=jnp.float32).reshape(B, K, G, T, D)
+  out_pre = jnp.matmul(e_pre.astype(dtype), pv_PxKxRxD, preferred_element_type=jnp.float32)
+  out_pre = out_pre.reshape(P, K, N, G, T, D).transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, D)
+  out_BxKxGxTxD = (out_own + out_pre) / l_BxKxGxT[..., None]
+  return out_BxKxGxTxD.astype(dtype).transpose(0, 3, 1, 2, 4)
+
+
+def prefix_masks(config: ModelConfig, prefix: KVCache, num_new: int, cache: KVCache | None):
+  """(full_mask_PxTxR, sliding_mask_PxTxR or None) of T new tokens over a shared prefix.
+
+  The prefix's R slots precede the rows' own slots, so every valid prefix slot is causally
+  visible; the sliding window counts slot distance across both (as in the replicated layout).
+  """
+  R = prefix.max_len
+  index = 0 if cache is None else cache.index
+  dist_TxR = (R + index + jnp.arange(num_new))[:, None] - jnp.arange(R)[None, :]
+  full_PxTxR = jnp.broadcast_to(prefix.valid_BxS[:, None, :], (prefix.valid_BxS.shape[0],
+                                                              num_new, R))
+  sliding_PxTxR = None
+  if config.layer_types is not None and "sliding_attention" in config.layer_types:
+    sliding_PxTxR = full_PxTxR & (dist_TxR < config.sliding_window)[None]
+  return full_PxTxR, sliding_PxTxR
+
+
 def attention_masks(config: ModelConfig, attention_mask_BxT, cache: KVCache | None):
   """(full_mask_BxTxS, sliding_mask_BxTxS or None, valid_BxS after writing the new tokens)."""
   new_valid_BxT = attention_mask_BxT.astype(jnp.bool_)
@@ -222,7 +283,7 @@ class Attention(nn.Module):
   sliding: bool
 
   @nn.compact
-  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index):
+  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index, prefix_kv=None, prefix_mask=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     B, T, E = x_BxTxE.shape
@@ -253,8 +314,15 @@ class Attention(nn.Module):
                                            (0, 0, index, 0))
       new_kv = (k_BxKxDxS, v_BxKxSxD)
     scale = (c.query_pre_attn_scalar or D) ** -0.5
-    out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype),
-                           mask_BxTxS, scale=scale, softcap=c.attn_logit_softcap)
+    if prefix_kv is None:
+      out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype),
+                             mask_BxTxS, scale=scale, softcap=c.attn_logit_softcap)
+    else:
+      pk, pv = prefix_kv
+      out_BxTxKxGxD = attend_with_prefix(
+          q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS,
+          pk.astype(dtype), pv.astype(dtype), prefix_mask, scale=scale,
+          softcap=c.attn_logit_softcap)
     w_o = self.param("o", nn.with_logical_partitioning(
         _kernel_init(), ("heads", "head_dim", "embed")), (H, D, E), pdtype)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(B, T, H, D), w_o.astype(dtype))
@@ -291,11 +359,12 @@ class Block(nn.Module):
   sliding: bool
 
   @nn.compact
-  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index):
+  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index, prefix_kv=None, prefix_mask=None):
     c = self.config
     sandwich = c.family == "gemma3"
     h = RMSNorm(c, name="pre_attn_norm")(x_BxTxE)
-    h, new_kv = Attention(c, self.sliding, name="attn")(h, cos_sin, mask_BxTxS, kv, index)
+    h, new_kv = Attention(c, self.sliding, name="attn")(h, cos_sin, mask_BxTxS, kv, index,
+                                                        prefix_kv, prefix_mask)
     if sandwich:
       h = RMSNorm(c, name="post_attn_norm")(h)
     x_BxTxE = x_BxTxE + h
@@ -325,7 +394,8 @@ class Decoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxT, cache, return_hidden):
+  def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxT, cache, return_hidden,
+               prefix=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     embedding = self.param("embedding", nn.with_logical_partitioning(
@@ -340,6 +410,9 @@ class Decoder(nn.Module):
       x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(c.hidden_size), pdtype).astype(dtype)
 
     full_mask, sliding_mask, valid_BxS = attention_masks(c, attention_mask_BxT, cache)
+    prefix_full = prefix_sliding = None
+    if prefix is not None:
+      prefix_full, prefix_sliding = prefix_masks(c, prefix, tokens_BxT.shape[1], cache)
     global_rope = rope_angles(c, positions_BxT, sliding=False)
     local_rope = rope_angles(c, positions_BxT, sliding=True) if sliding_mask is not None else None
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -349,9 +422,11 @@ class Decoder(nn.Module):
     for i in range(c.num_layers):
       sliding = c.layer_is_sliding(i)
       kv = None if cache is None else (cache.k_BxKxDxS[i], cache.v_BxKxSxD[i])
+      prefix_kv = None if prefix is None else (prefix.k_BxKxDxS[i], prefix.v_BxKxSxD[i])
       x_BxTxE, new_kv = block_cls(c, sliding, name=f"layers_{i}")(
           x_BxTxE, local_rope if sliding else global_rope,
-          sliding_mask if sliding else full_mask, kv, index)
+          sliding_mask if sliding else full_mask, kv, index, prefix_kv,
+          prefix_sliding if sliding else prefix_full)
       if cache is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])
@@ -400,7 +475,8 @@ def param_logical_axes(config: ModelConfig) -> Params:
 
 
 def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, attention_mask_BxT,
-            cache: KVCache | None = None, *, return_hidden: bool = False):
+            cache: KVCache | None = None, *, return_hidden: bool = False,
+            prefix: KVCache | None = None):
   """Runs the decoder on T tokens per row.
 
   Args:
@@ -413,12 +489,16 @@ def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, atte
       the new tokens (which attend to every valid earlier slot and causally among themselves).
     return_hidden: return the final-normed hidden states [B, T, E] (activation dtype) instead of
       logits, to be projected in chunks with `unembed`.
+    prefix: None, or a filled `KVCache` of P = B / N rows (e.g. a prefilled prompt per GRPO
+      group) that rows p*N .. p*N+N-1 all attend to before their own keys, as if it were
+      replicated in front of each row's cache (its `index` is ignored; its valid slots count).
+      Positions stay the caller's: continue them from the prefix's real tokens.
 
   Returns:
     (logits_BxTxV float32 or hidden_BxTxE, new cache or None).
   """
   return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT,
-                               cache, return_hidden)
+                               cache, return_hidden, prefix)
 
 
 def unembed(params: Params, config: ModelConfig, hidden_BxTxE) -> jax.Array:
