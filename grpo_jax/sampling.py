@@ -1,0 +1,344 @@
+"""Group sampling for GRPO: prefill each prompt once, decode G completions per prompt in a while_loop.
+
+    out = sample(params, config, prompt_tokens_PxT, prompt_mask_PxT, rng=key, num_samples=G,
+                 max_new_tokens=N, temperature=1.0, eos_ids=(eos,), pad_id=pad)
+    out.tokens [P*G, N], out.logprobs [P*G, N], out.mask [P*G, N], out.lengths [P*G],
+    out.truncated [P*G]; rows are prompt-major (rows p*G .. p*G+G-1 are prompt p's group).
+
+The trainer calls `make_sampler(config, settings)` once and then the returned jitted function
+every step (one compilation per static `SamplingSettings` and input shape).
+
+Design (decode speed on CPU, see BENCHMARKS.md for the measured effect of each choice):
+- Each prompt is prefilled once into a [P, ...] cache that the G rows of its group attend to
+  through `models.forward(..., prefix=...)`; only the completion tokens are cached per row.
+- The per-row completion cache grows in fixed-size blocks: block b is decoded by its own
+  `lax.while_loop` over a cache of (b + 1) * block_size slots, so early steps do not read (and
+  mask) empty slots. Every loop exits as soon as all rows have emitted an EOS id.
+- Sampling is an exact inverse-CDF draw over exp(z - max z) in two levels (block sums of the
+  vocabulary, then one block), with cumulative sums as small triangular matmuls: XLA CPU's
+  `argmax` (used by `jax.random.categorical` / Gumbel-max) over the vocabulary cost more per step
+  than the rest of the sampling.
+- Randomness: the key of step s is `fold_in(rng, s)`; each row draws its own uniforms from it,
+  so every token of every call uses fresh randomness and the same key reproduces the samples
+  (independently of how the batch is sharded: JAX's threefry is partitionable).
+
+Log-probs: `logprobs[b, s]` is log softmax(logits / T)[token], the UNFILTERED tempered
+distribution (what `train_step.sequence_logprobs` recomputes and what TRL returns), even when
+top-k / top-p / min-p restrict the draw; 0 on masked (post-EOS) positions. Greedy decoding
+(temperature 0) returns log softmax(logits)[token] (temperature 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grpo_jax import models, sharding
+from grpo_jax.models import KVCache, ModelConfig
+
+Params = Any
+
+
+# ----------------------------------------------------------------------------- settings and state
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """Static (hashable) sampling configuration: a change recompiles, a new key or prompt does not.
+
+  num_samples:    G completions per prompt.
+  max_new_tokens: N, the completion budget.
+  temperature:    0 = greedy; otherwise logits are divided by it.
+  top_k, top_p, min_p: optional filters of the tempered distribution, applied in that order
+                  (as transformers does); ties at a threshold are kept.
+  eos_ids:        token ids that end a completion (included in it, mask 1).
+  pad_id:         emitted after the EOS (mask 0, log-prob 0).
+  block_size:     completion-cache block (slots); >= max_new_tokens gives one loop.
+  """
+  num_samples: int
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  min_p: Optional[float] = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  block_size: int = 32
+
+  def __post_init__(self):
+    if self.num_samples < 1 or self.max_new_tokens < 1 or self.block_size < 1:
+      raise ValueError(f"SamplingSettings: num_samples, max_new_tokens and block_size must be "
+                       f">= 1, got {self}")
+    if not self.temperature >= 0:
+      raise ValueError(f"SamplingSettings: temperature must be >= 0, got {self.temperature}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"SamplingSettings: top_k must be >= 1 or None, got {self.top_k}")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingSettings: top_p must be in (0, 1] or None, got {self.top_p}")
+    if self.min_p is not None and not 0 <= self.min_p <= 1:
+      raise ValueError(f"SamplingSettings: min_p must be in [0, 1] or None, got {self.min_p}")
+    if not isinstance(self.eos_ids, tuple):
+      raise ValueError(f"SamplingSettings: eos_ids must be a tuple (hashable), got "
+                       f"{type(self.eos_ids).__name__}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  @property
+  def filtered(self) -> bool:
+    return (self.top_k is not None or (self.top_p is not None and self.top_p < 1)
+            or bool(self.min_p))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Completions of P prompts x G samples, prompt-major rows (B = P * G)."""
+  tokens: jax.Array     # [B, N] int32; pad_id after the EOS
+  logprobs: jax.Array   # [B, N] float32: log softmax(logits / T)[token]; 0 where mask is 0
+  mask: jax.Array       # [B, N] int32: 1 up to and including the first EOS
+  lengths: jax.Array    # [B] int32: number of completion tokens (sum of mask)
+  truncated: jax.Array  # [B] bool: no EOS within max_new_tokens
+
+
+@flax.struct.dataclass
+class SamplingState:
+  """Traced state of the decode loop."""
+  step: jax.Array           # int32 []: tokens generated so far (all rows)
+  last_token_B: jax.Array   # int32 [B]: token generated at step - 1 (fed next)
+  done_B: jax.Array         # bool [B]: row has emitted an EOS
+  tokens_BxN: jax.Array     # int32 [B, N]
+  logprobs_BxN: jax.Array   # float32 [B, N]
+  cache: KVCache            # per-row completion cache, slot s holds token s
+  rng: jax.Array            # the call's key; step s uses fold_in(rng, s)
+
+
+# ----------------------------------------------------------------------------- token draw
+
+
+def filter_logits(z_BxV: jax.Array, settings: SamplingSettings) -> jax.Array:
+  """Tempered logits with tokens outside top-k / top-p / min-p set to -inf (kept ties stay).
+
+  top-p keeps the smallest set of most likely tokens whose mass reaches top_p, the boundary
+  token included (transformers' TopPLogitsWarper); min-p keeps p >= min_p * max p.
+  """
+  neg_inf = jnp.asarray(-jnp.inf, z_BxV.dtype)
+  if settings.top_k is not None and settings.top_k < z_BxV.shape[-1]:
+    kth_Bx1 = lax.top_k(z_BxV, settings.top_k)[0][:, -1:]
+    z_BxV = jnp.where(z_BxV < kth_Bx1, neg_inf, z_BxV)
+  if settings.top_p is not None and settings.top_p < 1:
+    sorted_BxV = -jnp.sort(-z_BxV, axis=-1)
+    p_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV
+    n_keep_B = jnp.sum(mass_before_BxV < settings.top_p, axis=-1)
+    thr_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_B - 1, 0)[:, None], axis=-1)
+    z_BxV = jnp.where(z_BxV < thr_Bx1, neg_inf, z_BxV)
+  if settings.min_p:
+    thr_Bx1 = jnp.max(z_BxV, axis=-1, keepdims=True) + np.log(settings.min_p)
+    z_BxV = jnp.where(z_BxV < thr_Bx1, neg_inf, z_BxV)
+  return z_BxV
+
+
+def _upper_ones(n: int) -> np.ndarray:
+  """[n, n] with ones on and above the diagonal: x @ U is the inclusive cumsum of x's rows."""
+  return np.triu(np.ones((n, n), np.float32))
+
+
+def _pick(weights_BxC: jax.Array, u_B: jax.Array) -> jax.Array:
+  """Index i with probability weights[i] / sum(weights) for u ~ U[0, 1): inverse CDF.
+
+  i = #{j : cum_j <= u * total}; zero-weight entries are never picked (the clamp to the last
+  non-zero entry only matters when rounding puts u * total on the total).
+  """
+  C = weights_BxC.shape[-1]
+  cum_BxC = jnp.matmul(weights_BxC, _upper_ones(C), precision=lax.Precision.HIGHEST)
+  target_Bx1 = u_B[:, None] * cum_BxC[:, -1:]
+  count_B = jnp.sum((cum_BxC <= target_Bx1).astype(jnp.int32), axis=-1)
+  last_nonzero_B = jnp.max(jnp.where(weights_BxC > 0, jnp.arange(C), 0), axis=-1)
+  return jnp.minimum(count_B, last_nonzero_B)
+
+
+def _block_shape(vocab: int) -> tuple[int, int]:
+  """(blocks, block width) of the two-level draw, blocks * width >= vocab, both ~sqrt(vocab)."""
+  width = max(8, int(np.ceil(np.sqrt(vocab) / 8)) * 8)
+  return -(-vocab // width), width
+
+
+def inverse_cdf_sample(weights_BxV: jax.Array, u_Bx2: jax.Array) -> jax.Array:
+  """Exact draw of token i with probability weights[i] / sum (non-negative weights), [B] int32.
+
+  Two levels: a block by the block sums (uniform u[:, 0]), then a token inside it (u[:, 1]).
+  """
+  B, V = weights_BxV.shape
+  nb, width = _block_shape(V)
+  if nb * width != V:
+    weights_BxV = jnp.pad(weights_BxV, ((0, 0), (0, nb * width - V)))
+  w_BxNxW = weights_BxV.reshape(B, nb, width)
+  block_B = _pick(jnp.sum(w_BxNxW, axis=-1), u_Bx2[:, 0])
+  row_BxW = jnp.take_along_axis(w_BxNxW, block_B[:, None, None], axis=1)[:, 0]
+  return (block_B * width + _pick(row_BxW, u_Bx2[:, 1])).astype(jnp.int32)
+
+
+def sample_tokens(logits_BxV: jax.Array, rng: jax.Array, settings: SamplingSettings):
+  """One token per row and its log-prob under the unfiltered tempered distribution.
+
+  Returns (tokens_B int32, logprobs_B float32). Greedy (temperature 0): argmax, log-prob at T=1.
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if settings.greedy:
+    tokens_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    z_BxV = logits_BxV
+  else:
+    z_BxV = logits_BxV / settings.temperature
+    drawn_BxV = filter_logits(z_BxV, settings) if settings.filtered else z_BxV
+    max_Bx1 = jnp.max(drawn_BxV, axis=-1, keepdims=True)
+    u_Bx2 = jax.random.uniform(rng, (logits_BxV.shape[0], 2), jnp.float32)
+    tokens_B = inverse_cdf_sample(jnp.exp(drawn_BxV - max_Bx1), u_Bx2)
+  z_tok_B = jnp.take_along_axis(z_BxV, tokens_B[:, None], axis=-1)[:, 0]
+  return tokens_B, z_tok_B - jax.nn.logsumexp(z_BxV, axis=-1)
+
+
+# ----------------------------------------------------------------------------- decode loop
+
+
+def _record(state: SamplingState, tokens_B, logprobs_B, settings: SamplingSettings):
+  """Writes step `state.step`'s tokens (pad for finished rows) and advances the step."""
+  done_B = state.done_B
+  tokens_B = jnp.where(done_B, settings.pad_id, tokens_B)
+  logprobs_B = jnp.where(done_B, 0.0, logprobs_B)
+  is_eos_B = jnp.zeros_like(done_B)
+  for eos in settings.eos_ids:
+    is_eos_B = is_eos_B | (tokens_B == eos)
+  return state.replace(
+      step=state.step + 1,
+      last_token_B=tokens_B,
+      done_B=done_B | is_eos_B,
+      tokens_BxN=lax.dynamic_update_slice_in_dim(state.tokens_BxN, tokens_B[:, None],
+                                                 state.step, axis=1),
+      logprobs_BxN=lax.dynamic_update_slice_in_dim(state.logprobs_BxN, logprobs_B[:, None],
+                                                   state.step, axis=1))
+
+
+def _grow_cache(cache: KVCache, slots: int) -> KVCache:
+  """The same cache with `slots` slots (new ones empty): the next block of the completion."""
+  extra = slots - cache.max_len
+  if extra == 0:
+    return cache
+  pad_k = lambda k: jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra)))
+  pad_v = lambda v: jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
+  return cache.replace(k_BxKxDxS=tuple(map(pad_k, cache.k_BxKxDxS)),
+                       v_BxKxSxD=tuple(map(pad_v, cache.v_BxKxSxD)),
+                       valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))))
+
+
+def _block_ends(settings: SamplingSettings) -> list[int]:
+  """Cache capacity of each block loop; the last equals the N - 1 tokens that are fed back."""
+  fed = settings.max_new_tokens - 1
+  ends = list(range(settings.block_size, fed, settings.block_size)) + [fed]
+  return [e for e in ends if e > 0]
+
+
+def sample_with_settings(params: Params, config: ModelConfig, settings: SamplingSettings,
+                         prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput:
+  """`sample` with its static settings in one object (traceable; see `make_sampler`)."""
+  P, T = prompt_tokens_PxT.shape
+  G, N = settings.num_samples, settings.max_new_tokens
+  B = P * G
+  prompt_mask_PxT = prompt_mask_PxT.astype(jnp.int32)
+  prompt_len_P = jnp.sum(prompt_mask_PxT, axis=1)
+  positions_PxT = jnp.maximum(jnp.cumsum(prompt_mask_PxT, axis=1) - 1, 0)
+
+  # Prefill once per prompt; only the last (real: left padding) position is unembedded.
+  prefix = models.init_cache(config, P, T)
+  hidden_PxTxE, prefix = models.forward(params, config, prompt_tokens_PxT, positions_PxT,
+                                        prompt_mask_PxT, prefix, return_hidden=True)
+  logits_PxV = models.unembed(params, config, hidden_PxTxE[:, -1:])[:, 0]
+  tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, G, axis=0),
+                                       jax.random.fold_in(rng, 0), settings)
+  state = SamplingState(
+      step=jnp.zeros((), jnp.int32),
+      last_token_B=jnp.zeros((B,), jnp.int32),
+      done_B=jnp.zeros((B,), jnp.bool_),
+      tokens_BxN=jnp.full((B, N), settings.pad_id, jnp.int32),
+      logprobs_BxN=jnp.zeros((B, N), jnp.float32),
+      cache=models.init_cache(config, B, 0),
+      rng=rng)
+  state = _record(state, tokens_B, logprobs_B, settings)
+  # Row b's completion token s sits at position prompt_len + s.
+  position0_B = jnp.repeat(prompt_len_P, G)
+
+  def step_fn(state: SamplingState) -> SamplingState:
+    tok_Bx1 = state.last_token_B[:, None]
+    pos_Bx1 = (position0_B + state.step - 1)[:, None]
+    logits_Bx1xV, cache = models.forward(params, config, tok_Bx1, pos_Bx1,
+                                         jnp.ones_like(tok_Bx1), state.cache, prefix=prefix)
+    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
+                                         jax.random.fold_in(state.rng, state.step), settings)
+    return _record(state.replace(cache=cache), tokens_B, logprobs_B, settings)
+
+  for end in _block_ends(settings):
+    state = state.replace(cache=_grow_cache(state.cache, end))
+    # The loop feeds tokens step-1 = cache.index .. end-1, i.e. generates up to step end.
+    cond_fn = lambda s, end=end: (s.step <= end) & ~jnp.all(s.done_B)
+    state = lax.while_loop(cond_fn, step_fn, state)
+
+  mask_BxN = _completion_mask(state.tokens_BxN, settings)
+  return SampleOutput(tokens=state.tokens_BxN, logprobs=state.logprobs_BxN * mask_BxN,
+                      mask=mask_BxN, lengths=jnp.sum(mask_BxN, axis=1),
+                      truncated=~state.done_B)
+
+
+def _completion_mask(tokens_BxN, settings: SamplingSettings) -> jax.Array:
+  """1 up to and including the first EOS, int32 [B, N]."""
+  is_eos_BxN = jnp.zeros(tokens_BxN.shape, jnp.bool_)
+  for eos in settings.eos_ids:
+    is_eos_BxN = is_eos_BxN | (tokens_BxN == eos)
+  eos_before_BxN = jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN
+  return (eos_before_BxN == 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _sample_jit(params, config, settings, prompt_tokens, prompt_mask, rng):
+  return sample_with_settings(params, config, settings, prompt_tokens, prompt_mask, rng)
+
+
+def sample(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, *, rng: jax.Array,
+           num_samples: int, max_new_tokens: int, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None,
+           min_p: Optional[float] = None, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
+           block_size: int = 32) -> SampleOutput:
+  """G = num_samples completions of each left-padded prompt ([P, T] tokens and 0/1 mask).
+
+  Jitted per (config, settings, shapes): repeated calls with new keys or prompts reuse the
+  compilation. See the module docstring for the returned log-probs.
+  """
+  settings = SamplingSettings(
+      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=float(temperature),
+      top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=tuple(int(e) for e in eos_ids),
+      pad_id=pad_id, block_size=block_size)
+  return _sample_jit(params, config, settings, prompt_tokens, prompt_mask, rng)
+
+
+def make_sampler(config: ModelConfig, settings: SamplingSettings, mesh: Optional[Mesh] = None):
+  """fn(params, prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput, jitted once.
+
+  With a mesh, prompts and outputs are sharded over the batch axes ("data", "fsdp") and the key
+  is replicated; params keep the shardings they were placed with (e.g. heads over "tensor").
+  """
+  fn = lambda params, tokens, mask, rng: sample_with_settings(  # noqa: E731
+      params, config, settings, tokens, mask, rng)
+  if mesh is None:
+    return jax.jit(fn)
+  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+  rows2 = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
+  out = SampleOutput(tokens=rows2, logprobs=rows2, mask=rows2, lengths=rows, truncated=rows)
+  return jax.jit(fn, in_shardings=(None, rows2, rows2, sharding.replicated(mesh)),
+                 out_shardings=out)
