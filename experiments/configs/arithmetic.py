@@ -1,0 +1,73 @@
+"""The offline default: GRPO on generated multi-step arithmetic word problems, on a CPU, in minutes.
+
+  python -m experiments.train                                   # this config, fresh workdir
+  python -m experiments.train --config=experiments/configs/arithmetic.py --workdir=/tmp/arith
+  python -m experiments.train --config=experiments/configs/arithmetic.py:smoke  # seconds (tests)
+
+Everything is built offline: problems from a generator (start 5-20, 2-3 steps among six verbs,
+GSM8K-like `#### N` answers), a SentencePiece tokenizer trained on them, a 2-layer Llama-style
+model warm-started by SFT on a flawed teacher (wrong sign for "loses"/"sells" with p = 0.6),
+then GRPO with an exact-answer reward. Expected (2-core CPU, ~6 min): held-out greedy accuracy
+rises from ~40% after SFT to >90% after 200 GRPO steps; see README for the curve.
+
+Variants (`:arg`): "smoke" shrinks everything for tests; "local" is the full recipe.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "local") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.log_every = 10
+  c.max_nonfinite_streak = 3
+
+  c.data = dict(task="arithmetic", seed=0, num_train=20_000, num_eval=500, flaw_p=0.6, path="",
+                chat_template="")
+  c.tokenizer = dict(path="", vocab_size=256)
+  # A 2-layer Llama-style model (RoPE, SwiGLU, RMSNorm, tied embeddings), ~0.36M params.
+  c.model = dict(preset="tiny_llama", hf_checkpoint="", dtype="float32",
+                 overrides=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                                num_kv_heads=4, head_dim=32, rope_scaling_type=None,
+                                rope_theta=10_000.0, max_position_embeddings=128))
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+
+  c.sft = dict(steps=800, batch_size=64, micro_batch_size=0,
+               optim=dict(learning_rate=2e-3, warmup_steps=30, decay_steps=800, end_lr_factor=0.1,
+                          weight_decay=0.0, max_grad_norm=1.0))
+
+  c.grpo = ml_collections.ConfigDict(dict(
+      steps=200, num_prompts=16, num_samples=8, max_prompt_length=48, max_completion_length=40,
+      prompt_truncation="left", temperature=1.0, top_k=0, top_p=0.0, min_p=0.0,
+      rewards=dict(exact_answer=1.0, format=0.0, overlong=0.0),  # weight 0 = off
+      advantage_scale="group", num_iterations=1,
+      micro_batch_size=0, mask_truncated_completions=False,
+      dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
+      ref_reset_every=0, ref_ema=0.0,
+      loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",
+                importance_sampling_level="token"),
+      optim=dict(learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
+                 weight_decay=0.0, max_grad_norm=1.0)))
+
+  c.eval = dict(every=50, num_problems=500, batch_size=250, k=8, pass_k_problems=128,
+                temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, log_samples=4)
+  c.checkpoint = dict(every=50, keep=2)
+
+  if arg == "smoke":  # seconds: the launcher, checkpoint and resume tests
+    c.data.num_train, c.data.num_eval = 512, 32
+    c.model.overrides.hidden_size, c.model.overrides.intermediate_size = 32, 64
+    c.model.overrides.num_heads, c.model.overrides.num_kv_heads = 2, 2
+    c.model.overrides.head_dim = 16
+    c.sft.steps, c.sft.batch_size = 6, 16
+    c.sft.optim.decay_steps = 6
+    c.sft.optim.warmup_steps = 2
+    c.grpo.steps, c.grpo.num_prompts, c.grpo.num_samples = 4, 4, 4
+    c.grpo.max_completion_length = 24
+    c.eval.every, c.eval.num_problems, c.eval.batch_size = 2, 8, 8
+    c.eval.k, c.eval.pass_k_problems = 4, 4
+    c.checkpoint.every = 2
+    c.log_every = 1
+  elif arg != "local":
+    raise ValueError(f"arithmetic config: unknown variant {arg!r} (local, smoke)")
+  return c

@@ -1,0 +1,64 @@
+"""GRPO on GSM8K from a local Hugging Face checkpoint (Qwen2.5 / Qwen3 / Llama 3.2 / Gemma 3).
+
+  python -m experiments.train --config=experiments/configs/gsm8k.py:qwen2.5-0.5b \
+      --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B-Instruct \
+      --config.data.path=../shared/data/gsm8k --workdir=/tmp/gsm8k_qwen
+
+Variants (`:arg`): qwen2.5-0.5b, qwen2.5-1.5b, gemma3-1b, llama3.2-1b (chat template and sizes
+for that model; the checkpoint directory must hold config.json, model.safetensors[.index.json]
+and tokenizer.json or tokenizer.model), and "smoke": a tiny random model in tests.
+
+Platforms (same command on every host; see README "Launching"):
+- one GPU / one host:      defaults (mesh data=-1: all local devices data-parallel).
+- multi-GPU node (8 GPUs): --config.mesh.fsdp=8 --config.mesh.data=1 (shard params and Adam
+                           state; use --config.mesh.tensor=2 for models > ~7B).
+- TPU pod slice (v5e-32):  --config.distributed.enabled=True --config.mesh.fsdp=-1
+                           --config.mesh.data=1 on every host (jax.distributed auto-detects the
+                           coordinator on TPU).
+Expected: DeepSeekMath-style gains need hours on accelerators; on a CPU only "smoke" is sensible.
+"""
+
+import ml_collections
+
+from experiments.configs import arithmetic
+
+_MODELS = {
+    # name: (chat template, bf16 on accelerators)
+    "qwen2.5-0.5b": "qwen", "qwen2.5-1.5b": "qwen", "qwen3-0.6b": "qwen",
+    "gemma3-1b": "gemma", "llama3.2-1b": "llama3",
+}
+
+
+def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
+  c = arithmetic.get_config("local")
+  c.data = dict(task="gsm8k", seed=0, num_train=0, num_eval=500, flaw_p=0.0,
+                path="../shared/data/gsm8k", chat_template="qwen")
+  c.tokenizer = dict(path="", vocab_size=0)  # from the checkpoint directory
+  c.model = dict(preset="", hf_checkpoint="", dtype="bfloat16", overrides={})
+  c.sft.steps = 0  # instruct models need no warm start
+  g = c.grpo
+  g.steps, g.num_prompts, g.num_samples = 500, 16, 8
+  g.max_prompt_length, g.max_completion_length = 256, 512
+  g.rewards.update(dict(exact_answer=1.0, format=0.1))
+  g.micro_batch_size = 16
+  g.loss.beta = 0.04
+  g.optim = dict(learning_rate=1e-6, warmup_steps=10, decay_steps=500, end_lr_factor=0.1,
+                 weight_decay=0.0, max_grad_norm=1.0)
+  c.eval = dict(every=50, num_problems=500, batch_size=64, k=8, pass_k_problems=64,
+                temperature=0.6, top_k=0, top_p=0.95, min_p=0.0, log_samples=4)
+  c.checkpoint = dict(every=50, keep=3)
+  if arg == "smoke":  # a tiny random checkpoint + tokenizer, paths given by the test
+    c.data.num_train, c.data.num_eval = 64, 8
+    c.data.chat_template = ""
+    c.model.dtype = "float32"
+    g.steps, g.num_prompts, g.num_samples = 2, 2, 2
+    g.max_prompt_length, g.max_completion_length = 96, 8
+    g.micro_batch_size = 0
+    c.eval.update(every=0, num_problems=4, batch_size=4, k=2, pass_k_problems=2)
+    c.checkpoint.every = 0
+    c.log_every = 1
+  elif arg in _MODELS:
+    c.data.chat_template = _MODELS[arg]
+  else:
+    raise ValueError(f"gsm8k config: unknown variant {arg!r}; known: {sorted(_MODELS)} + smoke")
+  return c

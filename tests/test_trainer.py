@@ -1,0 +1,190 @@
+"""The GRPO experiment end to end: launcher, metrics, checkpoints, exact resume after SIGKILL,
+GSM8K on a tiny random checkpoint, and clear errors for bad input.
+
+The launcher runs in subprocesses (1 CPU device, as a user runs it); one run goes in-process on
+the 8 simulated devices to cover the data-parallel path.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import arithmetic as arithmetic_config
+from experiments.configs import gsm8k as gsm8k_config
+from grpo_jax import metrics, models, trainer
+from grpo_jax.data import arithmetic
+from grpo_jax.tokenizer import train_sentencepiece
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--config=experiments/configs/arithmetic.py:smoke"]
+GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+# Figures that measure time, not what the run computed.
+TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
+
+
+def launch(workdir, *flags, wait=True):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out
+
+
+def comparable(workdir):
+  return [{k: v for k, v in row.items() if k not in TIMING} for row in metrics.read_metrics(workdir)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  code, out = launch(workdir, *SMOKE)
+  assert code == 0, out[-4000:]
+  return workdir, out
+
+
+def test_launcher_writes_metrics_checkpoints_samples(reference_run):
+  workdir, out = reference_run
+  assert "final eval:" in out and "grpo" in out
+  rows = metrics.read_metrics(workdir)
+  phases = {r["phase"] for r in rows}
+  assert phases == {"sft", "grpo"}
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in evals] == [0, 2, 4]  # step 0 = after the warm start, every 2, end
+  assert all(0.0 <= r["eval/accuracy"] <= 1.0 and "eval/pass_at_4" in r for r in evals)
+  grpo = [r for r in rows if r["phase"] == "grpo" and "reward" in r]
+  assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+  for key in ("loss", "reward", "clip_frac", "completion_length", "grad_norm", "sample_s",
+              "update_s", "tok_per_s"):
+    assert key in grpo[0], key
+  sft = [r for r in rows if r["phase"] == "sft"]
+  assert len(sft) == 6 and sft[-1]["nll"] < sft[0]["nll"]  # the warm start learns
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  assert os.path.exists(os.path.join(workdir, "samples.jsonl"))
+  assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+  assert metrics.read_tensorboard_scalars(os.path.join(workdir, "tb"))["grpo/reward"]
+  json.load(open(os.path.join(workdir, "config.json")))
+
+
+def _finished_checkpoints(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+
+def _kill_when(proc, workdir, min_lines):
+  """SIGKILL once the metrics file has `min_lines` lines and a checkpoint is finalised."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    if (os.path.exists(path) and sum(1 for _ in open(path)) >= min_lines
+        and _finished_checkpoints(workdir)):
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.parametrize("kill_after_lines", [4, 12])  # during SFT; during GRPO
+def test_resume_after_sigkill_is_exact(reference_run, tmp_path, kill_after_lines):
+  workdir = tmp_path / "killed"
+  proc = launch(workdir, *SMOKE, wait=False)
+  assert _kill_when(proc, workdir, kill_after_lines), "the run finished before it could be killed"
+  code, out = launch(workdir, *SMOKE)
+  assert code == 0, out[-4000:]
+  assert "resumed from" in out
+  want = comparable(reference_run[0])
+  got = comparable(workdir)
+  assert got == want  # bitwise: same floats, same steps, same order
+
+
+def test_data_parallel_run_in_process(tmp_path):
+  """The same smoke experiment on the 8 simulated devices (mesh data=8)."""
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.num_prompts = 8
+  cfg.grpo.steps = 2
+  assert jax.device_count() == 8
+  final = trainer.train(cfg, str(tmp_path))
+  assert 0.0 <= final["eval/accuracy"] <= 1.0
+  rows = metrics.read_metrics(tmp_path)
+  assert any(r.get("phase") == "grpo" and np.isfinite(r.get("loss", np.nan)) for r in rows)
+
+
+def test_gsm8k_config_on_a_tiny_random_checkpoint(tmp_path):
+  data_dir = GSM8K_DIR if os.path.isdir(GSM8K_DIR) else _gsm8k_fixture(tmp_path)
+  records = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))][:200]
+  ckpt = tmp_path / "tiny"
+  tok = train_sentencepiece([r["question"] + " " + r["answer"] for r in records],
+                            model_prefix=str(tmp_path / "tok"), vocab_size=300)
+  config = models.get_config("tiny_qwen2", vocab_size=tok.vocab_size)
+  models.save_hf_checkpoint(ckpt, config, models.init_params(config, jax.random.key(0)))
+  code, out = launch(tmp_path / "run", "--config=experiments/configs/gsm8k.py:smoke",
+                     f"--config.model.hf_checkpoint={ckpt}",
+                     f"--config.tokenizer.path={tmp_path / 'tok.model'}",
+                     f"--config.data.path={data_dir}")
+  assert code == 0, out[-4000:]
+  rows = metrics.read_metrics(tmp_path / "run")
+  assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+  assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
+
+
+def _gsm8k_fixture(tmp_path):
+  d = tmp_path / "gsm8k"
+  d.mkdir()
+  for split in ("train", "test"):
+    with open(d / f"{split}.jsonl", "w") as f:
+      for r in arithmetic.generate(300, 0, split=split):
+        f.write(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n")
+  return str(d)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.grpo.num_samples=1"], "config.grpo.num_samples = 1"),
+    (["--config.grpo.num_prompts=3", "--config.grpo.micro_batch_size=5"],
+     "config.grpo.micro_batch_size = 5"),
+    (["--config.grpo.rewards.exact_answer=0.0"], "all weights are 0"),
+    (["--config.mesh.data=3"], "config.mesh"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, flags, message):
+  code, out = launch(tmp_path / "bad", *SMOKE, *flags)
+  assert code == 2, out[-3000:]
+  assert message in out and "Traceback" not in out
+
+
+def test_unknown_reward_names_it():
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.rewards.unlock()
+  cfg.grpo.rewards.nonsense = 1.0
+  with pytest.raises(trainer.ConfigError, match="unknown reward 'nonsense'"):
+    trainer.reward_functions(cfg)
+
+
+def test_unknown_config_key_and_missing_paths(tmp_path):
+  code, out = launch(tmp_path / "a", *SMOKE, "--config.grpo.num_sample=4")
+  assert code == 2 and "num_sample" in out and "Traceback" not in out
+  code, out = launch(tmp_path / "b", "--config=experiments/configs/gsm8k.py:smoke",
+                     "--config.data.path=/nonexistent/gsm8k")
+  assert code == 2 and "/nonexistent/gsm8k" in out and "Traceback" not in out
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+  d = tmp_path / "gsm"
+  d.mkdir()
+  (d / "train.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n{not json\n')
+  (d / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+  cfg = gsm8k_config.get_config("smoke")
+  cfg.data.path = str(d)
+  with pytest.raises(trainer.ConfigError, match=r"train.jsonl:2"):
+    trainer.load_task(cfg)
