@@ -35,7 +35,9 @@ class LossConfig:
   """Static settings of the objective (see `losses.grpo_loss`).
 
   objective "grpo": the clipped-ratio GRPO loss; "sft": advantage-weighted NLL
-  (`losses.sft_loss_terms`: SFT with advantages = 1, (Online) RFT with 1[correct]).
+  (`losses.sft_loss_terms`: SFT with advantages = 1, (Online) RFT with 1[correct]), aggregated
+  by `loss_type` too ("dapo" = per-token mean NLL, "grpo" = per-sequence mean as in
+  DeepSeekMath's unified gradient, eq. 5).
   """
   objective: str = "grpo"
   loss_type: str = "grpo"
@@ -177,8 +179,7 @@ def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: LossCon
     raise ValueError(f"unknown objective {loss_cfg.objective!r}; expected 'grpo' or 'sft'")
   if loss_cfg.objective == "grpo" and loss_cfg.beta != 0.0 and batch.ref_logprobs is None:
     raise ValueError(f"update_step: beta = {loss_cfg.beta} needs batch.ref_logprobs")
-  loss_type = "dapo" if loss_cfg.objective == "sft" else loss_cfg.loss_type
-  weights = losses.loss_weights(batch.completion_mask, loss_type=loss_type,
+  weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
                             vocab_chunk=vocab_chunk)

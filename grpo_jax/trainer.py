@@ -45,6 +45,15 @@ class ConfigError(ValueError):
   """A bad experiment config or input path, reported before anything compiles."""
 
 
+# The unified paradigm of DeepSeekMath 5.2.1 (data source x reward x gradient coefficient), all
+# starting from the same warm start and run for the same number of steps:
+#   sft:        teacher solutions,                     coefficient 1
+#   rft:        samples of the frozen warm-start model, coefficient 1[correct]  (offline)
+#   online_rft: samples of the live policy,            coefficient 1[correct]
+#   grpo:       samples of the live policy,            group-relative advantage + clipped ratio
+ALGORITHMS = ("grpo", "online_rft", "rft", "sft")
+
+
 # ----------------------------------------------------------------------------- rewards by name
 
 
@@ -109,6 +118,8 @@ def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if cfg.sft.steps and cfg.sft.batch_size % dp:
     raise ConfigError(f"config.sft.batch_size = {cfg.sft.batch_size} is not divisible by the "
                       f"data-parallel size {dp}")
+  if g.get("algorithm", "grpo") not in ALGORITHMS:
+    raise ConfigError(f"config.grpo.algorithm = {g.algorithm!r}: expected one of {ALGORITHMS}")
   if g.loss.beta < 0:
     raise ConfigError(f"config.grpo.loss.beta = {g.loss.beta} must be >= 0")
   if g.get("advantage_scale", "group") not in ("group", "batch", "none"):
@@ -160,6 +171,8 @@ def load_task(cfg: ml_collections.ConfigDict) -> Task:
 def build_tokenizer(cfg, workdir: str, task: Task) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, or a SentencePiece model trained on the task (offline default)."""
   path = cfg.tokenizer.path or (cfg.model.get("hf_checkpoint") or "")
+  if not path and cfg.get("init_from"):
+    path = os.path.join(cfg.init_from, "tokenizer.model")
   if path:
     if not os.path.exists(path):
       raise ConfigError(f"config.tokenizer.path: {path} does not exist")
@@ -288,8 +301,19 @@ class Experiment:
       sft_micro = cfg.sft.batch_size // (cfg.sft.get("micro_batch_size") or cfg.sft.batch_size)
       self.sft_update = ts.make_update_fn(
           self.mesh, self.state_sh["sft"], model_config=self.model_config,
-          optimizer=self.sft_optimizer, loss_cfg=ts.LossConfig(objective="sft"),
+          optimizer=self.sft_optimizer, loss_cfg=ts.LossConfig(objective="sft", loss_type="dapo"),
           num_microbatches=sft_micro)
+    self.algorithm = g.get("algorithm", "grpo")
+    if self.algorithm != "grpo":  # gradient coefficient x NLL, per-sequence mean (eq. 5)
+      self.coef_update = ts.make_update_fn(
+          self.mesh, self.state_sh["grpo"], model_config=self.model_config,
+          optimizer=self.grpo_optimizer,
+          loss_cfg=ts.LossConfig(objective="sft", loss_type="grpo", temperature=g.temperature),
+          num_microbatches=n_micro)
+    if self.algorithm == "sft" and not cfg.sft.steps:
+      self.sft_prompts = encode_prompts(self.tokenizer, self.task, self.task.sft,
+                                        g.max_prompt_length, trunc)
+      self.sft_targets = encode_targets(self.tokenizer, self.task.sft, g.max_completion_length + 1)
     self.sample_train = self._sampler(g.temperature, g.get("top_k"), g.get("top_p"),
                                       g.get("min_p"), g.num_samples)
     e = cfg.eval
@@ -413,8 +437,12 @@ class Experiment:
         break
     groups = (kept + spare)[:P]  # bounded: refill with zero-spread groups if rounds ran out
     scores = np.stack([gr["scores"] for gr in groups], 1)  # [K, P, G]
-    adv_PxG = advantages_lib.group_advantages(scores, scale=g.get("advantage_scale", "group"),
-                                              weights=self.reward_weights)
+    if self.algorithm == "grpo":
+      adv_PxG = advantages_lib.group_advantages(scores, scale=g.get("advantage_scale", "group"),
+                                                weights=self.reward_weights)
+    else:  # (online) RFT: gradient coefficient 1 on correct samples, 0 otherwise
+      adv_PxG = (np.einsum("k,kpg->pg", np.asarray(self.reward_weights), scores) > 0).astype(
+          np.float32)
     cat = lambda k: np.concatenate([gr[k] for gr in groups], 0)
     cmask = cat("cmask")
     truncated = cat("truncated")
@@ -438,10 +466,24 @@ class Experiment:
                 "advantage": float(np.asarray(adv_PxG)[0, i])} for i in range(min(G, 2))]
     return batch, it_state, figures, samples
 
+  def teacher_batch(self, it_state: dict):
+    """The "sft" paradigm: P*G teacher solutions per step, gradient coefficient 1."""
+    g = self.cfg.grpo
+    rows = g.num_prompts * g.num_samples
+    idx, it_state = iterator.next_indices(it_state, len(self.task.sft), rows)
+    p_ids, p_mask, _ = self.sft_prompts
+    t_ids, t_mask = self.sft_targets
+    batch = ts.TrainBatch(p_ids[idx], p_mask[idx], t_ids[idx], t_mask[idx],
+                          np.ones(rows, np.float32))
+    return batch, it_state, {"sample_s": 0.0, "score_s": 0.0, "tok_per_s": 0.0}, []
+
   def grpo_step(self, state, ref_params, batch: ts.TrainBatch):
     """Reference / old log-prob passes and mu updates on one rollout batch."""
     g = self.cfg.grpo
     batch = self._shard(batch)[0]
+    if self.algorithm != "grpo":
+      state, m = self.coef_update(state, batch)
+      return state, [m]
     if g.loss.beta != 0.0:
       batch = batch.replace(ref_logprobs=self.logprob_fn(ref_params, batch))
     if g.num_iterations > 1:
@@ -487,8 +529,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=cfg.checkpoint.keep)
-  sft_steps, g = cfg.sft.steps, cfg.grpo
-  use_ref = g.loss.beta != 0.0
+  g = cfg.grpo
+  sft_steps = 0 if cfg.get("init_from") else cfg.sft.steps
+  # The reference slot also holds RFT's frozen sampling policy (the warm start).
+  use_ref = g.loss.beta != 0.0 or exp.algorithm == "rft"
 
   # --- resume
   phase, phase_step, it_state, lines = ("sft" if sft_steps else "grpo"), 0, None, 0
@@ -548,6 +592,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     save(sft_steps, "grpo", 0, {"epoch": 0, "index": 0, "seed": cfg.seed + 1}, state, ref_params)
 
   # --- GRPO
+  if state is None and cfg.get("init_from"):  # warm start from another run's checkpoint
+    src = checkpointing.Checkpointer(os.path.join(cfg.init_from, "checkpoints"), read_only=True)
+    params = jax.device_put(src.restore()[0]["state"]["params"], exp.state_sh["grpo"].params)
+    src.close()
+    state = exp.init_state("grpo", params=params)
+    ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
+    logging.info("initialised from %s", cfg.init_from)
   if state is None:
     state = exp.init_state("grpo")
     ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
@@ -566,7 +617,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                    " ".join(f"{k}={v:.3f}" for k, v in last_eval.items()))
     if step == g.steps:
       break
-    batch, it_state, figures, samples = exp.rollout(state.params, it_state, step)
+    if exp.algorithm == "sft":
+      batch, it_state, figures, samples = exp.teacher_batch(it_state)
+    else:
+      policy = ref_params if exp.algorithm == "rft" else state.params
+      batch, it_state, figures, samples = exp.rollout(policy, it_state, step)
     t0 = time.perf_counter()
     state, step_metrics = exp.grpo_step(state, ref_params, batch)
     ms = [floats(m) for m in step_metrics]
@@ -583,7 +638,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(step + 1, "grpo", figures)
     if jax.process_index() == 0 and (step + 1) % cfg.log_every == 0:
       metrics_lib.write_samples(workdir, step + 1, samples, phase="grpo")
-    shown = dict(reward=figures["reward"], acc=last_eval.get("eval/accuracy"),
+    shown = dict(reward=figures.get("reward"), nll=figures.get("nll"),
+                 acc=last_eval.get("eval/accuracy"),
                  kl=figures.get("kl"), clip=figures.get("clip_frac"),
                  len=figures.get("completion_length"), sample_s=figures["sample_s"],
                  score_s=figures["score_s"], update_s=figures["update_s"],

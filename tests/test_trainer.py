@@ -188,3 +188,42 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   cfg.data.path = str(d)
   with pytest.raises(trainer.ConfigError, match=r"train.jsonl:2"):
     trainer.load_task(cfg)
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "rft", "online_rft"])
+def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
+  """Each unified-paradigm baseline trains on its own data source with its own coefficient."""
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.algorithm, cfg.grpo.num_prompts, cfg.grpo.steps = algorithm, 8, 2
+  cfg.eval.every = 0
+  seen = []
+  real_rollout, real_teacher = trainer.Experiment.rollout, trainer.Experiment.teacher_batch
+
+  def rollout(self, params, it_state, step):
+    out = real_rollout(self, params, it_state, step)
+    seen.append(("rollout", np.asarray(jax.tree.leaves(params)[0]), out[0]))  # before donation
+    return out
+
+  def teacher(self, it_state):
+    out = real_teacher(self, it_state)
+    seen.append(("teacher", None, out[0]))
+    return out
+
+  monkeypatch.setattr(trainer.Experiment, "rollout", rollout)
+  monkeypatch.setattr(trainer.Experiment, "teacher_batch", teacher)
+  # Every other completion "correct", so the coefficient is not all zero and the policy moves.
+  alternate = lambda completions, **_: [float(i % 2) for i in range(len(completions))]
+  monkeypatch.setattr(trainer, "reward_functions", lambda cfg: ([alternate], [1.0], ["alt"]))
+  trainer.train(cfg, str(tmp_path))
+  assert len(seen) == 2
+  if algorithm == "sft":
+    assert all(kind == "teacher" for kind, _, _ in seen)
+    np.testing.assert_array_equal(seen[0][2].advantages, 1.0)
+    return
+  assert all(kind == "rollout" for kind, _, _ in seen)
+  for _, _, batch in seen:  # gradient coefficient 1[correct]
+    np.testing.assert_array_equal(batch.advantages, np.arange(len(batch.advantages)) % 2)
+  (_, first, _), (_, second, _) = seen
+  same = bool(np.array_equal(first, second))
+  # RFT samples from the frozen warm start; Online RFT from the live (updated) policy.
+  assert same == (algorithm == "rft")
