@@ -201,7 +201,12 @@ def sample_tokens(logits_BxV: jax.Array, rng: jax.Array, settings: SamplingSetti
     drawn_BxV = filter_logits(z_BxV, settings) if settings.filtered else z_BxV
     max_Bx1 = jnp.max(drawn_BxV, axis=-1, keepdims=True)
     u_Bx2 = jax.random.uniform(rng, (logits_BxV.shape[0], 2), jnp.float32)
-    tokens_B = inverse_cdf_sample(jnp.exp(drawn_BxV - max_Bx1), u_Bx2)
+    weights_BxV = jnp.exp(drawn_BxV - max_Bx1)
+    tokens_B = inverse_cdf_sample(weights_BxV, u_Bx2)
+    if not settings.filtered:  # reuse the exponentials: one pass over the logits, not two
+      z_tok_B = jnp.take_along_axis(z_BxV, tokens_B[:, None], axis=-1)[:, 0]
+      lse_B = max_Bx1[:, 0] + jnp.log(jnp.sum(weights_BxV, axis=-1))
+      return tokens_B, z_tok_B - lse_B
   z_tok_B = jnp.take_along_axis(z_BxV, tokens_B[:, None], axis=-1)[:, 0]
   return tokens_B, z_tok_B - jax.nn.logsumexp(z_BxV, axis=-1)
 
