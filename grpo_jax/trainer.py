@@ -39,6 +39,7 @@ from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax import train_step as ts
 from grpo_jax.data import arithmetic, gsm8k, iterator, prompts
 from grpo_jax import rewards as rewards_lib
+from grpo_jax.rewards import reward_model as rm_lib
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,9 @@ def reward_functions(cfg: ml_collections.ConfigDict) -> tuple[list[Callable], li
     fns.append(table[name])
     weights.append(float(weight))
     names.append(name)
-  if not fns:
+  rm = cfg.get("reward_model")
+  learned = bool(rm and rm.enabled and (rm.kind == "prm" or rm.weight))
+  if not fns and not learned and cfg.grpo.get("supervision", "outcome") == "outcome":
     raise ConfigError("config.grpo.rewards: all weights are 0; GRPO needs at least one reward")
   return fns, weights, names
 
@@ -303,6 +306,25 @@ class Experiment:
           self.mesh, self.state_sh["sft"], model_config=self.model_config,
           optimizer=self.sft_optimizer, loss_cfg=ts.LossConfig(objective="sft", loss_type="dapo"),
           num_microbatches=sft_micro)
+    # --- learned reward model (ORM: an extra reward row; PRM: step rewards), iterative GRPO
+    rm = cfg.get("reward_model")
+    self.rm_enabled = bool(rm and rm.enabled)
+    self.supervision = g.get("supervision", "outcome")
+    if self.rm_enabled:
+      self.rm_kind = rm.kind
+      self.rm_optimizer = ts.make_optimizer(ts.OptimConfig(**rm.optim))
+      rm_shapes = jax.eval_shape(
+          lambda r: rm_lib.init_reward_model(self.model_config, r), rng)
+      self.rm_state_sh = rm_lib.rm_state_shardings(self.mesh, self.model_config,
+                                                   self.rm_optimizer, rm_shapes)
+      self.rm_update = rm_lib.make_rm_update_fn(self.mesh, self.rm_state_sh,
+                                                model_config=self.model_config,
+                                                optimizer=self.rm_optimizer, kind=rm.kind)
+      self.rm_score = rm_lib.make_rm_scorer(self.mesh, self.rm_state_sh.params,
+                                            model_config=self.model_config, kind=rm.kind)
+      if rm.kind == "orm" and rm.weight:
+        self.reward_weights = self.reward_weights + [float(rm.weight)]
+        self.reward_names = self.reward_names + ["reward_model"]
     self.algorithm = g.get("algorithm", "grpo")
     if self.algorithm != "grpo":  # gradient coefficient x NLL, per-sequence mean (eq. 5)
       self.coef_update = ts.make_update_fn(
@@ -396,8 +418,13 @@ class Experiment:
 
   # --------------------------------------------------------------------------- GRPO rollout
 
-  def rollout(self, params, it_state: dict, step: int):
-    """Sample, score and build the update batch (with DAPO dynamic sampling if configured)."""
+  def rollout(self, params, it_state: dict, step: int, rm_params=None, stream: int = 1):
+    """Sample, score and build the update batch (with DAPO dynamic sampling if configured).
+
+    Returns (batch, iterator state, figures, samples, rm_examples): `rm_examples` are the
+    completions with their verifier labels (outcome, and per step for a PRM), the reward
+    model's training data in iterative GRPO (None without a reward model).
+    """
     g = self.cfg.grpo
     P, G = g.num_prompts, g.num_samples
     ids_all, mask_all, _ = self.train_prompts
@@ -408,7 +435,7 @@ class Experiment:
       idx, it_state = iterator.next_indices(it_state, len(self.task.train), P)
       t0 = time.perf_counter()
       out = self.sample_train(params, *self._shard(ids_all[idx], mask_all[idx]),
-                              jax.random.fold_in(self.key(1, step), r))
+                              jax.random.fold_in(self.key(stream, step), r))
       tokens, cmask = to_host(out.tokens), to_host(out.mask)
       truncated = to_host(out.truncated).astype(bool)
       t1 = time.perf_counter()
@@ -417,7 +444,17 @@ class Experiment:
       columns = rewards_lib.expand_columns(
           {"final_answer": [r_["final_answer"] for r_ in records]}, G)
       columns["completion_length"] = cmask.sum(1).tolist()
-      scores_KxN = rewards_lib.score(self.reward_fns, self.reward_weights, texts, columns)
+      n_rule = len(self.reward_fns)
+      scores_KxN = (rewards_lib.score(self.reward_fns, self.reward_weights[:n_rule], texts,
+                                      columns) if n_rule else np.zeros((0, P * G), np.float32))
+      if "reward_model" in self.reward_names:  # ORM score of the tokens the sampler produced
+        rm_batch = rm_lib.RMBatch(np.repeat(ids_all[idx], G, 0), np.repeat(mask_all[idx], G, 0),
+                                  tokens, cmask)
+        rm_N = (to_host(self.rm_score(rm_params, self._shard(rm_batch)[0])) if rm_params
+                is not None else np.zeros(P * G))  # no RM yet: bootstrap sampling only
+        scores_KxN = np.concatenate([scores_KxN, rm_N[None].astype(np.float32)], 0)
+      verified_N = np.asarray(rewards_lib.exact_answer_reward(texts, columns["final_answer"]),
+                              np.float32)
       t_score += time.perf_counter() - t1
       t_sample += t1 - t0
       stats["rounds"] += 1
@@ -427,7 +464,8 @@ class Experiment:
         item = dict(ids=np.repeat(ids_all[idx[p]][None], G, 0),
                     pmask=np.repeat(mask_all[idx[p]][None], G, 0), tokens=tokens[rows],
                     cmask=cmask[rows], truncated=truncated[rows], scores=scores_KxN[:, rows],
-                    texts=texts[rows], answer=records[p]["final_answer"])
+                    texts=texts[rows], answer=records[p]["final_answer"], record=records[p],
+                    verified=verified_N[rows])
         combined = np.asarray(self.reward_weights) @ item["scores"]
         has_spread = not np.all(combined == combined[0])
         if r == 0:
@@ -437,21 +475,33 @@ class Experiment:
         break
     groups = (kept + spare)[:P]  # bounded: refill with zero-spread groups if rounds ran out
     scores = np.stack([gr["scores"] for gr in groups], 1)  # [K, P, G]
-    if self.algorithm == "grpo":
+    cat = lambda k: np.concatenate([gr[k] for gr in groups], 0)
+    steps = None
+    if self.supervision == "process" or (self.rm_enabled and self.rm_kind == "prm"):
+      steps = self.step_rewards(groups, rm_params, cat)
+    if self.supervision == "process":
+      step_end, step_mask, step_rewards, _ = steps
+      S, C = step_end.shape[1], cat("tokens").shape[1]
+      adv_PxG = np.asarray(advantages_lib.process_advantages(
+          step_rewards.reshape(P, G, S), step_mask.reshape(P, G, S),
+          step_end.reshape(P, G, S), C)).reshape(P * G, C)
+    elif self.algorithm == "grpo":
       adv_PxG = advantages_lib.group_advantages(scores, scale=g.get("advantage_scale", "group"),
                                                 weights=self.reward_weights)
     else:  # (online) RFT: gradient coefficient 1 on correct samples, 0 otherwise
       adv_PxG = (np.einsum("k,kpg->pg", np.asarray(self.reward_weights), scores) > 0).astype(
           np.float32)
-    cat = lambda k: np.concatenate([gr[k] for gr in groups], 0)
     cmask = cat("cmask")
     truncated = cat("truncated")
     if g.get("mask_truncated_completions"):
       cmask = cmask * (~truncated[:, None])
     batch = ts.TrainBatch(prompt_tokens=cat("ids"), prompt_mask=cat("pmask"),
                           completion_tokens=cat("tokens"), completion_mask=cmask,
-                          advantages=np.asarray(adv_PxG, np.float32).reshape(P * G))
-    combined = np.einsum("k,kpg->pg", np.asarray(self.reward_weights), scores)
+                          advantages=np.asarray(adv_PxG, np.float32).reshape(P * G, -1)
+                          if self.supervision == "process"  # [P*G, C] per token
+                          else np.asarray(adv_PxG, np.float32).reshape(P * G))
+    combined = (np.einsum("k,kpg->pg", np.asarray(self.reward_weights), scores)
+                if scores.shape[0] else np.zeros((P, G), np.float32))
     figures = {"reward": float(combined.mean()),
                "reward_std": float(combined.std()),
                "zero_spread_fraction": stats["zero_spread"] / P,
@@ -461,10 +511,61 @@ class Experiment:
                "tok_per_s": stats["gen_tokens"] / max(t_sample, 1e-9)}
     for k, name in enumerate(self.reward_names):
       figures[f"reward/{name}"] = float(scores[k].mean())
-    samples = [{"prompt": self.task.prompt(""), "completion": groups[0]["texts"][i],
+    figures["verified_accuracy"] = float(cat("verified").mean())
+    samples = [{"question": groups[0]["record"]["question"], "completion": groups[0]["texts"][i],
                 "final_answer": groups[0]["answer"], "reward": float(combined[0, i]),
-                "advantage": float(np.asarray(adv_PxG)[0, i])} for i in range(min(G, 2))]
-    return batch, it_state, figures, samples
+                "advantage": float(np.asarray(batch.advantages)[i].mean())}
+               for i in range(min(G, 2))]
+    if steps is not None:  # per-step rewards and their token spans, for inspection
+      step_end, step_mask, step_rewards, labels = steps
+      for i, row in enumerate(samples):
+        ends = step_end[i][step_mask[i] > 0].tolist()
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        toks = cat("tokens")[i]
+        row["steps"] = [{"span": [a, b], "text": self.tokenizer.decode(toks[a:b + 1].tolist()),
+                         "reward": float(step_rewards[i, j]), "label": int(labels[i, j])}
+                        for j, (a, b) in enumerate(zip(starts, ends))]
+    rm_examples = None
+    if self.rm_enabled:
+      rm_examples = dict(prompt_tokens=cat("ids"), prompt_mask=cat("pmask"),
+                         completion_tokens=cat("tokens"), completion_mask=cat("cmask"),
+                         labels=cat("verified"))
+      if self.rm_kind == "prm":
+        rm_examples.update(step_end=steps[0], step_mask=steps[1],
+                           labels=steps[3].astype(np.float32))
+    if steps is not None:
+      figures["step_reward"] = float((steps[2] * steps[1]).sum() / max(steps[1].sum(), 1))
+    return batch, it_state, figures, samples, rm_examples
+
+  def step_rewards(self, groups, rm_params, cat):
+    """(step_end [N, S], step_mask, step rewards [N, S], verifier step labels [N, S]).
+
+    Steps end at tokens containing `grpo.step_delimiter`; labels come from the task's step
+    verifier (arithmetic: each equation right and consistent with the question); rewards are
+    those labels (`grpo.process_reward = "verifier"`, an oracle PRM) or the learned PRM's
+    probabilities (`"prm"`).
+    """
+    g = self.cfg.grpo
+    S = g.get("max_steps", 8)
+    tokens, cmask = cat("tokens"), cat("cmask")
+    step_end, step_mask = rm_lib.batch_step_boundaries(
+        tokens, cmask, self.tokenizer, max_steps=S, delimiter=g.get("step_delimiter", "."))
+    texts = [t for gr in groups for t in gr["texts"]]
+    records = [gr["record"] for gr in groups for _ in gr["texts"]]
+    labels = np.zeros(step_end.shape, np.float32)
+    for n, (text, record) in enumerate(zip(texts, records)):
+      lab = rm_lib.arithmetic_step_labels(text, record) if "question" in record else []
+      k = int(step_mask[n].sum())
+      if len(lab) > k:  # the boundaries kept the first k - 1 steps and the last one
+        lab = lab[:k - 1] + lab[-1:] if k else []
+      labels[n, :len(lab)] = lab[:k]
+    if g.get("process_reward", "verifier") == "prm" and rm_params is not None:
+      rm_batch = rm_lib.RMBatch(cat("ids"), cat("pmask"), tokens, cmask, step_end=step_end,
+                                step_mask=step_mask)
+      rewards = to_host(self.rm_score(rm_params, self._shard(rm_batch)[0])).astype(np.float32)
+    else:
+      rewards = labels
+    return step_end, step_mask, rewards * step_mask, labels
 
   def teacher_batch(self, it_state: dict):
     """The "sft" paradigm: P*G teacher solutions per step, gradient coefficient 1."""
@@ -475,7 +576,7 @@ class Experiment:
     t_ids, t_mask = self.sft_targets
     batch = ts.TrainBatch(p_ids[idx], p_mask[idx], t_ids[idx], t_mask[idx],
                           np.ones(rows, np.float32))
-    return batch, it_state, {"sample_s": 0.0, "score_s": 0.0, "tok_per_s": 0.0}, []
+    return batch, it_state, {"sample_s": 0.0, "score_s": 0.0, "tok_per_s": 0.0}, [], None
 
   def grpo_step(self, state, ref_params, batch: ts.TrainBatch):
     """Reference / old log-prob passes and mu updates on one rollout batch."""
@@ -511,6 +612,69 @@ def _update_reference(cfg, ref_params, params, step: int):
   return ref_params
 
 
+# ----------------------------------------------------------------------------- iterative GRPO
+
+
+_RM_FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "labels",
+              "step_end", "step_mask")
+
+
+def _concat(examples: list[dict]) -> dict:
+  return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]} if examples else {}
+
+
+def train_reward_model(exp: "Experiment", rm_state, buffer: rm_lib.ReplayBuffer, new: dict,
+                       iteration: int):
+  """Continue training the reward model on the new policy samples plus a replayed fraction of
+  history (DeepSeekMath Algorithm 1), then add the new samples to history. Returns (state,
+  figures); the figures count the rows actually used from each source."""
+  rc = exp.cfg.reward_model
+  mixed, source = buffer.mix(new, rc.replay_fraction, rng=exp.cfg.seed * 7919 + iteration)
+  n = len(source)
+  order = np.random.default_rng(exp.cfg.seed * 104729 + iteration).permutation(n)
+  bs = rc.batch_size
+  metrics = []
+  for s in range(rc.train_steps):
+    idx = order[(s * bs + np.arange(bs)) % n]
+    batch = rm_lib.RMBatch(**{k: mixed[k][idx] for k in _RM_FIELDS if k in mixed})
+    rm_state, m = exp.rm_update(rm_state, exp._shard(batch)[0])
+    metrics.append(m)
+  buffer.add(new)
+  figures = {f"rm/{k}": v for k, v in floats(metrics[-1]).items()} if metrics else {}
+  figures.update({"rm/iteration": iteration, "rm/new_rows": int((source < 0).sum()),
+                  "rm/replayed_rows": int((source >= 0).sum()),
+                  "rm/replayed_fraction": float((source >= 0).mean()) if n else 0.0,
+                  "rm/history_rows": len(buffer),
+                  "rm/label_mean": float(np.mean(new["labels"])) if n else 0.0})
+  return rm_state, figures
+
+
+def _rm_data_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "rm_data", f"{step}.npz")
+
+
+def save_rm_data(workdir: str, step: int, buffer: rm_lib.ReplayBuffer, pending: list[dict]):
+  """The replay history and the not-yet-trained samples, atomically (tmp file + rename)."""
+  path = _rm_data_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  arrays = {f"history/{k}": v for k, v in buffer.state_dict()["columns"].items()}
+  arrays.update({f"pending/{k}": v for k, v in _concat(pending).items()})
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def load_rm_data(workdir: str, step: int) -> tuple[rm_lib.ReplayBuffer, list[dict]]:
+  path = _rm_data_path(workdir, step)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"reward-model data for checkpoint step {step} missing: {path}")
+  with np.load(path) as data:
+    history = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("history/")}
+    pending = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("pending/")}
+  return rm_lib.ReplayBuffer.from_state_dict({"columns": history}), [pending] if pending else []
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the last eval metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -536,7 +700,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- resume
   phase, phase_step, it_state, lines = ("sft" if sft_steps else "grpo"), 0, None, 0
-  state = ref_params = None
+  state = ref_params = rm_state = None
+  rm_buffer, rm_pending = rm_lib.ReplayBuffer(), []  # iterative GRPO: RM history, new samples
   latest = ckpt.latest_step()
   if latest is not None:
     extra = ckpt.restore(latest)[1]
@@ -548,19 +713,33 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                    target["state"], exp.state_sh[phase])
     if phase == "grpo" and use_ref:
       target["ref_params"] = target["state"].params
+    if phase == "grpo" and exp.rm_enabled and extra.get("rm_trained"):
+      rm_shapes = jax.eval_shape(lambda: ts.init_train_state(
+          rm_lib.init_reward_model(exp.model_config, exp.base_key), exp.rm_optimizer))
+      target["rm_state"] = jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), rm_shapes,
+          exp.rm_state_sh)
     restored, _ = ckpt.restore(latest, target)
     state, ref_params = restored["state"], restored.get("ref_params")
+    rm_state = restored.get("rm_state")
+    if phase == "grpo" and exp.rm_enabled:
+      rm_buffer, rm_pending = load_rm_data(workdir, latest)
     logging.info("resumed from %s step %d (%s step %d)", ckpt.directory, latest, phase,
                   phase_step)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                      truncate_to=lines if latest is not None else 0)
 
-  def save(global_step, phase_name, step_in_phase, it, st, ref):
+  def save(global_step, phase_name, step_in_phase, it, st, ref, rm=None):
     tree = {"state": st}
     if ref is not None:
       tree["ref_params"] = ref
+    if rm is not None:
+      tree["rm_state"] = rm
+    if phase_name == "grpo" and exp.rm_enabled and jax.process_index() == 0:
+      save_rm_data(workdir, global_step, rm_buffer, rm_pending)  # before the checkpoint lands
     ckpt.save(global_step, tree, {"phase": phase_name, "phase_step": step_in_phase,
-                                  "iterator": it, "metrics_lines": writer.num_lines})
+                                  "iterator": it, "metrics_lines": writer.num_lines,
+                                  "rm_trained": rm is not None})
 
   # --- SFT warm start
   if phase == "sft":
@@ -617,11 +796,38 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                    " ".join(f"{k}={v:.3f}" for k, v in last_eval.items()))
     if step == g.steps:
       break
+    rc = cfg.get("reward_model")
+    every = rc.iteration_steps if exp.rm_enabled else 0
+    if exp.rm_enabled and (step == 0 or (every and step % every == 0)):
+      # Outer iteration of iterative GRPO: retrain the RM on fresh policy samples (10% replay),
+      # then reset the reference to the current policy.
+      if step == 0:  # bootstrap data: samples of the warm-start policy
+        boot_it = {"epoch": 0, "index": 0, "seed": cfg.seed + 2}
+        for b in range(rc.bootstrap_rollouts):
+          out = exp.rollout(state.params, boot_it, b, rm_params=None, stream=4)
+          boot_it = out[1]
+          rm_pending.append(out[4])
+        rm_state, _ = rm_lib.init_sharded_rm_state(
+            exp.mesh, exp.model_config, exp.rm_optimizer, exp.key(5, 0),
+            backbone_params=state.params)
+      iteration = step // every if every else 0
+      rm_state, rm_figures = train_reward_model(exp, rm_state, rm_buffer, _concat(rm_pending),
+                                                iteration)
+      rm_pending = []
+      writer.write(step, "rm", rm_figures)
+      logging.info("reward model, iteration %d: %s", iteration,
+                   " ".join(f"{k}={v:.3f}" for k, v in rm_figures.items()))
+      if step > 0 and ref_params is not None and exp.algorithm != "rft":
+        ref_params = jax.tree.map(jnp.copy, state.params)
     if exp.algorithm == "sft":
-      batch, it_state, figures, samples = exp.teacher_batch(it_state)
+      batch, it_state, figures, samples, examples = exp.teacher_batch(it_state)
     else:
       policy = ref_params if exp.algorithm == "rft" else state.params
-      batch, it_state, figures, samples = exp.rollout(policy, it_state, step)
+      rm_params = rm_state.params if rm_state is not None else None
+      batch, it_state, figures, samples, examples = exp.rollout(policy, it_state, step,
+                                                                rm_params=rm_params)
+      if examples is not None:
+        rm_pending.append(examples)
     t0 = time.perf_counter()
     state, step_metrics = exp.grpo_step(state, ref_params, batch)
     ms = [floats(m) for m in step_metrics]
@@ -646,7 +852,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                  tok_per_s=figures["tok_per_s"])
     progress.update(step + 1, **{k: v for k, v in shown.items() if v is not None})
     if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == g.steps:
-      save(sft_steps + step + 1, "grpo", step + 1, it_state, state, ref_params)
+      save(sft_steps + step + 1, "grpo", step + 1, it_state, state, ref_params, rm_state)
   ckpt.wait()
   ckpt.close()
   writer.close()

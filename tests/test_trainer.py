@@ -227,3 +227,63 @@ def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
   same = bool(np.array_equal(first, second))
   # RFT samples from the frozen warm start; Online RFT from the live (updated) policy.
   assert same == (algorithm == "rft")
+
+
+ITERATIVE = ["--config=experiments/configs/paradigm_iterative_grpo.py:smoke"]
+
+
+@pytest.fixture(scope="module")
+def iterative_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("iterative")
+  code, out = launch(workdir, *ITERATIVE)
+  assert code == 0, out[-4000:]
+  return workdir
+
+
+def test_iterative_grpo_replay_reference_reset_and_rm_continuation(iterative_run):
+  rows = metrics.read_metrics(iterative_run)
+  rm_rows = [r for r in rows if r["phase"] == "rm"]
+  assert [r["step"] for r in rm_rows] == [0, 2]  # before GRPO, then every 2 steps
+  first, second = rm_rows
+  assert first["rm/replayed_rows"] == 0  # no history yet
+  # 10% of the mixed set is replayed history: round(0.1 / 0.9 * new) rows.
+  assert second["rm/replayed_rows"] == round(0.1 / 0.9 * second["rm/new_rows"])
+  assert second["rm/history_rows"] == first["rm/history_rows"] + second["rm/new_rows"]
+  # The RM keeps training (one state, continued): history includes every new row once.
+  assert second["rm/new_rows"] == 2 * 16  # two GRPO steps of 4 prompts x 4 samples
+  grpo = {r["step"]: r for r in rows if r["phase"] == "grpo" and "kl" in r}
+  # Reference reset to the policy at the iteration boundary: the first update after it has
+  # KL exactly 0 (mu = 1: policy == reference), the one before it does not.
+  assert grpo[3]["kl"] == 0.0 and grpo[2]["kl"] > 0.0
+  assert "reward/reward_model" in grpo[1]
+
+
+def test_iterative_grpo_resume_mid_iteration_is_exact(iterative_run, tmp_path):
+  workdir = tmp_path / "killed"
+  proc = launch(workdir, *ITERATIVE, wait=False)
+  assert _kill_when(proc, workdir, 6), "the run finished before it could be killed"
+  code, out = launch(workdir, *ITERATIVE)
+  assert code == 0, out[-4000:]
+  assert "resumed from" in out
+  assert comparable(workdir) == comparable(iterative_run)
+
+
+def test_process_supervision_uses_per_token_step_advantages(tmp_path, monkeypatch):
+  from experiments.configs import paradigm_grpo_process
+  cfg = paradigm_grpo_process.get_config("smoke")
+  cfg.grpo.num_prompts, cfg.grpo.steps, cfg.eval.every = 8, 1, 0
+  seen = []
+  real = trainer.Experiment.grpo_step
+
+  def grpo_step(self, state, ref_params, batch):
+    seen.append(batch)
+    return real(self, state, ref_params, batch)
+
+  monkeypatch.setattr(trainer.Experiment, "grpo_step", grpo_step)
+  trainer.train(cfg, str(tmp_path))
+  (batch,) = seen
+  C = batch.completion_tokens.shape[1]
+  assert batch.advantages.shape == (8 * 4, C)  # [P*G, C] token-level advantages
+  samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+  steps = [s for s in samples if s.get("phase") == "grpo" and "steps" in s]
+  assert steps and all("span" in st and "reward" in st for st in steps[0]["steps"])

@@ -40,6 +40,9 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
 
   c.grpo = ml_collections.ConfigDict(dict(
       algorithm="grpo",  # or a unified-paradigm baseline: sft, rft, online_rft
+      supervision="outcome",  # or "process": per-step rewards -> advantages.process_advantages
+      process_reward="verifier",  # step rewards: "verifier" (rule-checked steps) or "prm"
+      max_steps=8, step_delimiter=".",
       steps=100, num_prompts=16, num_samples=8, max_prompt_length=48, max_completion_length=40,
       prompt_truncation="left", temperature=1.0, top_k=0, top_p=0.0, min_p=0.0,
       rewards=dict(exact_answer=1.0, format=0.0, overlong=0.0),  # weight 0 = off
@@ -52,6 +55,15 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
       optim=dict(learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
                  weight_decay=0.0, max_grad_norm=1.0)))
 
+  # Learned reward model and iterative GRPO (DeepSeekMath Algorithm 1): off by default.
+  # kind "orm": its probability is a reward (weight below); "prm": step rewards for
+  # grpo.supervision = "process" with grpo.process_reward = "prm". Retrained every
+  # `iteration_steps` GRPO steps (0: once, before GRPO) on the policy's samples labelled by the
+  # verifier, with `replay_fraction` of historical data; the reference resets to the policy.
+  c.reward_model = dict(enabled=False, kind="orm", weight=1.0, iteration_steps=0,
+                        bootstrap_rollouts=4, train_steps=40, batch_size=64, replay_fraction=0.1,
+                        optim=dict(learning_rate=1e-3, warmup_steps=0, decay_steps=0,
+                                   end_lr_factor=1.0, weight_decay=0.0, max_grad_norm=1.0))
   c.eval = dict(every=20, num_problems=500, batch_size=250, k=8, pass_k_problems=128,
                 temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, log_samples=4)
   c.checkpoint = dict(every=100, keep=2)
@@ -70,6 +82,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     c.eval.k, c.eval.pass_k_problems = 4, 4
     c.checkpoint.every = 2
     c.log_every = 1
+    c.reward_model.update(bootstrap_rollouts=1, train_steps=2, batch_size=8, iteration_steps=2)
   elif arg != "local":
     raise ValueError(f"arithmetic config: unknown variant {arg!r} (local, smoke)")
   return c
