@@ -198,8 +198,8 @@ Qwen2ForCausalLM(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--micro_batch_size", type=int, default=16)
-  parser.add_argument("--vocab_chunk", type=int, default=32,
+  parser.add_argument("--micro_batch_size", type=int, default=8)
+  parser.add_argument("--vocab_chunk", type=int, default=128,
                       help="completion positions per unembedding chunk")
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--weights", default="", help="HF dir of the bench model (default: write "
