@@ -287,3 +287,25 @@ def test_process_supervision_uses_per_token_step_advantages(tmp_path, monkeypatc
   samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
   steps = [s for s in samples if s.get("phase") == "grpo" and "steps" in s]
   assert steps and all("span" in st and "reward" in st for st in steps[0]["steps"])
+
+
+def test_dynamic_sampling_drops_zero_spread_groups(tmp_path, monkeypatch):
+  """DAPO dynamic sampling: groups whose rewards are all equal are replaced by fresh prompts."""
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.num_prompts, cfg.grpo.steps, cfg.eval.every = 8, 2, 0
+  cfg.grpo.dynamic_sampling, cfg.grpo.max_resample_rounds = True, 8
+
+  def reward(completions, final_answer, **_):  # odd answers: spread; even answers: none
+    return [float(i % 2) if int(a) % 2 else 0.0 for i, a in enumerate(final_answer)]
+
+  monkeypatch.setattr(trainer, "reward_functions", lambda cfg: ([reward], [1.0], ["r"]))
+  seen = []
+  real = trainer.Experiment.grpo_step
+  monkeypatch.setattr(trainer.Experiment, "grpo_step",
+                      lambda self, s, r, b: (seen.append(b), real(self, s, r, b))[1])
+  trainer.train(cfg, str(tmp_path))
+  rows = [r for r in metrics.read_metrics(tmp_path) if r.get("sample_rounds")]
+  assert all(r["sample_rounds"] >= 2 for r in rows)  # some groups had to be refilled
+  for batch in seen:  # every kept group has spread: no all-zero advantage group
+    adv = np.asarray(batch.advantages).reshape(8, 4)
+    assert np.all(np.abs(adv).sum(1) > 0)
