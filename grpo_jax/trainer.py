@@ -234,6 +234,21 @@ def encode_targets(tokenizer, records: Sequence[dict], max_len: int):
   return ids, mask
 
 
+def stop_token_ids(tokenizer, stop_tokens: str) -> tuple[int, ...]:
+  """Extra EOS ids from a comma-separated list of single-token strings (e.g. a chat template's
+  end-of-turn "<|im_end|>"); a string that is not one token is a config error."""
+  ids = []
+  for text in filter(None, (t.strip() for t in stop_tokens.split(","))):
+    enc = tokenizer.encode(text)
+    while len(enc) > 1 and not tokenizer.decode(enc[:1]).strip():
+      enc = enc[1:]  # SentencePiece's word-boundary piece before the token
+    if len(enc) != 1:
+      raise ConfigError(f"config.grpo.stop_tokens: {text!r} is {len(enc)} tokens for this "
+                        "tokenizer, not one")
+    ids.append(int(enc[0]))
+  return tuple(ids)
+
+
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host) global array as a NumPy array on every process."""
   if getattr(x, "is_fully_addressable", True):
@@ -280,7 +295,8 @@ class Experiment:
     # --- model
     self.model_config, self.host_params = build_model(cfg, self.tokenizer)
     self.reward_fns, self.reward_weights, self.reward_names = reward_functions(cfg)
-    self.eos_ids = (self.tokenizer.eos_id,)
+    self.eos_ids = (self.tokenizer.eos_id,) + stop_token_ids(self.tokenizer,
+                                                             g.get("stop_tokens", ""))
     # --- jitted steps
     self.sft_optimizer = ts.make_optimizer(ts.OptimConfig(**cfg.sft.optim))
     self.grpo_optimizer = ts.make_optimizer(ts.OptimConfig(**g.optim))

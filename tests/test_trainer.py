@@ -309,3 +309,12 @@ def test_dynamic_sampling_drops_zero_spread_groups(tmp_path, monkeypatch):
   for batch in seen:  # every kept group has spread: no all-zero advantage group
     adv = np.asarray(batch.advantages).reshape(8, 4)
     assert np.all(np.abs(adv).sum(1) > 0)
+
+
+def test_stop_tokens_are_single_token_eos_ids(tmp_path):
+  tok = train_sentencepiece([r["answer"] for r in arithmetic.generate(300, 0)],
+                            model_prefix=str(tmp_path / "t"), vocab_size=100)
+  assert trainer.stop_token_ids(tok, "") == ()
+  assert trainer.stop_token_ids(tok, "####") == (tok.encode("####")[-1],)  # a user symbol
+  with pytest.raises(trainer.ConfigError, match="stop_tokens"):
+    trainer.stop_token_ids(tok, "not one token at all")

@@ -43,6 +43,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
       supervision="outcome",  # or "process": per-step rewards -> advantages.process_advantages
       process_reward="verifier",  # step rewards: "verifier" (rule-checked steps) or "prm"
       max_steps=8, step_delimiter=".",
+      stop_tokens="",  # extra single-token EOS strings, comma-separated (chat end-of-turn)
       steps=100, num_prompts=16, num_samples=8, max_prompt_length=48, max_completion_length=40,
       prompt_truncation="left", temperature=1.0, top_k=0, top_p=0.0, min_p=0.0,
       rewards=dict(exact_answer=1.0, format=0.0, overlong=0.0),  # weight 0 = off

@@ -22,11 +22,11 @@ import ml_collections
 
 from experiments.configs import arithmetic
 
-_MODELS = {
-    # name: (chat template, bf16 on accelerators)
+_MODELS = {  # name: chat template (grpo_jax/data/prompts.py)
     "qwen2.5-0.5b": "qwen", "qwen2.5-1.5b": "qwen", "qwen3-0.6b": "qwen",
     "gemma3-1b": "gemma", "llama3.2-1b": "llama3",
 }
+_STOP = {"qwen": "<|im_end|>,<|endoftext|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>"}
 
 
 def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
@@ -59,6 +59,7 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
     c.log_every = 1
   elif arg in _MODELS:
     c.data.chat_template = _MODELS[arg]
+    g.stop_tokens = _STOP[_MODELS[arg]]
   else:
     raise ValueError(f"gsm8k config: unknown variant {arg!r}; known: {sorted(_MODELS)} + smoke")
   return c
