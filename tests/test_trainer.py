@@ -199,8 +199,8 @@ def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
   seen = []
   real_rollout, real_teacher = trainer.Experiment.rollout, trainer.Experiment.teacher_batch
 
-  def rollout(self, params, it_state, step):
-    out = real_rollout(self, params, it_state, step)
+  def rollout(self, params, it_state, step, **kw):
+    out = real_rollout(self, params, it_state, step, **kw)
     seen.append(("rollout", np.asarray(jax.tree.leaves(params)[0]), out[0]))  # before donation
     return out
 
