@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from grpo_jax import metrics  # noqa: E402
 
-PARADIGMS = ("sft", "rft", "online_rft", "grpo")
+PARADIGMS = ("sft", "rft", "online_rft", "grpo", "grpo_process", "iterative_grpo")
 
 
 def run(args: list[str]) -> None:
