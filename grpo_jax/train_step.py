@@ -202,13 +202,19 @@ def update_step(state: TrainState, batch: TrainBatch, *, model_config, optimizer
   loss, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
                                         loss_cfg=loss_cfg, num_microbatches=num_microbatches,
                                         vocab_chunk=vocab_chunk)
+  return apply_gradients(state, loss, grads, metrics, optimizer)
+
+
+def apply_gradients(state: TrainState, loss, grads, metrics: dict,
+                    optimizer) -> tuple[TrainState, dict]:
+  """The optax step, skipped (state unchanged, `skipped` = 1 in the metrics) when the loss or
+  the gradient norm is not finite. Shared by the policy's and the reward model's updates."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new = TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                    step=state.step + 1)
   ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
   new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-  metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-  return new, metrics
+  return new, dict(metrics, skipped=1.0 - ok.astype(jnp.float32))
 
 
 def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,

@@ -238,13 +238,7 @@ def rm_update_step(state: RMTrainState, batch, *, model_config, optimizer, kind:
   update (state unchanged, `skipped` = 1), as in `train_step.update_step`."""
   loss, metrics, grads = rm_loss_and_grads(state.params, batch, model_config=model_config,
                                            kind=kind, num_microbatches=num_microbatches)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new = RMTrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                     step=state.step + 1)
-  ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-  new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-  metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-  return new, metrics
+  return ts.apply_gradients(state, loss, grads, metrics, optimizer)
 
 
 # ----------------------------------------------------------------------------- jit over a mesh
