@@ -623,9 +623,14 @@ def _update_reference(cfg, ref_params, params, step: int):
   if g.get("ref_reset_every") and step % g.ref_reset_every == 0:
     return jax.tree.map(jnp.copy, params)
   if g.get("ref_ema"):
-    a = g.ref_ema
-    return jax.tree.map(lambda r, p: (1 - a) * r + a * p, ref_params, params)
+    return _ema(ref_params, params, g.ref_ema)
   return ref_params
+
+
+@jax.jit
+def _ema(ref_params, params, rate):
+  """ref <- (1 - rate) * ref + rate * policy, one fused program (not one dispatch per leaf)."""
+  return jax.tree.map(lambda r, p: (1 - rate) * r + rate * p, ref_params, params)
 
 
 # ----------------------------------------------------------------------------- iterative GRPO

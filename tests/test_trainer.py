@@ -318,3 +318,15 @@ def test_stop_tokens_are_single_token_eos_ids(tmp_path):
   assert trainer.stop_token_ids(tok, "####") == (tok.encode("####")[-1],)  # a user symbol
   with pytest.raises(trainer.ConfigError, match="stop_tokens"):
     trainer.stop_token_ids(tok, "not one token at all")
+
+
+def test_reference_update_policies():
+  cfg = arithmetic_config.get_config("smoke")
+  ref, pol = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
+  cfg.grpo.loss.beta = 0.0  # no KL: the reference is never touched
+  assert trainer._update_reference(cfg, ref, pol, 4) is ref
+  cfg.grpo.loss.beta, cfg.grpo.ref_reset_every = 0.04, 2
+  np.testing.assert_array_equal(trainer._update_reference(cfg, ref, pol, 3)["w"], 1.0)  # frozen
+  np.testing.assert_array_equal(trainer._update_reference(cfg, ref, pol, 4)["w"], 0.0)  # reset
+  cfg.grpo.ref_reset_every, cfg.grpo.ref_ema = 0, 0.25
+  np.testing.assert_allclose(trainer._update_reference(cfg, ref, pol, 3)["w"], 0.75)  # EMA

@@ -50,15 +50,19 @@ def load_gsm8k_jsonl(path: str | os.PathLike) -> list[dict]:
       for key in ("question", "answer"):
         if not isinstance(row.get(key), str):
           raise ValueError(f"{where}: field {key!r} is missing or not a string")
-      try:
-        solution, final = parse_gsm8k_answer(row["answer"])
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-      records.append({"question": row["question"].strip(), "answer": solution.strip(),
-                      "final_answer": final})
+      records.append(_record(row, where))
   if not records:
     raise ValueError(f"GSM8K file {path} holds no examples")
   return records
+
+
+def _record(row: dict, where: str) -> dict:
+  """A framework record from a GSM8K row; a bad answer raises naming `where`."""
+  try:
+    solution, final = parse_gsm8k_answer(row["answer"])
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  return {"question": row["question"].strip(), "answer": solution.strip(), "final_answer": final}
 
 
 def load_gsm8k(path: str | os.PathLike, split: str = "train") -> list[dict]:
@@ -79,12 +83,7 @@ def load_gsm8k_hf(split: str = "train", *, name: str = "openai/gsm8k", config: s
                       "(pip install datasets), or use load_gsm8k on a local jsonl") from e
   records = []
   for i, row in enumerate(datasets.load_dataset(name, config, split=split, **kwargs)):
-    try:
-      solution, final = parse_gsm8k_answer(row["answer"])
-    except ValueError as e:
-      raise ValueError(f"{name}[{split}] row {i}: {e}") from None
-    records.append({"question": row["question"].strip(), "answer": solution.strip(),
-                    "final_answer": final})
+    records.append(_record(row, f"{name}[{split}] row {i}"))
   if not records:
     raise ValueError(f"{name}[{split}] holds no examples")
   return records
