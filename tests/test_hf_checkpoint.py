@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (test extra: fail, never skip, when missing)
+import transformers  # noqa: E402
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 

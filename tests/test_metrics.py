@@ -180,7 +180,7 @@ def _assert_png(path):
 
 
 def test_plot_function_single_and_comparison(tmp_path):
-  pytest.importorskip("matplotlib")
+  import matplotlib  # noqa: F401  (test extra: fail, never skip)
   plot = _plot_module()
   run_a = _synthetic_workdir(tmp_path / "a")
   run_b = _synthetic_workdir(tmp_path / "b", offset=0.1)
@@ -199,7 +199,7 @@ def test_plot_function_single_and_comparison(tmp_path):
 
 
 def test_plot_cli(tmp_path):
-  pytest.importorskip("matplotlib")
+  import matplotlib  # noqa: F401  (test extra: fail, never skip)
   run = _synthetic_workdir(tmp_path / "run")
   out = tmp_path / "curves.png"
   result = subprocess.run(

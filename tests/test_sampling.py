@@ -66,8 +66,8 @@ def test_greedy_equals_naive_no_cache_decode_and_padding_is_invisible():
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch  # the test extra installs it: a missing one must fail, not skip
+  import transformers
   torch.manual_seed(0)
   hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
       vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -28,7 +28,7 @@ def sp_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # test extra: fail, never skip, when missing
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
