@@ -30,13 +30,13 @@ def main(argv):
                                     cfg.distributed.num_processes or None,
                                     None if cfg.distributed.process_id < 0
                                     else cfg.distributed.process_id)
-  from grpo_jax import trainer
+  from grpo_jax import settings, trainer
   workdir = _WORKDIR.value or os.path.join("workdirs", time.strftime("%Y%m%d-%H%M%S"))
   logging.info("workdir: %s", os.path.abspath(workdir))
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
   try:
     final = trainer.train(cfg, workdir)
-  except trainer.ConfigError as e:
+  except settings.ConfigError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -18,6 +18,7 @@ from typing import Literal
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Scale = Literal["group", "batch", "none"]
 _SCALES = ("group", "batch", "none")
@@ -132,3 +133,28 @@ def process_advantages(step_rewards, step_mask, step_end, num_tokens: int, *,
   t_T = jnp.arange(num_tokens)
   covers_PxGxSxT = step_end[..., None] >= t_T
   return jnp.einsum("pgs,pgst->pgt", norm_PxGxS, covers_PxGxSxT.astype(norm_PxGxS.dtype))
+
+
+def coefficients(coefficient: str, scores_KxPxG, weights_K, *, scale: Scale = "group",
+                 steps=None, num_tokens: int | None = None) -> np.ndarray:
+  """The gradient coefficient of each completion, the paradigm table's middle column
+  (`paradigms.py`), host float32: [P * G] (outcome) or [P * G, num_tokens] (process).
+
+  "one": 1 (SFT on teacher data); "correct": 1[weighted reward > 0] (RFT, Online RFT);
+  "group": `group_advantages` (GRPO); "process": `process_advantages` of `steps` = (step_end,
+  step_mask, step_rewards), each [P * G, S] (GRPO with process supervision).
+  """
+  K, P, G = np.shape(scores_KxPxG)
+  if coefficient == "one":
+    return np.ones((P * G,), np.float32)
+  if coefficient == "correct":
+    combined_PxG = np.einsum("k,kpg->pg", np.asarray(weights_K), scores_KxPxG)
+    return (combined_PxG > 0).astype(np.float32).reshape(P * G)
+  if coefficient == "group":
+    adv_PxG = group_advantages(scores_KxPxG, scale=scale, weights=weights_K)
+    return np.asarray(adv_PxG, np.float32).reshape(P * G)
+  if coefficient == "process":
+    end, mask, rewards = (np.asarray(x).reshape(P, G, -1) for x in steps)
+    adv = process_advantages(rewards, mask, end, num_tokens)
+    return np.asarray(adv, np.float32).reshape(P * G, num_tokens)
+  raise ValueError(f"coefficients: unknown coefficient {coefficient!r}")

@@ -11,6 +11,16 @@ Each step directory holds two items: `state` (any pytree of arrays and Python sc
 optimizer state, reference params, step, PRNG keys) and `extra` (a JSON dict: data-iterator
 position, RNG seeds as ints, config). Typed PRNG keys (`jax.random.key`) are stored as their raw
 uint32 `jax.random.key_data` and rebuilt on restore with the implementation the target names.
+An optional third item, `host`, holds a nested dict of NumPy arrays that lives on the host and
+changes shape between checkpoints (a reward model's replay history): saved by the same Orbax save
+as the rest, so it is as atomic as the state and pruned with its step; read it with
+`restore_host(step)`.
+
+Resuming a run: `restore_latest(target_fn)` restores the newest checkpoint that can be read. A
+step whose files are corrupted or truncated (a half-copied directory, a disk error) is logged and
+skipped for the next older one, and once that one has been read, moved aside to
+`<directory>.corrupt/<step>` (never deleted), so one bad copy costs `checkpoint.every` steps
+instead of the run. Every process takes the same decision (one may fail on its own shards).
 
 Saves are asynchronous by default (device arrays are copied to host before `save` returns; the
 write continues in the background; `wait()` blocks until it is on disk) and atomic: Orbax writes
@@ -24,18 +34,47 @@ RNG key with `jax.jit(..., out_shardings=NamedSharding(mesh, P()))`, not plain `
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-STATE, EXTRA = "state", "extra"
+STATE, EXTRA, HOST = "state", "extra", "host"
 _PRNG_IMPLS = "__prng_impls__"  # key in the saved extra JSON: {key path: PRNG implementation}
+_HOST_SPEC = "__host__"  # key in the saved extra JSON: the host tree's layout (encode_host)
+_RESERVED = (_PRNG_IMPLS, _HOST_SPEC)
+# What reading a damaged step directory raises: Orbax/TensorStore report corrupted or truncated
+# files (bad JSON, failed decompression, short reads) as ValueError, missing ones as OSError.
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory could be read."""
+
+
+class TargetMismatchError(ValueError):
+  """A restore target's structure or shapes differ from the saved state's. A caller bug, not
+  damaged files: never a reason to fall back to an older checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore_latest` read: the step, its state, extra and host items, and the
+  newer steps it skipped (newest first) because their files could not be read."""
+  step: int
+  state: Any
+  extra: dict
+  host: dict
+  skipped: tuple[int, ...] = ()
 
 
 def key_path_str(path: tuple) -> str:
@@ -142,11 +181,121 @@ def first_mismatch(saved: Any, target: Any) -> str | None:
   return None
 
 
+def _host_dtype_ok(dtype: np.dtype) -> bool:
+  """Whether TensorStore stores `dtype` and its name rebuilds it: numeric kinds and the
+  ml_dtypes extensions (bfloat16, float8, int4), not strings, objects, dates or records."""
+  if dtype.kind in "biufc":
+    return True
+  return dtype.kind == "V" and dtype.names is None and dtype.type.__module__ == "ml_dtypes"
+
+
+def encode_host(host: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[dict]]:
+  """Split a nested dict of NumPy arrays into (arrays Orbax can store, JSON layout).
+
+  Orbax refuses empty trees and zero-size arrays, and its key naming is ambiguous for keys with
+  dots or slashes, so the arrays are stored flat under `a<i>` and the layout is recorded apart:
+  one entry per array, `{"path": [keys], "dtype": name, "shape": [...]}` (zero-size arrays are
+  rebuilt from it alone), and one `{"path": [keys]}` per empty dict, in insertion order.
+  """
+  arrays, spec = {}, []
+
+  def visit(node: Mapping[str, Any], path: list[str]) -> None:
+    if not node and path:
+      spec.append({"path": path})
+    for key, value in node.items():
+      where = "/".join(path + [str(key)])
+      if not isinstance(key, str):
+        raise TypeError(f"host tree keys must be strings: {key!r} at '{where}'")
+      if isinstance(value, Mapping):
+        visit(value, path + [key])
+        continue
+      if not isinstance(value, (np.ndarray, np.generic)):
+        raise TypeError(f"host tree leaf '{where}' must be a NumPy array, got "
+                        f"{type(value).__name__}")
+      value = np.asarray(value)
+      if not _host_dtype_ok(value.dtype):
+        raise ValueError(f"host tree leaf '{where}' has dtype {value.dtype}, which cannot be "
+                         "checkpointed (numeric and ml_dtypes dtypes only)")
+      if not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
+      entry = {"path": path + [key], "dtype": value.dtype.name, "shape": list(value.shape)}
+      if value.size:
+        arrays[f"a{len(spec)}"] = value
+      spec.append(entry)
+
+  if not isinstance(host, Mapping):
+    raise TypeError(f"host must be a dict of NumPy arrays, got {type(host).__name__}")
+  visit(host, [])
+  return arrays, spec
+
+
+def decode_host(spec: list[dict], arrays: Mapping[str, Any], where: str = "") -> dict:
+  """Inverse of `encode_host`. ValueError naming `where` when a stored array is missing or its
+  dtype or shape differs from the layout (a damaged checkpoint)."""
+  tree: dict = {}
+  for i, entry in enumerate(spec):
+    *parents, last = entry["path"]
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    if "dtype" not in entry:
+      node.setdefault(last, {})
+      continue
+    dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+    name = "/".join(entry["path"])
+    if not np.prod(shape, dtype=np.int64):
+      node[last] = np.zeros(shape, dtype)
+      continue
+    if f"a{i}" not in arrays:
+      raise ValueError(f"host array '{name}' is missing from {where}")
+    value = np.asarray(arrays[f"a{i}"])
+    if value.dtype != dtype or value.shape != shape:
+      raise ValueError(f"host array '{name}' in {where} is {value.dtype}{list(value.shape)}, "
+                       f"the checkpoint recorded {dtype}{list(shape)}")
+    node[last] = value
+  return tree
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class _Unreadable(Exception):
+  """Internal: wraps an error that came from reading a step's files (see `_reading`)."""
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+  """Marks errors raised inside as damaged-files errors, so that `restore_latest` tells them
+  from errors of the caller's own making (target_fn, shardings), which must propagate."""
+  try:
+    yield
+  except TargetMismatchError:
+    raise
+  except _UNREADABLE as e:
+    raise _Unreadable(e) from e
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` on every process: all processes must fall back to the same step (one may
+  fail reading its own shards while the others succeed)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _user_extra(raw: Mapping[str, Any]) -> dict:
+  """The extra dict as the caller saved it: without this module's internal keys."""
+  return {k: v for k, v in raw.items() if k not in _RESERVED}
+
+
 class Checkpointer:
-  """Save / restore (state pytree, extra JSON dict) by step, keeping the last `keep` steps.
+  """Save / restore (state pytree, extra JSON dict, optional host arrays) by step, keeping the
+  last `keep` steps.
 
   `read_only=True` opens an existing directory without creating it (FileNotFoundError naming
-  the path when it does not exist) and never saves.
+  the path when it does not exist) and never saves or moves anything.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
@@ -156,38 +305,50 @@ class Checkpointer:
       raise FileNotFoundError(f"checkpoint directory does not exist: {self.directory}")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
+    self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         create=not read_only)
-    # Handlers named up front so that a fresh process can read metadata and restore.
-    handlers = {STATE: ocp.StandardCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()}
+    # Handlers named up front so that a fresh process can read metadata and restore, whether or
+    # not a step has the (optional) host item.
+    handlers = {STATE: ocp.StandardCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler(),
+                HOST: ocp.StandardCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                           options=options)
 
   def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
-           force: bool = False) -> bool:
-    """Save `state` (pytree) and `extra` (JSON-serialisable dict) as `step`. Returns whether a
-    save started (False when the step exists already, unless `force`). Call on every process."""
+           host: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Save `state` (pytree), `extra` (JSON-serialisable dict) and `host` (nested dict of NumPy
+    arrays, identical on every process; any shapes, empty dicts allowed) as `step`, all in one
+    atomic save. Returns whether a save started (False when the step exists already, unless
+    `force`). Call on every process. The host arrays are copied before an async save returns."""
     extra = dict(extra or {})
-    if _PRNG_IMPLS in extra:
-      raise ValueError(f"extra key {_PRNG_IMPLS!r} is reserved")
+    for key in _RESERVED:
+      if key in extra:
+        raise ValueError(f"extra key {key!r} is reserved")
     try:
       json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as e:
       raise ValueError(
           f"checkpoint extra must be JSON-serialisable (ints, not arrays): {e}") from None
+    internal = {}
+    items = {}
+    if host is not None:
+      arrays, internal[_HOST_SPEC] = encode_host(host)
+      if arrays:  # Orbax refuses an empty item: a host tree of empty parts lives in the layout.
+        items[HOST] = ocp.args.StandardSave(arrays)
     if step in self._manager.all_steps():
       if not force:
         return False
       self._manager.wait_until_finished()
       self._manager.delete(step)
-    data, impls = split_prng_keys(state)
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(data),
-                                 EXTRA: ocp.args.JsonSave(extra | {_PRNG_IMPLS: impls})})
-    return self._manager.save(int(step), args=args, force=True)
+    data, internal[_PRNG_IMPLS] = split_prng_keys(state)
+    items[STATE] = ocp.args.StandardSave(data)
+    items[EXTRA] = ocp.args.JsonSave(extra | internal)
+    return self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -196,6 +357,50 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """Steps of the complete checkpoints, ascending."""
     return sorted(self._manager.all_steps())
+
+  def step_directory(self, step: int) -> str:
+    """Where `step`'s checkpoint lives (or would)."""
+    return os.path.join(self.directory, str(step))
+
+  def _resolve(self, step: int | None) -> int:
+    """`step`, or the latest one when None; FileNotFoundError naming the directory if absent."""
+    self._manager.wait_until_finished()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                              f"(steps there: {self.all_steps()})")
+    return step
+
+  def _read_extra(self, step: int) -> dict:
+    """The extra item as saved, internal keys included."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        EXTRA: ocp.args.JsonRestore()}))
+    return dict(restored[EXTRA])
+
+  def _read_state(self, step: int, target: Any | None, abstract: Any | None,
+                  impls: Mapping[str, str]) -> Any:
+    if abstract is not None:
+      saved = self._manager.item_metadata(step)[STATE]
+      saved_tree = getattr(saved, "tree", saved)
+      mismatch = first_mismatch(saved_tree, abstract)
+      if mismatch:
+        raise TargetMismatchError(f"checkpoint {self.step_directory(step)} does not match the "
+                                  f"restore target: {mismatch}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract)}))
+    return rebuild_prng_keys(restored[STATE], target, impls)
+
+  def _read_host(self, step: int, spec: list[dict] | None) -> dict:
+    if not spec:  # saved without host (or an older checkpoint), or host={}
+      return {}
+    arrays = {}
+    if any("dtype" in e and np.prod(e["shape"], dtype=np.int64) for e in spec):
+      arrays = self._manager.restore(step, args=ocp.args.Composite(**{
+          HOST: ocp.args.StandardRestore()}))[HOST]
+    return decode_host(spec, arrays, f"{self.step_directory(step)}/{HOST}")
 
   def restore(self, step: int | None = None, target: Any | None = None, *,
               mesh: Mesh | None = None) -> tuple[Any, dict]:
@@ -207,29 +412,93 @@ class Checkpointer:
     come back as typed keys. Targets from `jax.eval_shape` carry shardings over an AbstractMesh:
     pass the concrete `mesh` to place them. Without a target the state comes back as saved
     (nested dicts and lists, arrays on the saved sharding where possible).
+    TargetMismatchError (a ValueError) naming the first differing key when the target's
+    structure or shapes differ from the checkpoint's.
+    """
+    step = self._resolve(step)
+    abstract = None if target is None else abstract_target(target, mesh)
+    raw = self._read_extra(step)
+    state = self._read_state(step, target, abstract, raw.get(_PRNG_IMPLS, {}))
+    return state, _user_extra(raw)
+
+  def restore_host(self, step: int | None = None) -> dict:
+    """The host tree saved with `step` (default: the latest) as NumPy arrays with their saved
+    dtypes and shapes; {} when that checkpoint was saved without one."""
+    step = self._resolve(step)
+    return self._read_host(step, self._read_extra(step).get(_HOST_SPEC))
+
+  def restore_latest(self, target_fn: Callable[[dict], Any] | None = None, *,
+                     mesh: Mesh | None = None) -> Restored | None:
+    """The newest checkpoint that can be read, falling back past damaged ones; None when there
+    is no checkpoint. Call on every process.
+
+    For each step, newest first: its extra is read, `target_fn(extra)` gives the restore target
+    (see `restore`; None restores as saved), then the state and host items are read. A step whose
+    files cannot be read (corrupted or truncated, missing) is logged and skipped; once an older
+    step has been read, the skipped step directories are moved to `<directory>.corrupt/<step>`
+    (kept for inspection; not when read-only), so a new save of their step numbers works.
+    When no step can be read nothing is moved (a failure on every step more likely means an
+    environment problem than that many damaged copies) and CheckpointError names each step.
+    TargetMismatchError, and errors from `target_fn` or the target's shardings, propagate at
+    once: they are bugs in the caller, not damage.
     """
     self._manager.wait_until_finished()
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    elif step not in self._manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
-                              f"(steps there: {self.all_steps()})")
-    abstract = None
-    if target is not None:
-      abstract = abstract_target(target, mesh)
-      saved = self._manager.item_metadata(step)[STATE]
-      saved_tree = getattr(saved, "tree", saved)
-      mismatch = first_mismatch(saved_tree, abstract)
-      if mismatch:
-        raise ValueError(f"checkpoint {os.path.join(self.directory, str(step))} does not match "
-                         f"the restore target: {mismatch}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract), EXTRA: ocp.args.JsonRestore()}))
-    extra = dict(restored[EXTRA])
-    impls = extra.pop(_PRNG_IMPLS, {})
-    return rebuild_prng_keys(restored[STATE], target, impls), extra
+    self._manager.reload()  # the directory may have changed since this Checkpointer opened it
+    steps = self.all_steps()
+    if not steps:
+      return None
+    failed: dict[int, str] = {}
+    for step in reversed(steps):
+      error = None
+      try:
+        state, extra, host = self._read_step(step, target_fn, mesh)
+      except _Unreadable as e:
+        error = _first_line(e.__cause__)
+      if _all_processes_ok(error is None):
+        self._move_aside(list(failed))
+        return Restored(step=step, state=state, extra=extra, host=host, skipped=tuple(failed))
+      failed[step] = error or "unreadable on another process"
+      logging.warning("checkpoint step %d at %s cannot be read, trying an older one: %s",
+                      step, self.step_directory(step), failed[step])
+    details = "; ".join(f"step {s} ({self.step_directory(s)}): {e}" for s, e in failed.items())
+    raise CheckpointError(f"no readable checkpoint in {self.directory}: {details}")
+
+  def _read_step(self, step: int, target_fn: Callable[[dict], Any] | None,
+                 mesh: Mesh | None) -> tuple[Any, dict, dict]:
+    """(state, extra, host) of `step`; file errors come out as _Unreadable, others as such."""
+    with _reading():
+      raw = self._read_extra(step)
+    extra = _user_extra(raw)
+    target = None if target_fn is None else target_fn(dict(extra))
+    abstract = None if target is None else abstract_target(target, mesh)
+    with _reading():
+      state = self._read_state(step, target, abstract, raw.get(_PRNG_IMPLS, {}))
+      host = self._read_host(step, raw.get(_HOST_SPEC))
+    return state, extra, host
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Move damaged step directories to `<directory>.corrupt/<step>` (`<step>.<n>` if taken)
+    and make the manager forget them. The primary process moves; every process reloads."""
+    if not steps:
+      return
+    if self._read_only:
+      logging.warning("read-only checkpoint directory %s: leaving unreadable steps %s in place",
+                      self.directory, steps)
+      return
+    if jax.process_index() == 0:
+      quarantine = self.directory + ".corrupt"
+      os.makedirs(quarantine, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(quarantine, str(step)), 0
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(quarantine, f"{step}.{n}")
+        os.rename(self.step_directory(step), dest)
+        logging.warning("moved unreadable checkpoint step %d from %s to %s", step,
+                        self.step_directory(step), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("grpo_jax checkpoint quarantine")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Block until pending asynchronous saves are on disk."""

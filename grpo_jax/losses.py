@@ -22,7 +22,8 @@ Shapes: B sequences, T completion tokens. All functions are pure and jittable.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+import dataclasses
+from typing import Any, Callable, Literal, Optional
 
 import chex
 import flax
@@ -34,6 +35,44 @@ KLEstimator = Literal["k1", "k2", "k3"]
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
+OBJECTIVES = ("grpo", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static settings of the objective, checked when built (a bad value fails before a compile).
+
+  objective "grpo": the clipped-ratio loss with the KL inside (`grpo_loss_terms`); "sft":
+  advantage-weighted NLL (`sft_loss_terms`: SFT with advantages = 1, (Online) RFT with
+  1[correct]), aggregated by `loss_type` too ("dapo" = per-token mean NLL, "grpo" = per-sequence
+  mean as in DeepSeekMath's unified gradient, eq. 5). `temperature`: the log-probs are those of
+  the sampling distribution softmax(z / T). `max_completion_length`: L of "dr_grpo".
+  """
+  objective: str = "grpo"
+  loss_type: str = "grpo"
+  epsilon_low: float = 0.2
+  epsilon_high: Optional[float] = None
+  beta: float = 0.0
+  kl_estimator: str = "k3"
+  importance_sampling_level: str = "token"
+  max_completion_length: Optional[int] = None
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    for name, value, allowed in (("objective", self.objective, OBJECTIVES),
+                                 ("loss_type", self.loss_type, LOSS_TYPES),
+                                 ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+                                 ("importance_sampling_level", self.importance_sampling_level,
+                                  IS_LEVELS)):
+      if value not in allowed:
+        raise ValueError(f"loss: unknown {name} {value!r}; expected one of {allowed}")
+    if not self.beta >= 0:
+      raise ValueError(f"loss: beta = {self.beta} must be >= 0")
+    if self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+      raise ValueError(f"loss: clip epsilons must be >= 0, got low={self.epsilon_low}, "
+                       f"high={self.epsilon_high}")
+    if not self.temperature > 0:
+      raise ValueError(f"loss: temperature = {self.temperature} must be > 0")
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -119,7 +158,7 @@ def loss_weights(mask, *, loss_type: LossType = "grpo",
 # ----------------------------------------------------------------------------- the loss
 
 
-def _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
+def check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
                   importance_sampling_level, beta, epsilon_low, epsilon_high):
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -217,6 +256,24 @@ def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[ja
   return loss, sums
 
 
+def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights, *,
+               old_logprobs=None, ref_logprobs=None) -> tuple[jax.Array, dict]:
+  """The training path's loss: `cfg.objective` on one (micro-)batch, inputs checked first.
+
+  `old_logprobs` None means mu = 1 (one update per rollout): the ratio's denominator is the
+  current policy's log-probs, detached, so the ratio is 1 with the PPO gradient.
+  """
+  if cfg.objective == "sft":
+    return sft_loss_terms(logprobs, mask, advantages, weights)
+  old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
+  check_inputs(logprobs, old, advantages, mask, ref_logprobs, cfg.loss_type, cfg.kl_estimator,
+               cfg.importance_sampling_level, cfg.beta, cfg.epsilon_low, cfg.epsilon_high)
+  return grpo_loss_terms(
+      logprobs, old, advantages, mask, weights, ref_logprobs=ref_logprobs,
+      epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+      kl_estimator=cfg.kl_estimator, importance_sampling_level=cfg.importance_sampling_level)
+
+
 def finalize_metrics(sums: dict) -> dict:
   """Weighted sums from `grpo_loss_terms` (possibly summed over micro-batches) -> metrics."""
   metrics = dict(sums)
@@ -253,7 +310,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
   """
   logprobs, old_logprobs = jnp.asarray(logprobs), jnp.asarray(old_logprobs)
   advantages, mask = jnp.asarray(advantages), jnp.asarray(mask)
-  _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
+  check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
                 importance_sampling_level, beta, epsilon_low, epsilon_high)
   weights = loss_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length)
   loss, sums = grpo_loss_terms(

@@ -31,26 +31,6 @@ from grpo_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Static settings of the objective (see `losses.grpo_loss`).
-
-  objective "grpo": the clipped-ratio GRPO loss; "sft": advantage-weighted NLL
-  (`losses.sft_loss_terms`: SFT with advantages = 1, (Online) RFT with 1[correct]), aggregated
-  by `loss_type` too ("dapo" = per-token mean NLL, "grpo" = per-sequence mean as in
-  DeepSeekMath's unified gradient, eq. 5).
-  """
-  objective: str = "grpo"
-  loss_type: str = "grpo"
-  epsilon_low: float = 0.2
-  epsilon_high: Optional[float] = None
-  beta: float = 0.0
-  kl_estimator: str = "k3"
-  importance_sampling_level: str = "token"
-  max_completion_length: Optional[int] = None
-  temperature: float = 1.0  # log-probs are those of the sampling distribution softmax(z / T)
-
-
-@dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warmup, cosine decay and global-norm clipping."""
   learning_rate: float = 1e-6
@@ -158,27 +138,19 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
 # ----------------------------------------------------------------------------- update
 
 
-def _loss_terms(params, mb: dict, *, model_config, loss_cfg: LossConfig, vocab_chunk: int):
+def _loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.LossConfig,
+                vocab_chunk: int):
   batch: TrainBatch = mb["batch"]
   logprobs = sequence_logprobs(params, batch, model_config=model_config,
                                temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk)
-  if loss_cfg.objective == "sft":
-    return losses.sft_loss_terms(logprobs, batch.completion_mask, batch.advantages, mb["weights"])
-  old = batch.old_logprobs if batch.old_logprobs is not None else jax.lax.stop_gradient(logprobs)
-  return losses.grpo_loss_terms(
-      logprobs, old, batch.advantages, batch.completion_mask, mb["weights"],
-      ref_logprobs=batch.ref_logprobs, epsilon_low=loss_cfg.epsilon_low,
-      epsilon_high=loss_cfg.epsilon_high, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
-      importance_sampling_level=loss_cfg.importance_sampling_level)
+  return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
+                           mb["weights"], old_logprobs=batch.old_logprobs,
+                           ref_logprobs=batch.ref_logprobs)
 
 
-def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: LossConfig,
+def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,
                    num_microbatches: int = 1, vocab_chunk: int = 32):
   """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches."""
-  if loss_cfg.objective not in ("grpo", "sft"):
-    raise ValueError(f"unknown objective {loss_cfg.objective!r}; expected 'grpo' or 'sft'")
-  if loss_cfg.objective == "grpo" and loss_cfg.beta != 0.0 and batch.ref_logprobs is None:
-    raise ValueError(f"update_step: beta = {loss_cfg.beta} needs batch.ref_logprobs")
   weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
@@ -191,7 +163,7 @@ def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: LossCon
 
 
 def update_step(state: TrainState, batch: TrainBatch, *, model_config, optimizer,
-                loss_cfg: LossConfig, num_microbatches: int = 1,
+                loss_cfg: losses.LossConfig, num_microbatches: int = 1,
                 vocab_chunk: int = 32) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`: GRPO loss, exact accumulated gradients, optax update.
 
@@ -252,7 +224,7 @@ def init_sharded_state(mesh: Mesh, model_config, optimizer, rng, rules=sharding.
 
 
 def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
-                   loss_cfg: LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32):
+                   loss_cfg: losses.LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32):
   """`update_step` jitted over `mesh`: state in/out with `state_sh`, batch rows over the data
   axes, metrics replicated, the input state donated."""
   fn = functools.partial(update_step, model_config=model_config, optimizer=optimizer,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import advantages, models, sharding
+from grpo_jax import advantages, losses, models, sharding
 from grpo_jax import train_step as ts
 
 MODEL = models.get_config("tiny_qwen2")
@@ -46,7 +46,7 @@ def _host_init():
   return jax.device_get(state), jax.device_get(init(MODEL, jax.random.key(1)))
 
 
-def run(mesh, loss_cfg: ts.LossConfig, num_microbatches: int = 1):
+def run(mesh, loss_cfg: losses.LossConfig, num_microbatches: int = 1):
   """Reference pass + one update on `mesh`; returns host NumPy results (gathered)."""
   from jax.experimental import multihost_utils
   optimizer = ts.make_optimizer(OPTIM)
@@ -89,7 +89,7 @@ def main():
   sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
   mesh = sharding.make_mesh(2, 2, 2)
-  out = run(mesh, ts.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
+  out = run(mesh, losses.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
   if jax.process_index() == 0:
     np.savez(args.out, **flat({g: out[g] for g in ("ref", "metrics", "grads", "params")}))
 

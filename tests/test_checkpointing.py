@@ -1,5 +1,7 @@
-"""Checkpointing: bit-exact round trips, keep-N, sharded restore, killed saves, clear errors."""
+"""Checkpointing: bit-exact round trips, keep-N, sharded restore, killed saves, clear errors,
+host arrays, falling back past damaged checkpoints."""
 
+import logging
 import os
 import shutil
 import socket
@@ -12,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import checkpointing
-from grpo_jax.checkpointing import Checkpointer
+from grpo_jax.checkpointing import Checkpointer, CheckpointError, TargetMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +184,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp
-    from grpo_jax.checkpointing import Checkpointer
+    from grpo_jax.checkpointing import Checkpointer, CheckpointError, TargetMismatchError
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {"x": jnp.ones((4,)), "big": jnp.zeros((1024, 1024))}, {"at": 1})
     ckpt.wait()
@@ -214,7 +217,7 @@ _MULTIHOST = textwrap.dedent("""
     import os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from grpo_jax.checkpointing import Checkpointer
+    from grpo_jax.checkpointing import Checkpointer, CheckpointError, TargetMismatchError
     process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
@@ -222,11 +225,16 @@ _MULTIHOST = textwrap.dedent("""
     value = np.arange(24, dtype=np.float32).reshape(8, 3)
     x = jax.make_array_from_callback((8, 3), NamedSharding(mesh, P("fsdp")), lambda i: value[i])
     key = jax.jit(lambda: jax.random.key(5), out_shardings=NamedSharding(mesh, P()))()
+    host = {"h": np.arange(5, dtype=np.int16), "e": {}}
     with Checkpointer(directory) as ckpt:
-      ckpt.save(1, {"x": x, "rng": key, "step": 1}, {"pos": 3})
+      ckpt.save(1, {"x": x, "rng": key, "step": 1}, {"pos": 3}, host=host)
     with Checkpointer(directory) as ckpt:
       target = dict(jax.eval_shape(lambda: {"x": x, "rng": key}), step=0)
       state, extra = ckpt.restore(target=target, mesh=mesh)
+      latest = ckpt.restore_latest(lambda e: target, mesh=mesh)
+    assert latest.step == 1 and latest.skipped == () and latest.extra == {"pos": 3}
+    assert latest.host["e"] == {} and latest.host["h"].dtype == np.int16
+    np.testing.assert_array_equal(latest.host["h"], host["h"])
     assert extra == {"pos": 3} and state["step"] == 1, (extra, state["step"])
     assert state["x"].sharding.is_equivalent_to(x.sharding, 2)
     assert len(state["x"].addressable_shards) == 2
@@ -299,3 +307,196 @@ def test_extra_must_be_json(tmp_path):
   with Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(ValueError, match="JSON-serialisable"):
       ckpt.save(1, {"x": jnp.ones(2)}, {"rng": jnp.ones(2)})
+
+
+# --- host item
+
+def host_tree(rows: int) -> dict:
+  """A replay-history-like host tree whose shapes grow with `rows`, with awkward leaves: NaN
+  payloads and -0.0, bool, bfloat16, 0-d, zero-size arrays and an empty sub-dict."""
+  weird = np.array([0x7fc00001, 0x80000000, 0x3f800000], np.uint32).view(np.float32)
+  return {"replay": {"tokens": np.arange(rows * 3, dtype=np.int32).reshape(rows, 3),
+                     "reward": np.linspace(-1, 1, rows, dtype=np.float32),
+                     "valid": np.arange(rows) % 2 == 0,
+                     "pending": np.zeros((0, 3), np.int32)},
+          "weird": weird, "bf16": np.arange(rows, dtype=jnp.bfloat16), "count": np.int64(rows),
+          "empty": {}}
+
+
+def assert_host_equal(got: dict, want: dict):
+  assert isinstance(got, dict) and list(got) == list(want)  # same keys, same order
+  for key, w in want.items():
+    if isinstance(w, dict):
+      assert_host_equal(got[key], w)
+      continue
+    g = got[key]
+    assert isinstance(g, np.ndarray), (key, type(g))
+    assert g.dtype == w.dtype and g.shape == np.shape(w), (key, g.dtype, g.shape)
+    assert g.tobytes() == np.asarray(w).tobytes(), key
+
+
+def test_host_item_round_trip_and_pruning(tmp_path):
+  small, grown = host_tree(2), host_tree(5)
+  with Checkpointer(str(tmp_path), keep=2, async_save=False) as ckpt:
+    ckpt.save(1, {"x": jnp.ones(2)}, {"at": 1}, host=small)
+    ckpt.save(2, {"x": jnp.ones(2)}, {"at": 2}, host=grown)
+  with Checkpointer(str(tmp_path), keep=2, async_save=False) as ckpt:  # as a fresh process
+    assert_host_equal(ckpt.restore_host(1), small)
+    assert_host_equal(ckpt.restore_host(2), grown)
+    assert ckpt.restore(2)[1] == {"at": 2}  # the host layout stays out of extra
+    assert (tmp_path / "2" / "host").is_dir()
+    ckpt.save(3, {"x": jnp.ones(2)}, {"at": 3})  # without host: step 1 and its host data go
+    assert ckpt.restore_host(3) == {} and ckpt.restore_host() == {}
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+    assert_host_equal(ckpt.restore_host(2), grown)
+    with pytest.raises(FileNotFoundError, match=r"step 1 .*steps there: \[2, 3\]"):
+      ckpt.restore_host(1)
+    # Host trees with nothing for Orbax to store (only empty parts) still round-trip.
+    ckpt.save(4, {"x": jnp.ones(2)}, host={"buffer": {}, "rows": np.zeros((0, 4), np.float32)})
+    ckpt.save(5, {"x": jnp.ones(2)}, host={})
+    assert not (tmp_path / "4" / "host").exists()
+    assert_host_equal(ckpt.restore_host(4),
+                      {"buffer": {}, "rows": np.zeros((0, 4), np.float32)})
+    assert ckpt.restore_host(5) == {}
+
+
+def test_checkpoint_written_without_host_handler_restores(tmp_path):
+  """Checkpoints from before the host item (a manager with only state and extra) still load."""
+  old = ocp.CheckpointManager(str(tmp_path), item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
+  old.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.arange(3)}),
+                                      extra=ocp.args.JsonSave({"at": 4})))
+  old.wait_until_finished()
+  old.close()
+  with Checkpointer(str(tmp_path), read_only=True) as ckpt:
+    state, extra = ckpt.restore()
+    assert extra == {"at": 4} and state["x"].tolist() == [0, 1, 2]
+    assert ckpt.restore_host(4) == {}
+    restored = ckpt.restore_latest()
+  assert restored.step == 4 and restored.host == {} and restored.extra == {"at": 4}
+
+
+def test_host_rejects_what_it_cannot_store(tmp_path):
+  with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    with pytest.raises(TypeError, match="'a/b' must be a NumPy array, got list"):
+      ckpt.save(1, {"x": jnp.ones(2)}, host={"a": {"b": [1, 2]}})
+    with pytest.raises(ValueError, match="'names' has dtype <U3"):
+      ckpt.save(1, {"x": jnp.ones(2)}, host={"names": np.array(["abc"])})
+    with pytest.raises(ValueError, match="'__host__' is reserved"):
+      ckpt.save(1, {"x": jnp.ones(2)}, {"__host__": 1})
+    assert ckpt.all_steps() == []
+
+
+# --- restore_latest
+
+TARGET = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32), "rng": jax.eval_shape(
+    lambda: jax.random.key(0)), "step": 0}
+
+
+def step_state(step: int) -> dict:
+  return {"w": jnp.full((4, 4), float(step)), "rng": jax.random.key(step), "step": step}
+
+
+def save_steps(ckpt: Checkpointer, steps) -> None:
+  for step in steps:
+    ckpt.save(step, step_state(step), {"at": step}, host=host_tree(step))
+
+
+def test_restore_latest_without_damage(tmp_path):
+  with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    assert ckpt.restore_latest() is None
+    save_steps(ckpt, [1, 2])
+    seen = []
+    restored = ckpt.restore_latest(lambda extra: seen.append(extra) or TARGET)
+  assert seen == [{"at": 2}]  # target_fn sees the newest step's extra, without internal keys
+  assert restored.step == 2 and restored.skipped == () and restored.extra == {"at": 2}
+  assert_bit_equal(restored.state, step_state(2))
+  assert_host_equal(restored.host, host_tree(2))
+  assert not os.path.exists(f"{tmp_path}.corrupt")
+
+
+def _truncate(path, keep=lambda p: True):
+  """Truncate every regular file under `path` that `keep` selects to half its length."""
+  hit = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      file = os.path.join(root, name)
+      if keep(file):
+        os.truncate(file, os.path.getsize(file) // 2)
+        hit += 1
+  assert hit, f"nothing to damage under {path}"
+
+
+def damage(step_dir: str, kind: str) -> None:
+  if kind == "extra_garbage":  # the extra item's JSON overwritten
+    for root, _, files in os.walk(os.path.join(step_dir, "extra")):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"\x00not json{")
+  elif kind == "state_data_truncated":  # the state's array data files only (metadata intact)
+    _truncate(os.path.join(step_dir, "state"),
+              lambda f: os.path.basename(os.path.dirname(f)) == "d")
+  elif kind == "state_all_truncated":  # every file of the state item, as a half-finished copy
+    _truncate(os.path.join(step_dir, "state"))
+  elif kind == "host_missing":
+    shutil.rmtree(os.path.join(step_dir, "host"))
+  else:
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["extra_garbage", "state_data_truncated", "state_all_truncated",
+                                  "host_missing"])
+def test_restore_latest_falls_back_past_damage(tmp_path, caplog, kind):
+  directory = tmp_path / "ckpt"
+  with Checkpointer(str(directory), async_save=False) as ckpt:
+    save_steps(ckpt, [1, 2, 3])
+    damage(str(directory / "3"), kind)
+    with caplog.at_level(logging.WARNING):
+      restored = ckpt.restore_latest(lambda extra: TARGET)
+    assert restored.step == 2 and restored.skipped == (3,) and restored.extra == {"at": 2}
+    assert_bit_equal(restored.state, step_state(2))
+    assert_host_equal(restored.host, host_tree(2))
+    # Moved aside, not deleted, and forgotten by the manager.
+    assert (tmp_path / "ckpt.corrupt" / "3" / "state").is_dir()
+    assert sorted(os.listdir(directory)) == ["1", "2"] and ckpt.all_steps() == [1, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"step 3 at {directory / '3'} cannot be read" in w for w in warnings), warnings
+    # The run goes on from step 2 and saves step 3 again.
+    assert ckpt.save(3, step_state(30), {"at": 30}, host={"h": np.ones(2, np.int8)})
+    again = ckpt.restore_latest(lambda extra: TARGET)
+  assert again.step == 3 and again.skipped == () and again.extra == {"at": 30}
+  assert_bit_equal(again.state, step_state(30))
+  assert_host_equal(again.host, {"h": np.ones(2, np.int8)})
+
+
+def test_restore_latest_when_every_step_is_damaged(tmp_path):
+  directory = tmp_path / "ckpt"
+  with Checkpointer(str(directory), async_save=False) as ckpt:
+    save_steps(ckpt, [1, 2])
+    damage(str(directory / "2"), "extra_garbage")
+    damage(str(directory / "1"), "state_all_truncated")
+    with pytest.raises(CheckpointError, match=rf"no readable checkpoint in {directory}: "
+                                              rf"step 2 \({directory / '2'}\): .*; "
+                                              rf"step 1 \({directory / '1'}\): "):
+      ckpt.restore_latest(lambda extra: TARGET)
+  # Nothing moved: a failure everywhere is left for a person to look at.
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert not (tmp_path / "ckpt.corrupt").exists()
+
+
+def test_restore_latest_target_mismatch_is_not_damage(tmp_path):
+  directory = tmp_path / "ckpt"
+  with Checkpointer(str(directory), async_save=False) as ckpt:
+    save_steps(ckpt, [1, 2])
+    wrong = dict(TARGET, w=jax.ShapeDtypeStruct((4, 5), jnp.float32))
+    with pytest.raises(TargetMismatchError,
+                       match=r"ckpt/2 does not match the restore target: key 'w'"):
+      ckpt.restore_latest(lambda extra: wrong)
+    with pytest.raises(ValueError, match="does not match"):  # still a ValueError for restore
+      ckpt.restore(1, target=wrong)
+    # Errors of the caller's own making propagate too, untouched.
+    with pytest.raises(KeyError, match="missing"):
+      ckpt.restore_latest(lambda extra: extra["missing"])
+    assert ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert not (tmp_path / "ckpt.corrupt").exists()

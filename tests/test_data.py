@@ -1,5 +1,6 @@
-"""Datasets: the arithmetic generator, GSM8K parsing (fixture and the real file when present),
-prompt templates, and the resumable iterator."""
+"""Datasets: the arithmetic generator and its step verifier (read back with the generator's own
+grammar), GSM8K parsing (fixture and the real file when present), prompt templates, and the
+resumable iterator."""
 
 import json
 import os
@@ -113,6 +114,52 @@ def test_arithmetic_rejects_bad_settings():
     arithmetic.generate(1, 0, flaw_p=1.5)
   with pytest.raises(ValueError, match="flawed_verbs"):
     arithmetic.generate(1, 0, config=arithmetic.ArithmeticConfig(flawed_verbs=("eats",)))
+
+
+def test_arithmetic_step_labels_hand_examples():
+  record = {"question": "Ann has 19 pens. Ann finds 4 more. Ann sells 3 boxes of 3. Ann loses 1. "
+                        "How many pens now?", "final_answer": "13"}
+  labels = lambda text, **kw: arithmetic.step_labels(text, record, **kw)
+  assert labels("19+4=23. 23-3*3=14. 14-1=13. #### 13") == [1, 1, 1, 1]
+  assert labels("19+4=24. 24-3*3=15. 15-1=14. #### 14") == [0, 1, 1, 0]  # wrong arithmetic
+  assert labels("19+4=23. 22-3*3=13. 13-1=12. #### 12") == [1, 0, 1, 0]  # wrong carry-over
+  assert labels("19+4=23. 23+3*3=32. 32-1=31. #### 31") == [1, 0, 1, 0]  # wrong sign (verb)
+  assert labels("19+4=23. 23-3*3=14. 14-2=12. #### 12") == [1, 1, 0, 0]  # wrong amount
+  assert labels("19+4=23. 23-3*3=14. 14-1=13. #### 12") == [1, 1, 1, 0]  # wrong final answer
+  assert labels("19+4=23. I think. #### 13") == [1, 0, 1]  # unparseable step
+  assert labels("19+4=23. 23-3*3=14. 14-1=13. 13+1=14. #### 14") == [1, 1, 1, 0, 0]  # extra step
+  assert labels("19+4=24. 24-3*3=15. 15-1=14. #### 13", cumulative=True) == [0, 0, 0, 0]
+  assert arithmetic.parse_question(record["question"]) == (19, [4, -9, -1])
+
+
+def test_eval_int_expr_is_a_safe_tiny_parser():
+  assert arithmetic.eval_int_expr("3+4*2") == 11
+  assert arithmetic.eval_int_expr("10-2*3") == 4
+  assert arithmetic.eval_int_expr("2*3-1") == 5
+  assert arithmetic.eval_int_expr("7") == 7
+  for bad in ("", "3+", "__import__('os')", "(1+2)", "-1", "2**3", "1/2"):
+    assert arithmetic.eval_int_expr(bad) is None, bad
+
+
+def test_one_grammar_writes_and_reads_the_questions():
+  """The reader (`parse_question`, `step_labels`) is built from the writer's phrase table: every
+  generated question parses back to its answer, and the teacher's steps are judged as written."""
+  config = arithmetic.ArithmeticConfig()
+  for seed in range(3):
+    clean = arithmetic.generate(300, seed)
+    flawed = arithmetic.generate(300, seed, flaw_p=1.0)
+    seen = set()
+    for r, f in zip(clean, flawed):
+      _, verbs = _solve(r["question"])  # this file's own reading of the question
+      seen.update(verbs)
+      start, changes = arithmetic.parse_question(r["question"])
+      assert len(changes) == len(verbs) and start + sum(changes) == int(r["final_answer"]), r
+      assert arithmetic.step_labels(r["answer"], r) == [1] * (len(verbs) + 1), r
+      # flaw_p = 1 flips every flawed verb's sign: exactly those steps and the answer are wrong.
+      want = [int(v not in config.flawed_verbs) for v in verbs] + [int(not f["has_flawed_verb"])]
+      assert arithmetic.step_labels(f["answer"], f) == want, f
+      assert want.count(0) == f["num_flawed_steps"] + int(f["has_flawed_verb"])
+    assert seen == set(arithmetic.VERBS)
 
 
 _FIXTURE = [

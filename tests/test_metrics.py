@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import metrics
+from grpo_jax import metrics, tensorboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT_TOOL = os.path.join(REPO, "tools", "plot_metrics.py")
@@ -30,32 +30,32 @@ def _reject(constant):
 
 
 def test_crc32c_check_value():
-  assert metrics.crc32c(b"123456789") == 0xE3069283
-  assert metrics.crc32c(b"") == 0
+  assert tensorboard.crc32c(b"123456789") == 0xE3069283
+  assert tensorboard.crc32c(b"") == 0
   # RFC 3720 B.4: 32 bytes of zeros.
-  assert metrics.crc32c(bytes(32)) == 0x8A9136AA
+  assert tensorboard.crc32c(bytes(32)) == 0x8A9136AA
 
 
 def test_tfrecord_framing_and_crc_detection(tmp_path):
   path = tmp_path / "records"
-  path.write_bytes(metrics.tfrecord(b"hello") + metrics.tfrecord(b""))
-  assert metrics.read_tfrecords(str(path)) == [b"hello", b""]
+  path.write_bytes(tensorboard.tfrecord(b"hello") + tensorboard.tfrecord(b""))
+  assert tensorboard.read_tfrecords(str(path)) == [b"hello", b""]
   data = bytearray(path.read_bytes())
   assert struct.unpack("<Q", data[:8])[0] == 5
   data[13] ^= 1  # flip one payload bit
   path.write_bytes(bytes(data))
   with pytest.raises(ValueError, match="payload CRC mismatch at byte 0"):
-    metrics.read_tfrecords(str(path))
+    tensorboard.read_tfrecords(str(path))
 
 
 def test_event_encoding_round_trip():
-  payload = metrics.encode_event(1.5, -3, scalars={"grpo/reward": 0.25, "a": 2.0})
-  event = metrics.decode_event(payload)
+  payload = tensorboard.encode_event(1.5, -3, scalars={"grpo/reward": 0.25, "a": 2.0})
+  event = tensorboard.decode_event(payload)
   assert event["wall_time"] == 1.5 and event["step"] == -3
   assert event["scalars"] == {"grpo/reward": 0.25, "a": 2.0}
   # Known bytes: wall_time=1.0, step=1, file_version="brain.Event:2" (as TensorFlow writes it).
   expected = b"\t\x00\x00\x00\x00\x00\x00\xf0?\x10\x01\x1a\rbrain.Event:2"
-  assert metrics.encode_event(1.0, 1, file_version="brain.Event:2") == expected
+  assert tensorboard.encode_event(1.0, 1, file_version=tensorboard.FILE_VERSION) == expected
 
 
 def test_jsonl_and_tensorboard_agree(tmp_path):
@@ -92,8 +92,9 @@ def test_jsonl_and_tensorboard_agree(tmp_path):
   assert scalars["grpo/kl"] == [(1, math.inf)]
   tb_files = os.listdir(tmp_path / "tb")
   assert len(tb_files) == 1 and "tfevents" in tb_files[0]
-  first = metrics.decode_event(metrics.read_tfrecords(str(tmp_path / "tb" / tb_files[0]))[0])
-  assert first["file_version"] == "brain.Event:2"
+  records = tensorboard.read_tfrecords(str(tmp_path / "tb" / tb_files[0]))
+  assert tensorboard.decode_event(records[0])["file_version"] == "brain.Event:2"
+  assert metrics.read_tensorboard_scalars is tensorboard.read_tensorboard_scalars  # re-export
 
 
 def test_writer_rejects_bad_figures_and_can_be_disabled(tmp_path):
@@ -196,6 +197,25 @@ def test_plot_function_single_and_comparison(tmp_path):
   _assert_png(compare)
   with pytest.raises(ValueError, match="2 labels for 1 workdirs"):
     plot.plot_workdirs([run_a], ["x", "y"], None, str(tmp_path / "x.png"))
+
+
+def test_plot_default_keys_find_pass_and_maj_at_configured_k(tmp_path):
+  """The trainer names these after config.eval.k; the default plot must not miss them."""
+  import matplotlib  # noqa: F401  (test extra: fail, never skip)
+  plot = _plot_module()
+  lines = [{"step": 0, "phase": "grpo", "time": 1.0, "eval/accuracy": 0.2,
+            "eval/pass_at_8": 0.5, "eval/maj_at_8": 0.3, "eval/pass_at_16": 0.6},
+           {"step": 1, "phase": "grpo", "time": 2.0, "reward": 0.4},
+           {"step": 2, "phase": "grpo", "time": 3.0, "eval/accuracy": 0.4,
+            "eval/pass_at_8": 0.7, "eval/maj_at_8": 0.5, "eval/pass_at_16": 0.8}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
+  rows = metrics.read_metrics(str(tmp_path))
+  assert plot.present_keys([rows]) == ["eval/accuracy", "eval/pass_at_8", "eval/pass_at_16",
+                                       "eval/maj_at_8", "reward"]
+  assert plot.resolve_keys([rows], ["eval/pass_at_*", "kl"]) == [
+      "eval/pass_at_8", "eval/pass_at_16", "kl"]
+  assert plot.resolve_keys([rows], ["eval/nothing_*"]) == []
+  _assert_png(plot.plot_workdirs([str(tmp_path)], None, None, None))
 
 
 def test_plot_cli(tmp_path):

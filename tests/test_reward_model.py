@@ -1,6 +1,7 @@
-"""Reward models: losses against NumPy, scoring positions, step boundaries and arithmetic step
-labels on hand examples, ORM/PRM training on toy tasks, exact micro-batching, 2x2x2 mesh ==
-1 device, the jitted scorer and reward-function adapter, and the replay buffer.
+"""Reward models: losses against NumPy, scoring positions, step boundaries (`rewards.steps`) on
+hand examples and against the arithmetic step labels, ORM/PRM training on toy tasks, exact
+micro-batching, 2x2x2 mesh == 1 device, the jitted scorer and reward-function adapter, and the
+replay buffer (`rewards.replay`). The arithmetic step verifier is tested in test_data.py.
 
 Toy tasks (tiny_qwen2 trained from scratch, seed 0, a few seconds on CPU): the label is whether a
 marker token occurs in the completion (ORM), or in the step so far or any earlier step (PRM,
@@ -18,7 +19,9 @@ import pytest
 from grpo_jax import models, sharding
 from grpo_jax import train_step as ts
 from grpo_jax.data import arithmetic
+from grpo_jax.rewards import replay
 from grpo_jax.rewards import reward_model as rm
+from grpo_jax.rewards import steps
 from grpo_jax.tokenizer import train_sentencepiece
 
 MODEL = models.get_config("tiny_qwen2")
@@ -80,7 +83,7 @@ def prm_toy(n, seed) -> rm.RMBatch:
       labels[i, s] = ok
     comp[i, :len(row)] = row
     cmask[i, :len(row)] = 1
-    e, m = rm.step_boundaries(row, {DELIM}, max_steps=S)
+    e, m = steps.step_boundaries(row, {DELIM}, max_steps=S)
     ends.append(e)
     masks.append(m)
   return rm.RMBatch(prompt, pmask, comp, cmask, labels=labels, step_end=np.stack(ends),
@@ -160,12 +163,12 @@ def test_scores_read_the_right_positions():
   np.testing.assert_allclose(orm_scores(params, noisy), orm, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- steps and labels
+# ----------------------------------------------------------------------------- steps
 
 
 def test_step_boundaries_hand_examples():
   d = {DELIM}
-  ends = lambda ids, **kw: rm.step_boundaries(ids, d, **kw)
+  ends = lambda ids, **kw: steps.step_boundaries(ids, d, **kw)
   np.testing.assert_array_equal(ends([5, 9, 6, 7, 9, 8])[0], [1, 4, 5])  # tail is a step
   np.testing.assert_array_equal(ends([5, 9, 6, 9])[0], [1, 3])  # ends on a delimiter
   np.testing.assert_array_equal(ends([5, 9, 6, 9, EOS], trailing_ids=[EOS])[0], [1, 4])
@@ -178,53 +181,28 @@ def test_step_boundaries_hand_examples():
   np.testing.assert_array_equal(m, [1, 1, 1])
   e, m = ends([], max_steps=2)
   np.testing.assert_array_equal(m, [0, 0])
-  e, m = rm.batch_step_boundaries(np.array([[5, 9, 6, 0], [9, 9, 0, 0]]),
-                                  np.array([[1, 1, 1, 0], [1, 1, 0, 0]]), d, max_steps=3)
+  e, m = steps.batch_step_boundaries(np.array([[5, 9, 6, 0], [9, 9, 0, 0]]),
+                                     np.array([[1, 1, 1, 0], [1, 1, 0, 0]]), d, max_steps=3)
   np.testing.assert_array_equal(e, [[1, 2, 0], [0, 1, 0]])
   np.testing.assert_array_equal(m, [[1, 1, 0], [1, 1, 0]])
-  assert rm.split_steps("1+2=3. 3-1=2. #### 2") == ["1+2=3.", " 3-1=2.", " #### 2"]
-  assert rm.split_steps("a.\nb. ") == ["a.", "\nb. "]
+  assert steps.split_steps("1+2=3. 3-1=2. #### 2") == ["1+2=3.", " 3-1=2.", " #### 2"]
+  assert steps.split_steps("a.\nb. ") == ["a.", "\nb. "]
 
 
 def test_step_boundaries_with_a_tokenizer_match_the_text_steps():
   records = arithmetic.generate(200, 0, flaw_p=0.5)
   tok = train_sentencepiece([r["question"] + " " + r["answer"] for r in records], vocab_size=120)
-  assert rm.delimiter_token_ids(tok, ".")
+  assert steps.delimiter_token_ids(tok, ".")
   for r in records[:20]:
     ids = tok.encode(r["answer"]) + [tok.eos_id]  # the EOS tail joins the "#### x" step
-    e, m = rm.step_boundaries(ids, tok, delimiter=".")
-    steps = rm.split_steps(r["answer"], ".")
-    assert int(m.sum()) == len(steps) == len(rm.arithmetic_step_labels(r["answer"], r))
+    e, m = steps.step_boundaries(ids, tok, delimiter=".")
+    texts = steps.split_steps(r["answer"], ".")
+    assert int(m.sum()) == len(texts) == len(arithmetic.step_labels(r["answer"], r))
     assert e[-1] == len(ids) - 1
     pieces = [tok.decode(ids[a + 1:b + 1]) for a, b in zip([-1, *e[:-1]], e)]
-    assert [p.strip() for p in pieces] == [s.strip() for s in steps]
+    assert [p.strip() for p in pieces] == [s.strip() for s in texts]
     # The flawed teacher's solutions are exactly the ones with a wrong step.
-    assert all(rm.arithmetic_step_labels(r["answer"], r)) == r["teacher_correct"]
-
-
-def test_arithmetic_step_labels_hand_examples():
-  record = {"question": "Ann has 19 pens. Ann finds 4 more. Ann sells 3 boxes of 3. Ann loses 1. "
-                        "How many pens now?", "final_answer": "13"}
-  labels = lambda text, **kw: rm.arithmetic_step_labels(text, record, **kw)
-  assert labels("19+4=23. 23-3*3=14. 14-1=13. #### 13") == [1, 1, 1, 1]
-  assert labels("19+4=24. 24-3*3=15. 15-1=14. #### 14") == [0, 1, 1, 0]  # wrong arithmetic
-  assert labels("19+4=23. 22-3*3=13. 13-1=12. #### 12") == [1, 0, 1, 0]  # wrong carry-over
-  assert labels("19+4=23. 23+3*3=32. 32-1=31. #### 31") == [1, 0, 1, 0]  # wrong sign (verb)
-  assert labels("19+4=23. 23-3*3=14. 14-2=12. #### 12") == [1, 1, 0, 0]  # wrong amount
-  assert labels("19+4=23. 23-3*3=14. 14-1=13. #### 12") == [1, 1, 1, 0]  # wrong final answer
-  assert labels("19+4=23. I think. #### 13") == [1, 0, 1]  # unparseable step
-  assert labels("19+4=23. 23-3*3=14. 14-1=13. 13+1=14. #### 14") == [1, 1, 1, 0, 0]  # extra step
-  assert labels("19+4=24. 24-3*3=15. 15-1=14. #### 13", cumulative=True) == [0, 0, 0, 0]
-  assert rm.parse_arithmetic_question(record["question"]) == (19, [4, -9, -1])
-
-
-def test_eval_int_expr_is_a_safe_tiny_parser():
-  assert rm.eval_int_expr("3+4*2") == 11
-  assert rm.eval_int_expr("10-2*3") == 4
-  assert rm.eval_int_expr("2*3-1") == 5
-  assert rm.eval_int_expr("7") == 7
-  for bad in ("", "3+", "__import__('os')", "(1+2)", "-1", "2**3", "1/2"):
-    assert rm.eval_int_expr(bad) is None, bad
+    assert all(arithmetic.step_labels(r["answer"], r)) == r["teacher_correct"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -350,8 +328,8 @@ def test_scorer_and_reward_fn():
   with pytest.raises(ValueError, match="prompt"):
     fn(answers, final_answer=["1"] * 11)
   # The PRM scorer on the same arrays: rewards only where a step exists, in (0, 1).
-  e, m = rm.batch_step_boundaries(direct.completion_tokens, direct.completion_mask, tok,
-                                  delimiter=".", max_steps=5)
+  e, m = steps.batch_step_boundaries(direct.completion_tokens, direct.completion_mask, tok,
+                                     delimiter=".", max_steps=5)
   prm_scorer = rm.make_rm_scorer(mesh, params_sh, model_config=config, kind="prm")
   rows = slice(0, 8)
   step_r = np.asarray(prm_scorer(params, jax.tree.map(lambda x: x[rows],
@@ -370,12 +348,12 @@ def _examples(n, start):
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25])
 def test_replay_buffer_mixes_the_configured_fraction_from_history(fraction):
-  buf = rm.ReplayBuffer()
+  buf = replay.ReplayBuffer()
   buf.add(_examples(100, 0))
   new = _examples(90, 1000)  # ids >= 1000 are new, < 100 history
   mixed, source = buf.mix(new, fraction, rng=7)
   from_history = mixed["tokens"][:, 0] < 1000
-  assert from_history.sum() == rm.num_replayed(90, fraction) == (source >= 0).sum()
+  assert from_history.sum() == replay.num_replayed(90, fraction) == (source >= 0).sum()
   np.testing.assert_allclose(from_history.mean(), fraction, atol=0.006)
   assert sorted(mixed["tokens"][~from_history, 0]) == list(range(1000, 1090))  # all new, once
   assert len(set(mixed["tokens"][from_history, 0])) == from_history.sum()  # no duplicates
@@ -387,16 +365,16 @@ def test_replay_buffer_mixes_the_configured_fraction_from_history(fraction):
   np.testing.assert_array_equal(again["tokens"], mixed["tokens"])
   assert not np.array_equal(other["tokens"], mixed["tokens"])
   # The first iteration has no history: only new rows.
-  first, src = rm.ReplayBuffer().mix(new, fraction, rng=0)
+  first, src = replay.ReplayBuffer().mix(new, fraction, rng=0)
   assert len(src) == 90 and np.all(src == -1)
 
 
 def test_replay_buffer_state_round_trip():
-  buf = rm.ReplayBuffer()
+  buf = replay.ReplayBuffer()
   buf.add(_examples(5, 0))
   buf.add(_examples(4, 50))
   state = buf.state_dict()
-  back = rm.ReplayBuffer.from_state_dict(jax.tree.map(np.array, state))
+  back = replay.ReplayBuffer.from_state_dict(jax.tree.map(np.array, state))
   assert back.columns.keys() == buf.columns.keys()
   for k in buf.columns:
     np.testing.assert_array_equal(back.columns[k], buf.columns[k])

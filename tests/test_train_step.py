@@ -24,7 +24,7 @@ from grpo_jax import losses, models, sharding
 from grpo_jax import train_step as ts
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-LOSS = ts.LossConfig(beta=0.04, loss_type="dapo", epsilon_high=0.28)
+LOSS = losses.LossConfig(beta=0.04, loss_type="dapo", epsilon_high=0.28)
 
 
 def assert_close_tree(a, b, rtol, atol, what):
@@ -67,7 +67,7 @@ def test_meshes_agree_with_one_device(shape, single_device):
 
 @pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
 def test_update_step_microbatch_invariance(loss_type):
-  loss_cfg = ts.LossConfig(beta=0.04, loss_type=loss_type, importance_sampling_level="token")
+  loss_cfg = losses.LossConfig(beta=0.04, loss_type=loss_type, importance_sampling_level="token")
   optimizer = ts.make_optimizer(mw.OPTIM)
   params = models.init_params(mw.MODEL, jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
@@ -131,7 +131,7 @@ def test_two_processes_agree_with_one_device(tmp_path):
     assert p.returncode == 0, log[-3000:]
   got = dict(np.load(out))
   want = mw.run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-                ts.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
+                losses.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
   want = mw.flat({g: want[g] for g in ("ref", "metrics", "grads", "params")})
   assert got.keys() == want.keys()
   for k in want:
@@ -146,6 +146,6 @@ def test_nonfinite_loss_skips_the_update():
   batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
   state = ts.init_train_state(params, optimizer)
   new, metrics = jax.jit(lambda s, b: ts.update_step(
-      s, b, model_config=mw.MODEL, optimizer=optimizer, loss_cfg=ts.LossConfig()))(state, batch)
+      s, b, model_config=mw.MODEL, optimizer=optimizer, loss_cfg=losses.LossConfig()))(state, batch)
   assert float(metrics["skipped"]) == 1.0 and int(new.step) == 0
   assert_close_tree(new.params, params, 0, 0, "params")

@@ -18,7 +18,7 @@ import pytest
 
 from experiments.configs import arithmetic as arithmetic_config
 from experiments.configs import gsm8k as gsm8k_config
-from grpo_jax import metrics, models, trainer
+from grpo_jax import advantages, metrics, models, rollout, settings, tasks, trainer, updates
 from grpo_jax.data import arithmetic
 from grpo_jax.tokenizer import train_sentencepiece
 
@@ -110,6 +110,26 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path, kill_after_lines
   assert got == want  # bitwise: same floats, same steps, same order
 
 
+def test_corrupted_latest_checkpoint_falls_back_and_resumes_exactly(reference_run, tmp_path):
+  """A half-copied latest checkpoint: the run says which step and path it cannot read, moves it
+  aside, resumes from the one before (keep = 2) and ends with the uninterrupted metrics."""
+  import shutil
+  workdir = tmp_path / "copied"
+  shutil.copytree(reference_run[0], workdir)
+  steps = sorted(int(n) for n in _finished_checkpoints(workdir))
+  assert len(steps) == 2, steps  # keep = 2
+  latest = workdir / "checkpoints" / str(steps[-1])
+  for path in (latest / "state").rglob("*"):
+    if path.is_file():  # truncated to half: what an interrupted copy leaves
+      data = path.read_bytes()
+      path.write_bytes(data[:len(data) // 2])
+  code, out = launch(workdir, *SMOKE)
+  assert code == 0, out[-4000:]
+  assert f"fell back to step {steps[0]}" in out and str(latest) in out
+  assert (workdir / "checkpoints.corrupt" / str(steps[-1])).is_dir()  # kept, not deleted
+  assert comparable(workdir) == comparable(reference_run[0])
+
+
 def test_data_parallel_run_in_process(tmp_path):
   """The same smoke experiment on the 8 simulated devices (mesh data=8)."""
   cfg = arithmetic_config.get_config("smoke")
@@ -167,8 +187,9 @@ def test_unknown_reward_names_it():
   cfg = arithmetic_config.get_config("smoke")
   cfg.grpo.rewards.unlock()
   cfg.grpo.rewards.nonsense = 1.0
-  with pytest.raises(trainer.ConfigError, match="unknown reward 'nonsense'"):
-    trainer.reward_functions(cfg)
+  s = settings.from_config(cfg, jax.device_count())
+  with pytest.raises(settings.ConfigError, match="unknown reward 'nonsense'"):
+    tasks.reward_functions(s.rollout, s.reward_model)
 
 
 def test_unknown_config_key_and_missing_paths(tmp_path):
@@ -186,8 +207,19 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   (d / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
   cfg = gsm8k_config.get_config("smoke")
   cfg.data.path = str(d)
-  with pytest.raises(trainer.ConfigError, match=r"train.jsonl:2"):
-    trainer.load_task(cfg)
+  with pytest.raises(settings.ConfigError, match=r"train.jsonl:2"):
+    tasks.load_task(settings.from_config(cfg, jax.device_count()))
+
+
+def _fixed_rewards(monkeypatch, fn):
+  monkeypatch.setattr(tasks, "reward_functions",
+                      lambda r, rm: tasks.Rewards((fn,), ("r",), (1.0,)))
+
+
+def _record_updates(monkeypatch, seen):
+  real = updates.update
+  monkeypatch.setattr(updates, "update", lambda exp, state, batch: (
+      seen.append(jax.device_get(batch)), real(exp, state, batch))[1])
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "rft", "online_rft"])
@@ -196,35 +228,26 @@ def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
   cfg = arithmetic_config.get_config("smoke")
   cfg.grpo.algorithm, cfg.grpo.num_prompts, cfg.grpo.steps = algorithm, 8, 2
   cfg.eval.every = 0
-  seen = []
-  real_rollout, real_teacher = trainer.Experiment.rollout, trainer.Experiment.teacher_batch
+  sampled_with, batches = [], []
+  real_collect = rollout.collect
 
-  def rollout(self, params, it_state, step, **kw):
-    out = real_rollout(self, params, it_state, step, **kw)
-    seen.append(("rollout", np.asarray(jax.tree.leaves(params)[0]), out[0]))  # before donation
-    return out
+  def collect(exp, params, *args, **kw):
+    sampled_with.append(np.asarray(jax.tree.leaves(params)[0]))  # before donation
+    return real_collect(exp, params, *args, **kw)
 
-  def teacher(self, it_state):
-    out = real_teacher(self, it_state)
-    seen.append(("teacher", None, out[0]))
-    return out
-
-  monkeypatch.setattr(trainer.Experiment, "rollout", rollout)
-  monkeypatch.setattr(trainer.Experiment, "teacher_batch", teacher)
+  monkeypatch.setattr(rollout, "collect", collect)
+  _record_updates(monkeypatch, batches)
   # Every other completion "correct", so the coefficient is not all zero and the policy moves.
-  alternate = lambda completions, **_: [float(i % 2) for i in range(len(completions))]
-  monkeypatch.setattr(trainer, "reward_functions", lambda cfg: ([alternate], [1.0], ["alt"]))
+  _fixed_rewards(monkeypatch, lambda completions, **_: [float(i % 2) for i in range(len(completions))])
   trainer.train(cfg, str(tmp_path))
-  assert len(seen) == 2
-  if algorithm == "sft":
-    assert all(kind == "teacher" for kind, _, _ in seen)
-    np.testing.assert_array_equal(seen[0][2].advantages, 1.0)
+  assert len(batches) == 2
+  if algorithm == "sft":  # teacher solutions of 32 distinct problems, coefficient 1
+    np.testing.assert_array_equal(batches[0].advantages, 1.0)
+    assert len({row.tobytes() for row in batches[0].prompt_tokens}) == 32
     return
-  assert all(kind == "rollout" for kind, _, _ in seen)
-  for _, _, batch in seen:  # gradient coefficient 1[correct]
+  for batch in batches:  # gradient coefficient 1[correct]
     np.testing.assert_array_equal(batch.advantages, np.arange(len(batch.advantages)) % 2)
-  (_, first, _), (_, second, _) = seen
-  same = bool(np.array_equal(first, second))
+  same = bool(np.array_equal(*sampled_with))
   # RFT samples from the frozen warm start; Online RFT from the live (updated) policy.
   assert same == (algorithm == "rft")
 
@@ -273,13 +296,7 @@ def test_process_supervision_uses_per_token_step_advantages(tmp_path, monkeypatc
   cfg = paradigm_grpo_process.get_config("smoke")
   cfg.grpo.num_prompts, cfg.grpo.steps, cfg.eval.every = 8, 1, 0
   seen = []
-  real = trainer.Experiment.grpo_step
-
-  def grpo_step(self, state, ref_params, batch):
-    seen.append(batch)
-    return real(self, state, ref_params, batch)
-
-  monkeypatch.setattr(trainer.Experiment, "grpo_step", grpo_step)
+  _record_updates(monkeypatch, seen)
   trainer.train(cfg, str(tmp_path))
   (batch,) = seen
   C = batch.completion_tokens.shape[1]
@@ -298,11 +315,9 @@ def test_dynamic_sampling_drops_zero_spread_groups(tmp_path, monkeypatch):
   def reward(completions, final_answer, **_):  # odd answers: spread; even answers: none
     return [float(i % 2) if int(a) % 2 else 0.0 for i, a in enumerate(final_answer)]
 
-  monkeypatch.setattr(trainer, "reward_functions", lambda cfg: ([reward], [1.0], ["r"]))
+  _fixed_rewards(monkeypatch, reward)
   seen = []
-  real = trainer.Experiment.grpo_step
-  monkeypatch.setattr(trainer.Experiment, "grpo_step",
-                      lambda self, s, r, b: (seen.append(b), real(self, s, r, b))[1])
+  _record_updates(monkeypatch, seen)
   trainer.train(cfg, str(tmp_path))
   rows = [r for r in metrics.read_metrics(tmp_path) if r.get("sample_rounds")]
   assert all(r["sample_rounds"] >= 2 for r in rows)  # some groups had to be refilled
@@ -314,19 +329,20 @@ def test_dynamic_sampling_drops_zero_spread_groups(tmp_path, monkeypatch):
 def test_stop_tokens_are_single_token_eos_ids(tmp_path):
   tok = train_sentencepiece([r["answer"] for r in arithmetic.generate(300, 0)],
                             model_prefix=str(tmp_path / "t"), vocab_size=100)
-  assert trainer.stop_token_ids(tok, "") == ()
-  assert trainer.stop_token_ids(tok, "####") == (tok.encode("####")[-1],)  # a user symbol
-  with pytest.raises(trainer.ConfigError, match="stop_tokens"):
-    trainer.stop_token_ids(tok, "not one token at all")
+  assert tasks.stop_token_ids(tok, "") == ()
+  assert tasks.stop_token_ids(tok, "####") == (tok.encode("####")[-1],)  # a user symbol
+  with pytest.raises(settings.ConfigError, match="stop_tokens"):
+    tasks.stop_token_ids(tok, "not one token at all")
 
 
 def test_reference_update_policies():
   cfg = arithmetic_config.get_config("smoke")
+  g = lambda: settings.from_config(cfg, jax.device_count()).grpo  # noqa: E731
   ref, pol = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
   cfg.grpo.loss.beta = 0.0  # no KL: the reference is never touched
-  assert trainer._update_reference(cfg, ref, pol, 4) is ref
+  assert updates.next_reference(g(), ref, pol, 4) is ref
   cfg.grpo.loss.beta, cfg.grpo.ref_reset_every = 0.04, 2
-  np.testing.assert_array_equal(trainer._update_reference(cfg, ref, pol, 3)["w"], 1.0)  # frozen
-  np.testing.assert_array_equal(trainer._update_reference(cfg, ref, pol, 4)["w"], 0.0)  # reset
+  np.testing.assert_array_equal(updates.next_reference(g(), ref, pol, 3)["w"], 1.0)  # frozen
+  np.testing.assert_array_equal(updates.next_reference(g(), ref, pol, 4)["w"], 0.0)  # reset
   cfg.grpo.ref_reset_every, cfg.grpo.ref_ema = 0, 0.25
-  np.testing.assert_allclose(trainer._update_reference(cfg, ref, pol, 3)["w"], 0.75)  # EMA
+  np.testing.assert_allclose(updates.next_reference(g(), ref, pol, 3)["w"], 0.75)  # EMA

@@ -78,7 +78,7 @@ def forward_flops(c) -> float:
 def bench_ours(args) -> dict:
   import jax
   import jax.numpy as jnp
-  from grpo_jax import advantages, models, sharding
+  from grpo_jax import advantages, losses, models, sharding
   from grpo_jax import train_step as ts
 
   config = models.get_config("bench_qwen2")
@@ -94,7 +94,7 @@ def bench_ours(args) -> dict:
                         completion_mask=np.ones((P * G, TC), np.int32), advantages=adv)
   mesh = sharding.make_mesh(-1, 1, 1)
   optimizer = ts.make_optimizer(ts.OptimConfig(learning_rate=1e-6, max_grad_norm=None))
-  loss_cfg = ts.LossConfig(beta=0.04, kl_estimator="k3", epsilon_low=0.2)
+  loss_cfg = losses.LossConfig(beta=0.04, kl_estimator="k3", epsilon_low=0.2)
   n_micro = (P * G) // args.micro_batch_size
   shapes = jax.eval_shape(lambda: params)
   state_sh = ts.state_shardings(mesh, config, optimizer, shapes)

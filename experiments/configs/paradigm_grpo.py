@@ -5,7 +5,7 @@
       --config.init_from=WARMSTART_WORKDIR --workdir=/tmp/paradigm_grpo
 
 Same data, model, warm start and step budget as the other paradigm_*.py configs; only the data
-source / gradient coefficient differ (see grpo_jax/trainer.py ALGORITHMS).
+source / gradient coefficient differ (see grpo_jax/paradigms.py).
 """
 
 from experiments.configs import arithmetic

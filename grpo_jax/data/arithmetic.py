@@ -13,16 +13,41 @@ always the true answer: rewards and evaluation use the truth, only the SFT targe
 Problems and teacher flaws come from separate random streams, so the questions for a seed do not
 depend on `flaw_p`. Everything is a deterministic function of the seed (Python's `random.Random`
 with a string seed, stable across platforms and versions).
+
+The task's grammar is written once, in `OPENING` and `PHRASES`: the generator fills the templates
+and `parse_question` matches regexes built from them, so the reader cannot drift from the writer.
+`step_labels` is the process verifier (one 0/1 label per step of a completion) that a PRM is
+trained on and `grpo.process_reward = "verifier"` uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import operator
 import random
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from grpo_jax.rewards.steps import split_steps
 
 NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal")
 ITEMS = ("pens", "cards", "eggs", "coins", "books", "shells", "stamps", "apples")
-VERBS = ("buys", "sells", "finds", "gets", "gives", "loses")
+
+# The question's grammar. A question is f"{name} {OPENING}." + one f"{name} {phrase}." per step
+# + f"How many {item} now?". A phrase with {k} changes the amount by sign * k * n, else sign * n.
+OPENING = "has {start} {item}"
+PHRASES = {  # verb -> (phrase template, sign)
+    "buys": ("buys {k} bags of {n}", +1),
+    "sells": ("sells {k} boxes of {n}", -1),
+    "finds": ("finds {n} more", +1),
+    "gets": ("gets {n} from a friend", +1),
+    "gives": ("gives away {n}", -1),
+    "loses": ("loses {n}", -1),
+}
+VERBS = tuple(PHRASES)  # the generator draws from this order: changing it changes every dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +61,11 @@ class ArithmeticConfig:
   flawed_verbs: tuple[str, ...] = ("loses", "sells")
 
 
+def _multiplied(verb: str) -> bool:
+  """Whether the verb's phrase counts k units of n ("buys k bags of n") rather than n."""
+  return "{k}" in PHRASES[verb][0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
   verb: str
@@ -44,21 +74,14 @@ class Step:
 
   @property
   def sign(self) -> int:
-    return -1 if self.verb in ("sells", "gives", "loses") else 1
+    return PHRASES[self.verb][1]
 
   def phrase(self, name: str) -> str:
-    return {
-        "buys": f"{name} buys {self.k} bags of {self.n}.",
-        "sells": f"{name} sells {self.k} boxes of {self.n}.",
-        "finds": f"{name} finds {self.n} more.",
-        "gets": f"{name} gets {self.n} from a friend.",
-        "gives": f"{name} gives away {self.n}.",
-        "loses": f"{name} loses {self.n}.",
-    }[self.verb]
+    return f"{name} {PHRASES[self.verb][0].format(k=self.k, n=self.n)}."
 
   def equation(self, amount: int, sign: int) -> tuple[str, int]:
     """`"a+k*n=b."` (or `a+n=b.`) with the given sign; returns the text and b."""
-    operand = f"{self.k}*{self.n}" if self.verb in ("buys", "sells") else f"{self.n}"
+    operand = f"{self.k}*{self.n}" if _multiplied(self.verb) else f"{self.n}"
     result = amount + sign * self.k * self.n
     return f"{amount}{'+' if sign > 0 else '-'}{operand}={result}.", result
 
@@ -68,7 +91,7 @@ def _draw_steps(rng: random.Random, start: int, config: ArithmeticConfig) -> lis
   for _ in range(rng.randint(*config.steps_range)):
     while True:  # rejection keeps every verb's distribution simple; amounts never go negative
       verb = rng.choice(VERBS)
-      if verb in ("buys", "sells"):
+      if _multiplied(verb):
         step = Step(verb, rng.randint(*config.count_range), rng.randint(*config.count_range))
       else:
         step = Step(verb, 1, rng.randint(*config.amount_range))
@@ -92,7 +115,8 @@ def _problem(rng: random.Random, teacher_rng: random.Random, config: ArithmeticC
   name, item = rng.choice(NAMES), rng.choice(ITEMS)
   start = rng.randint(*config.start_range)
   steps = _draw_steps(rng, start, config)
-  question = " ".join([f"{name} has {start} {item}."] + [s.phrase(name) for s in steps]
+  question = " ".join([f"{name} {OPENING.format(start=start, item=item)}."]
+                      + [s.phrase(name) for s in steps]
                       + [f"How many {item} now?"])
   true_signs = [s.sign for s in steps]
   _, truth = _solution(start, steps, true_signs)
@@ -159,3 +183,94 @@ def make_splits(num_train: int, num_heldout: int, seed: int, *, flaw_p: float = 
       raise ValueError(f"could only find {len(heldout)} held-out problems unseen in train; "
                        "the problem space is too small for the requested sizes")
   return train, heldout
+
+
+# ----------------------------------------------------------------------------- reading it back
+
+
+def _template_regex(template: str) -> str:
+  """A template's regex: literal text escaped, each {field} an integer group (in order)."""
+  return "".join(r"(\d+)" if re.fullmatch(r"\{\w+\}", part) else re.escape(part)
+                 for part in re.split(r"(\{\w+\})", template))
+
+
+# The opening up to the amount (whatever the item), and each verb's phrase without the name (a
+# question sentence starts with it) or the period (sentences are split on ". ").
+_START = re.compile(r"\b" + _template_regex(OPENING.split("{item}")[0]))
+_STEP_PATTERNS = tuple((re.compile(_template_regex(template)), sign)
+                       for template, sign in PHRASES.values())
+
+
+def parse_question(question: str) -> tuple[int, list[int]]:
+  """(start amount, signed change of each step) of a generated question, e.g.
+  "Ann has 19 pens. Ann finds 4 more. Ann sells 3 boxes of 3. ..." -> (19, [4, -9, ...]).
+  Sentences that are no step (the opening, the closing question) contribute nothing."""
+  start = _START.search(question)
+  if start is None:
+    raise ValueError(f"not an arithmetic-task question (no 'has N'): {question!r}")
+  changes = []
+  for sentence in question.split(". "):
+    for pattern, sign in _STEP_PATTERNS:
+      m = pattern.search(sentence)
+      if m:  # the product of the phrase's numbers: k * n, or n
+        changes.append(sign * math.prod(int(g) for g in m.groups()))
+        break
+  return int(start.group(1)), changes
+
+
+def eval_int_expr(text: str) -> int | None:
+  """Value of an integer expression with + - * (usual precedence, no parentheses, no unary
+  minus), or None if `text` is anything else. A tiny parser: never `eval` model output."""
+  toks = re.findall(r"\d+|[+\-*]|\S", text)
+  if not toks or len(toks) % 2 == 0:
+    return None
+  if not all(t.isdigit() for t in toks[0::2]) or not all(t in "+-*" for t in toks[1::2]):
+    return None
+  total, term, sign = 0, int(toks[0]), 1
+  for op, num in zip(toks[1::2], toks[2::2]):
+    if op == "*":
+      term *= int(num)
+    else:
+      total, term, sign = total + sign * term, int(num), (1 if op == "+" else -1)
+  return total + sign * term
+
+
+# A solution step as `Step.equation` writes it ("a+k*n=b." / "a-n=b."), and the "#### x" that ends
+# `_solution`; whitespace is tolerated because these read model output, not the generator's.
+_EQUATION = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+(?:\s*\*\s*\d+)?)\s*=\s*(\d+)\s*\.?\s*$")
+_ANSWER = re.compile(r"^\s*####\s*(-?\d+)\s*$")
+
+
+def step_labels(completion_text: str, record: Mapping[str, Any], *,
+                cumulative: bool = False) -> list[int]:
+  """0/1 labels of the steps of a completion, one per `split_steps(text, ".")`.
+
+  Equation step s ("a+b=c." / "a-k*n=c.") is correct iff (1) it parses, (2) its arithmetic is
+  right (c = a +- operand), (3) it starts from the previous step's *written* result (the start
+  amount for s = 0) and (4) its signed operand is the question's s-th change (the verb's sign
+  and amount: "loses 3" must be "-3", "buys 2 bags of 3" "+2*3"). The final "#### x" step is
+  correct iff x is the true answer (`record["final_answer"]`). Anything else (extra steps,
+  unparseable text) is 0. Labels are local: a step is judged given the text before it; with
+  `cumulative=True` a step is correct only if it and all earlier steps are (prefix
+  correctness, as in Math-Shepherd).
+  """
+  start, changes = parse_question(record["question"])
+  labels, prev = [], start
+  for s, step in enumerate(split_steps(completion_text, ".")):
+    answer = _ANSWER.match(step)
+    if answer:
+      labels.append(int(str(int(answer.group(1))) == str(record["final_answer"]).strip()))
+      continue
+    eq = _EQUATION.match(step)
+    if eq is None:
+      labels.append(0)
+      continue
+    a, op, operand, c = int(eq.group(1)), eq.group(2), eval_int_expr(eq.group(3)), int(eq.group(4))
+    lhs = eval_int_expr(f"{a}{op}{eq.group(3)}")
+    change = operand if op == "+" else -operand
+    ok = lhs == c and a == prev and s < len(changes) and change == changes[s]
+    labels.append(int(ok))
+    prev = c
+  if cumulative:
+    labels = list(itertools.accumulate(labels, operator.mul))
+  return [int(x) for x in labels]

@@ -13,8 +13,17 @@ epoch's permutation are skipped (they come up in other epochs' permutations).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+
+
+class Position(NamedTuple):
+  """Where an iterator stands: records already taken from epoch `epoch`'s permutation of
+  `seed`. Three ints: `position._asdict()` goes into a checkpoint's JSON, `Position(**d)` back."""
+  epoch: int
+  index: int
+  seed: int
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -22,13 +31,13 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def next_indices(state: dict, n: int, batch_size: int) -> tuple[np.ndarray, dict]:
-  """Pure step: (state) -> (indices [batch_size], next state)."""
-  epoch, index = state["epoch"], state["index"]
+def next_indices(position: Position, n: int, batch_size: int) -> tuple[np.ndarray, Position]:
+  """Pure step: (position) -> (indices [batch_size], next position)."""
+  epoch, index = position.epoch, position.index
   if index + batch_size > n:
     epoch, index = epoch + 1, 0
-  indices = epoch_permutation(state["seed"], epoch, n)[index:index + batch_size]
-  return indices, {"epoch": epoch, "index": index + batch_size, "seed": state["seed"]}
+  indices = epoch_permutation(position.seed, epoch, n)[index:index + batch_size]
+  return indices, Position(epoch, index + batch_size, position.seed)
 
 
 def collate(records: Sequence[dict]) -> dict[str, list]:
@@ -72,5 +81,7 @@ class BatchIterator:
     return self
 
   def __next__(self) -> list[dict]:
-    indices, self._state = next_indices(self._state, len(self.records), self.batch_size)
+    indices, position = next_indices(Position(**self._state), len(self.records),
+                                     self.batch_size)
+    self._state = position._asdict()
     return [self.records[i] for i in indices]

@@ -1,5 +1,5 @@
 """Learned reward models: outcome (ORM) and process (PRM) scoring heads on the decoder, their
-losses, a jitted sharded training step, a reward-function adapter, and a replay buffer.
+losses, a jitted sharded training step, and a reward-function adapter.
 
   params = {"backbone": decoder params, "head": {"w": [E], "b": []}}
   ORM:  score_B   = head(hidden at the last real token of prompt + completion)
@@ -19,18 +19,15 @@ the whole optimizer batch, so micro-batches (`losses.accumulate_gradients`) give
 full-batch gradient; `make_rm_update_fn` jits it over a Mesh (params by logical axes, rows over
 ("data", "fsdp"), state donated).
 
-Iterative GRPO (DeepSeekMath Algorithm 1) keeps the RM's training data in a `ReplayBuffer`:
-each outer iteration trains on the new policy samples plus a configured fraction replayed from
-history (10% in the paper), then adds the new samples to the history.
+Elsewhere: where a completion's steps end (`rewards.steps`), the arithmetic task's step labels
+(`data.arithmetic.step_labels`), and the replay of RM training data (`rewards.replay`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import flax
 import jax
@@ -82,7 +79,8 @@ class RMBatch:
   completion_tokens, completion_mask: [B, C] right-padded completions (mask 1 up to and
                                       including EOS).
   labels:    [B] 0/1 outcome labels (ORM), or [B, S] 0/1 step labels (PRM); None to score only.
-  step_end:  [B, S] int32 completion-token index ending each step (PRM), see `step_boundaries`.
+  step_end:  [B, S] int32 completion-token index ending each step (PRM), see
+             `rewards.steps.step_boundaries`.
   step_mask: [B, S] 1 where the step exists (PRM).
   """
   prompt_tokens: jax.Array
@@ -323,191 +321,6 @@ def rm_batch_from(batch, step_end=None, step_mask=None) -> RMBatch:
                  batch.completion_mask, step_end=step_end, step_mask=step_mask)
 
 
-# ----------------------------------------------------------------------------- step boundaries
-
-
-@functools.lru_cache(maxsize=8)
-def _delimiter_ids_cached(tokenizer, delimiter: str) -> frozenset:
-  ids = {i for i in range(tokenizer.vocab_size) if delimiter in tokenizer.decode([i])}
-  if not ids:
-    raise ValueError(f"no token of the tokenizer decodes to text containing {delimiter!r}")
-  return frozenset(ids)
-
-
-def delimiter_token_ids(tokenizer, delimiter: str = "\n") -> frozenset:
-  """Ids whose decoded piece contains `delimiter` (one pass over the vocabulary, cached per
-  tokenizer). Special tokens decode to "" and never match."""
-  return _delimiter_ids_cached(tokenizer, delimiter)
-
-
-def _as_delimiter_ids(tokenizer_or_delimiter_ids, delimiter: str) -> frozenset:
-  if hasattr(tokenizer_or_delimiter_ids, "decode"):
-    return delimiter_token_ids(tokenizer_or_delimiter_ids, delimiter)
-  return frozenset(int(i) for i in tokenizer_or_delimiter_ids)
-
-
-def step_boundaries(completion_token_ids: Sequence[int], tokenizer_or_delimiter_ids, *,
-                    delimiter: str = "\n", max_steps: int | None = None,
-                    trailing_ids: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-  """Step ends of one completion (host side, NumPy): (step_end [S] int32, step_mask [S] int32).
-
-  `completion_token_ids` are the completion's real tokens (no padding; EOS may end them). A step
-  ends at every token whose id is a delimiter id (from a tokenizer: every token whose decoded
-  piece contains `delimiter`, e.g. "." or "\\n"), and the last step ends at the final token. A
-  tail after the last delimiter made only of `trailing_ids` (e.g. EOS) is not a step of its own:
-  it extends the previous step to the final token; with a tokenizer, a tail that decodes to
-  blank text (EOS, spaces) does the same, matching `split_steps` on the decoded text. With
-  `max_steps` = S the output is padded
-  (step_end 0, mask 0) or, with more steps, the first S - 1 are kept and the last one runs to the
-  final token (so the final answer is always scored). An empty completion has no steps.
-  """
-  ids = [int(i) for i in completion_token_ids]
-  delim = _as_delimiter_ids(tokenizer_or_delimiter_ids, delimiter)
-  trailing = {int(i) for i in trailing_ids}
-  tok = tokenizer_or_delimiter_ids if hasattr(tokenizer_or_delimiter_ids, "decode") else None
-
-  def blank_tail(tail):  # the text-level rule of `split_steps` when a tokenizer is given
-    return (not tok.decode(tail).strip()) if tok is not None else all(i in trailing for i in tail)
-
-  ends = [t for t, i in enumerate(ids) if i in delim]
-  if ids:
-    last = len(ids) - 1
-    if not ends:
-      ends = [last]
-    elif ends[-1] != last:
-      if blank_tail(ids[ends[-1] + 1:]):
-        ends[-1] = last
-      else:
-        ends.append(last)
-  if max_steps is None:
-    max_steps = len(ends)
-  if max_steps < 1 and ends:
-    raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-  if len(ends) > max_steps:
-    ends = ends[:max_steps - 1] + [ends[-1]]
-  step_end = np.zeros((max_steps,), np.int32)
-  step_mask = np.zeros((max_steps,), np.int32)
-  step_end[:len(ends)] = ends
-  step_mask[:len(ends)] = 1
-  return step_end, step_mask
-
-
-def batch_step_boundaries(completion_tokens_NxC, completion_mask_NxC, tokenizer_or_delimiter_ids,
-                          *, max_steps: int, delimiter: str = "\n",
-                          trailing_ids: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-  """`step_boundaries` of every row of a right-padded batch: ([N, S], [N, S]) int32, the
-  step_end / step_mask that `prm_step_scores` and `advantages.process_advantages` take."""
-  tokens = np.asarray(completion_tokens_NxC)
-  lengths = np.asarray(completion_mask_NxC).sum(1)
-  delim = _as_delimiter_ids(tokenizer_or_delimiter_ids, delimiter)
-  source = tokenizer_or_delimiter_ids if hasattr(tokenizer_or_delimiter_ids, "decode") else delim
-  rows = [step_boundaries(tokens[n, :lengths[n]], source, delimiter=delimiter,
-                          max_steps=max_steps,
-                          trailing_ids=trailing_ids) for n in range(tokens.shape[0])]
-  return (np.stack([r[0] for r in rows]).astype(np.int32),
-          np.stack([r[1] for r in rows]).astype(np.int32))
-
-
-def split_steps(text: str, delimiter: str = ".") -> list[str]:
-  """The text-level twin of `step_boundaries`: segments ending at each delimiter, plus a
-  non-blank tail (a blank tail joins the last step). Concatenated they give `text` back."""
-  parts, start = [], 0
-  for m in re.finditer(re.escape(delimiter), text):
-    parts.append(text[start:m.end()])
-    start = m.end()
-  tail = text[start:]
-  if parts and not tail.strip():
-    parts[-1] += tail
-  elif tail:
-    parts.append(tail)
-  return parts
-
-
-# ----------------------------------------------------------------------------- arithmetic labels
-
-
-def eval_int_expr(text: str) -> int | None:
-  """Value of an integer expression with + - * (usual precedence, no parentheses, no unary
-  minus), or None if `text` is anything else. A tiny parser: never `eval`."""
-  toks = re.findall(r"\d+|[+\-*]|\S", text)
-  if not toks or len(toks) % 2 == 0:
-    return None
-  if not all(t.isdigit() for t in toks[0::2]) or not all(t in "+-*" for t in toks[1::2]):
-    return None
-  total, term, sign = 0, int(toks[0]), 1
-  for op, num in zip(toks[1::2], toks[2::2]):
-    if op == "*":
-      term *= int(num)
-    else:
-      total, term, sign = total + sign * term, int(num), (1 if op == "+" else -1)
-  return total + sign * term
-
-
-_VERB_PATTERNS = (  # (regex on a question sentence, sign, has "k of n")
-    (r"buys (\d+) bags of (\d+)", +1, True),
-    (r"sells (\d+) boxes of (\d+)", -1, True),
-    (r"finds (\d+) more", +1, False),
-    (r"gets (\d+) from a friend", +1, False),
-    (r"gives away (\d+)", -1, False),
-    (r"loses (\d+)", -1, False),
-)
-
-
-def parse_arithmetic_question(question: str) -> tuple[int, list[int]]:
-  """(start amount, signed change of each step) of a `data.arithmetic` question, e.g.
-  "Ann has 19 pens. Ann finds 4 more. Ann sells 3 boxes of 3. ..." -> (19, [4, -9, ...])."""
-  start = re.search(r"\bhas (\d+) ", question)
-  if start is None:
-    raise ValueError(f"not an arithmetic-task question (no 'has N'): {question!r}")
-  changes = []
-  for sentence in question.split(". "):
-    for pattern, sign, two in _VERB_PATTERNS:
-      m = re.search(pattern, sentence)
-      if m:
-        changes.append(sign * (int(m.group(1)) * int(m.group(2)) if two else int(m.group(1))))
-        break
-  return int(start.group(1)), changes
-
-
-_EQUATION = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+(?:\s*\*\s*\d+)?)\s*=\s*(\d+)\s*\.?\s*$")
-_ANSWER = re.compile(r"^\s*####\s*(-?\d+)\s*$")
-
-
-def arithmetic_step_labels(completion_text: str, record: Mapping[str, Any], *,
-                           cumulative: bool = False) -> list[int]:
-  """0/1 labels of the steps of an arithmetic-task completion, one per `split_steps(text, ".")`.
-
-  Equation step s ("a+b=c." / "a-k*n=c.") is correct iff (1) it parses, (2) its arithmetic is
-  right (c = a +- operand), (3) it starts from the previous step's *written* result (the start
-  amount for s = 0) and (4) its signed operand is the question's s-th change (the verb's sign
-  and amount: "loses 3" must be "-3", "buys 2 bags of 3" "+2*3"). The final "#### x" step is
-  correct iff x is the true answer (`record["final_answer"]`). Anything else (extra steps,
-  unparseable text) is 0. Labels are local: a step is judged given the text before it; with
-  `cumulative=True` a step is correct only if it and all earlier steps are (prefix
-  correctness, as in Math-Shepherd).
-  """
-  start, changes = parse_arithmetic_question(record["question"])
-  labels, prev = [], start
-  for s, step in enumerate(split_steps(completion_text, ".")):
-    answer = _ANSWER.match(step)
-    if answer:
-      labels.append(int(str(int(answer.group(1))) == str(record["final_answer"]).strip()))
-      continue
-    eq = _EQUATION.match(step)
-    if eq is None:
-      labels.append(0)
-      continue
-    a, op, operand, c = int(eq.group(1)), eq.group(2), eval_int_expr(eq.group(3)), int(eq.group(4))
-    lhs = eval_int_expr(f"{a}{op}{eq.group(3)}")
-    change = operand if op == "+" else -operand
-    ok = lhs == c and a == prev and s < len(changes) and change == changes[s]
-    labels.append(int(ok))
-    prev = c
-  if cumulative:
-    labels = list(np.cumprod(labels).astype(int)) if labels else []
-  return [int(x) for x in labels]
-
-
 # ----------------------------------------------------------------------------- reward function
 
 
@@ -563,78 +376,3 @@ def orm_reward_fn(scorer, params, tokenizer, *, prompt_column: str = "prompt",
       out.extend(np.asarray(scorer(params, _pad_rows(batch, batch_size)))[:n].tolist())
     return [float(x) for x in out]
   return fn
-
-
-# ----------------------------------------------------------------------------- replay buffer
-
-
-def _num_rows(examples: Mapping[str, np.ndarray]) -> int:
-  sizes = {k: np.shape(v)[0] for k, v in examples.items()}
-  if len(set(sizes.values())) > 1:
-    raise ValueError(f"replay examples: columns have different numbers of rows: {sizes}")
-  return next(iter(sizes.values()), 0)
-
-
-def num_replayed(num_new: int, replay_fraction: float) -> int:
-  """Rows to replay so that they are `replay_fraction` of the mixed set: round(f / (1 - f) * n)."""
-  if not 0.0 <= replay_fraction < 1.0:
-    raise ValueError(f"replay_fraction must be in [0, 1), got {replay_fraction}")
-  return int(round(replay_fraction / (1.0 - replay_fraction) * num_new))
-
-
-@dataclasses.dataclass
-class ReplayBuffer:
-  """The reward model's historical training data (DeepSeekMath Algorithm 1), as plain NumPy
-  columns with a leading row axis, e.g. the `RMBatch` fields or pair fields.
-
-  Per outer iteration: `train = buf.mix(new, replay_fraction, rng)` (new rows + rows replayed
-  from history only), train the RM on `train`, then `buf.add(new)`.
-  `state_dict()` / `from_state_dict()` round-trip exactly (checkpointing).
-  """
-  columns: dict = dataclasses.field(default_factory=dict)
-
-  def __len__(self) -> int:
-    return _num_rows(self.columns)
-
-  def add(self, examples: Mapping[str, np.ndarray]) -> None:
-    """Append rows; every call must give the same columns with the same trailing shapes."""
-    examples = {k: np.asarray(v) for k, v in examples.items()}
-    _num_rows(examples)
-    if not self.columns:
-      self.columns = {k: v.copy() for k, v in examples.items()}
-      return
-    if set(examples) != set(self.columns):
-      raise ValueError(f"replay add: columns {sorted(examples)} != buffer {sorted(self.columns)}")
-    for k, v in examples.items():
-      if v.shape[1:] != self.columns[k].shape[1:]:
-        raise ValueError(f"replay add: column {k!r} rows have shape {v.shape[1:]}, the buffer's "
-                         f"{self.columns[k].shape[1:]}")
-    self.columns = {k: np.concatenate([self.columns[k], examples[k].astype(self.columns[k].dtype)])
-                    for k in self.columns}
-
-  def mix(self, new_examples: Mapping[str, np.ndarray], replay_fraction: float,
-          rng: np.random.Generator | int) -> tuple[dict, np.ndarray]:
-    """(training set, source [N]): the new rows plus `num_replayed(len(new), replay_fraction)`
-    rows drawn from history without replacement (all of history if it is smaller), shuffled.
-    source[i] = -1 for a new row, else the history row replayed. Deterministic given the rng
-    (seed or Generator); the buffer is not modified."""
-    rng = np.random.default_rng(rng)
-    new = {k: np.asarray(v) for k, v in new_examples.items()}
-    n_new = _num_rows(new)
-    n_rep = min(num_replayed(n_new, replay_fraction), len(self))
-    picked = np.sort(rng.choice(len(self), size=n_rep, replace=False)) if n_rep else \
-        np.zeros((0,), np.int64)
-    if n_rep and set(new) != set(self.columns):
-      raise ValueError(f"replay mix: columns {sorted(new)} != buffer {sorted(self.columns)}")
-    source = np.concatenate([np.full((n_new,), -1, np.int64), picked])
-    order = rng.permutation(len(source))
-    mixed = {k: np.concatenate([new[k], self.columns[k][picked]] if n_rep else [new[k]])[order]
-             for k in new}
-    return mixed, source[order]
-
-  def state_dict(self) -> dict:
-    return {"columns": {k: v.copy() for k, v in self.columns.items()}}
-
-  @classmethod
-  def from_state_dict(cls, state: Mapping[str, Any]) -> "ReplayBuffer":
-    return cls({k: np.array(v) for k, v in state["columns"].items()})

@@ -1,0 +1,179 @@
+"""Experiment set-up: everything built once per run, from frozen settings.
+
+    exp = experiment.build(settings, workdir)
+
+mesh -> task data -> tokenizer -> model -> reward rows -> optimizers and state shardings ->
+jitted programs (update steps, log-prob pass, samplers, reward model). The result is a frozen
+`Experiment` that rollout, evaluation, updates and the loop read; none of them reads the config.
+Randomness: one base key; `exp.key(Stream.X, step)` = fold_in(fold_in(base, X), step), so a
+step's draws never depend on how many draws came before (exact resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from grpo_jax import losses, models, sampling, sharding, tasks
+from grpo_jax import train_step as ts
+from grpo_jax.rewards import reward_model as rm_lib
+from grpo_jax.settings import Decoding, Settings
+
+
+class Stream(enum.IntEnum):
+  """The named random streams (the numbers are part of every saved run's results)."""
+  INIT = 0          # random initial params
+  ROLLOUT = 1       # GRPO sampling, folded with the step and the resample round
+  EVAL_GREEDY = 2   # greedy evaluation (unused by argmax, kept for symmetry), with the batch
+  EVAL_SAMPLES = 3  # pass@k / maj@k samples, folded with the step and the batch
+  RM_BOOTSTRAP = 4  # the warm-start policy's samples that bootstrap the reward model
+  RM_INIT = 5       # the reward model's head
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted device functions, each compiled once per run (shapes are fixed)."""
+  policy_update: Callable   # (TrainState, TrainBatch) -> (TrainState, metrics); the paradigm's
+  logprobs: Callable        # (params, TrainBatch) -> [B, C]: reference / old-policy passes
+  sample_train: Callable    # (params, ids, mask, key) -> SampleOutput, G per prompt
+  sample_greedy: Callable
+  sample_eval_k: Optional[Callable]
+  sft_update: Optional[Callable]
+  rm_update: Optional[Callable]
+  rm_score: Optional[Callable]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  settings: Settings
+  workdir: str
+  mesh: Mesh
+  task: tasks.Task
+  tokenizer: Any
+  train_prompts: tasks.Prompts
+  eval_prompts: tasks.Prompts
+  teacher: Optional[tuple[tasks.Prompts, tasks.Targets]]  # SFT warm start / "sft" paradigm
+  model_config: models.ModelConfig
+  host_params: Any  # loaded checkpoint params, or None for a random init
+  rewards: tasks.Rewards
+  eos_ids: tuple[int, ...]
+  optimizers: dict[str, optax.GradientTransformation]  # "sft", "grpo", "rm"
+  state_sh: dict[str, ts.TrainState]                     # shardings, same keys
+  programs: Programs
+  base_key: jax.Array
+
+  def key(self, stream: Stream, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(self.base_key, int(stream)), step)
+
+  def shard(self, *arrays):
+    return sharding.shard_batch(arrays, self.mesh)
+
+  def num_params(self) -> int:
+    shapes = jax.eval_shape(functools.partial(models.init_params, self.model_config),
+                            self.base_key)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def build(s: Settings, workdir: str) -> Experiment:
+  mesh = sharding.make_mesh(*s.mesh)
+  task = tasks.load_task(s)
+  tokenizer = tasks.build_tokenizer(s, workdir, task)
+  encode = functools.partial(tasks.encode_prompts, tokenizer, task, r=s.rollout)
+  teacher = None
+  if s.sft_steps or s.rollout.paradigm.data == "teacher":
+    teacher = (encode(task.sft), tasks.encode_targets(tokenizer, task.sft,
+                                                      s.rollout.max_completion_length + 1))
+  model_config, host_params = tasks.build_model(s, tokenizer)
+  eos_ids = (tokenizer.eos_id,) + tasks.stop_token_ids(tokenizer, s.rollout.stop_tokens)
+  base_key = jax.random.key(s.seed)
+  optimizers = {"sft": ts.make_optimizer(s.sft.optim), "grpo": ts.make_optimizer(s.grpo.optim)}
+  params_shapes = jax.eval_shape(functools.partial(models.init_params, model_config), base_key)
+  state_sh = {k: ts.state_shardings(mesh, model_config, opt, params_shapes)
+              for k, opt in optimizers.items()}
+  if s.reward_model.enabled:
+    optimizers["rm"] = ts.make_optimizer(s.reward_model.optim)
+    rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(model_config, r), base_key)
+    state_sh["rm"] = rm_lib.rm_state_shardings(mesh, model_config, optimizers["rm"], rm_shapes)
+  programs = _programs(s, mesh, model_config, optimizers, state_sh, eos_ids, tokenizer.pad_id)
+  return Experiment(
+      settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
+      train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
+      model_config=model_config, host_params=host_params,
+      rewards=tasks.reward_functions(s.rollout, s.reward_model), eos_ids=eos_ids,
+      optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key)
+
+
+def _programs(s: Settings, mesh, model_config, optimizers, state_sh, eos_ids, pad_id) -> Programs:
+  r, g = s.rollout, s.grpo
+  # The paradigm's objective: the GRPO loss, or the per-sequence NLL weighted by the gradient
+  # coefficient (DeepSeekMath eq. 5) for SFT / RFT / Online RFT.
+  loss_cfg = g.loss if r.paradigm.objective == "grpo" else losses.LossConfig(
+      objective="sft", loss_type="grpo", temperature=g.loss.temperature)
+  policy_update = ts.make_update_fn(mesh, state_sh["grpo"], model_config=model_config,
+                                    optimizer=optimizers["grpo"], loss_cfg=loss_cfg,
+                                    num_microbatches=g.num_microbatches)
+  logprobs = ts.make_logprob_fn(mesh, state_sh["grpo"].params, model_config=model_config,
+                                temperature=g.loss.temperature,
+                                num_microbatches=g.num_microbatches)
+  sft_update = None
+  if s.sft_steps:
+    sft_update = ts.make_update_fn(
+        mesh, state_sh["sft"], model_config=model_config, optimizer=optimizers["sft"],
+        loss_cfg=losses.LossConfig(objective="sft", loss_type="dapo"),
+        num_microbatches=s.sft.num_microbatches)
+
+  def sampler(d: Decoding, num_samples: int):
+    settings = sampling.SamplingSettings(
+        num_samples=num_samples, max_new_tokens=r.max_completion_length + 1,
+        temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
+        eos_ids=eos_ids, pad_id=pad_id)
+    return sampling.make_sampler(model_config, settings, mesh)
+
+  e = s.eval
+  rm_update = rm_score = None
+  if s.reward_model.enabled:
+    kind = s.reward_model.kind
+    rm_update = rm_lib.make_rm_update_fn(mesh, state_sh["rm"], model_config=model_config,
+                                         optimizer=optimizers["rm"], kind=kind)
+    rm_score = rm_lib.make_rm_scorer(mesh, state_sh["rm"].params, model_config=model_config,
+                                     kind=kind)
+  return Programs(
+      policy_update=policy_update, logprobs=logprobs,
+      sample_train=sampler(r.decoding, r.num_samples),
+      sample_greedy=sampler(Decoding(0.0), 1),
+      sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
+      sft_update=sft_update, rm_update=rm_update, rm_score=rm_score)
+
+
+def init_state(exp: Experiment, phase: str, params=None) -> ts.TrainState:
+  """A fresh TrainState of `phase` ("sft" | "grpo") built in its shards: from `params`, else
+  the loaded checkpoint, else a random init from Stream.INIT."""
+  optimizer, sh = exp.optimizers[phase], exp.state_sh[phase]
+  if params is None and exp.host_params is None:
+    init = lambda r: ts.init_train_state(models.init_params(exp.model_config, r), optimizer)  # noqa: E731
+    return jax.jit(init, out_shardings=sh)(exp.key(Stream.INIT, 0))
+  if params is None:
+    params = jax.device_put(exp.host_params, sh.params)
+  return jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer),
+                 out_shardings=sh)(params)
+
+
+def abstract_state(exp: Experiment, phase: str) -> ts.TrainState:
+  """Shapes, dtypes and shardings of `phase`'s TrainState: a restore target."""
+  shapes = jax.eval_shape(lambda: init_state(exp, phase))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      shapes, exp.state_sh[phase])
+
+
+def abstract_rm_state(exp: Experiment) -> ts.TrainState:
+  shapes = jax.eval_shape(lambda: ts.init_train_state(
+      rm_lib.init_reward_model(exp.model_config, exp.base_key), exp.optimizers["rm"]))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      shapes, exp.state_sh["rm"])

@@ -1,0 +1,324 @@
+"""The experiment config, read once into frozen settings; every check of it lives here.
+
+    settings = settings.from_config(cfg, jax.device_count())   # ConfigError names the field
+
+`from_config` is the only place that reads the `ml_collections.ConfigDict` (big_vision style
+config files in experiments/configs/). Everything downstream (set-up, rollout, evaluation,
+updates, the loop) takes these dataclasses, so a default lives in one place, the config file,
+and a bad value fails before anything compiles, naming `config.<field>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import ml_collections
+
+from grpo_jax import losses, paradigms, sharding
+from grpo_jax.train_step import OptimConfig
+
+
+class ConfigError(ValueError):
+  """A bad experiment config or input path, reported before anything compiles."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How completions are drawn: temperature 0 = greedy; 0 / None switches a filter off."""
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  min_p: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  task: str
+  seed: int
+  num_train: int
+  num_eval: int
+  flaw_p: float
+  path: str
+  chat_template: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  preset: str
+  hf_checkpoint: str
+  dtype: str
+  overrides: tuple[tuple[str, Any], ...]  # ModelConfig fields over the preset's
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSettings:
+  steps: int
+  batch_size: int
+  num_microbatches: int
+  optim: OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """One rollout: P prompts x G completions, scored, turned into advantages (paradigm)."""
+  paradigm: paradigms.Paradigm
+  num_prompts: int
+  num_samples: int
+  max_prompt_length: int
+  max_completion_length: int  # the sampler's budget is this + 1 (room for the EOS)
+  prompt_truncation: str
+  decoding: Decoding
+  stop_tokens: str
+  rewards: tuple[tuple[str, float], ...]  # (name, weight), weight > 0: the rule rewards on
+  overlong_cache_length: int
+  advantage_scale: str
+  mask_truncated_completions: bool
+  dynamic_sampling: bool
+  max_resample_rounds: int
+  process_reward: str  # "verifier" | "prm": where process supervision's step rewards come from
+  max_steps: int
+  step_delimiter: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+  steps: int
+  num_iterations: int  # mu: updates per rollout
+  num_microbatches: int
+  ref_reset_every: int
+  ref_ema: float
+  loss: losses.LossConfig
+  optim: OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  every: int
+  num_problems: int
+  batch_size: int
+  k: int
+  pass_k_problems: int
+  decoding: Decoding
+  log_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelSettings:
+  enabled: bool
+  kind: str  # "orm": its probability is a reward row; "prm": step rewards
+  weight: float
+  iteration_steps: int
+  bootstrap_rollouts: int
+  train_steps: int
+  batch_size: int
+  replay_fraction: float
+  optim: OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  seed: int
+  init_from: str
+  log_every: int
+  max_nonfinite_streak: int
+  data: DataSettings
+  tokenizer_path: str
+  tokenizer_vocab_size: int
+  model: ModelSettings
+  mesh: tuple[int, int, int]  # (data, fsdp, tensor) as configured (-1: the rest)
+  sft: SFTSettings
+  rollout: RolloutSettings
+  grpo: GRPOSettings
+  eval: EvalSettings
+  reward_model: RewardModelSettings
+  checkpoint_every: int
+  checkpoint_keep: int
+
+  @property
+  def sft_steps(self) -> int:
+    """SFT warm-start steps actually run (none when GRPO starts from another run)."""
+    return 0 if self.init_from else self.sft.steps
+
+  @property
+  def use_reference(self) -> bool:
+    """Whether the run keeps a second copy of the params: the KL reference, which also holds
+    RFT's frozen sampling policy (the warm start)."""
+    return self.grpo.loss.beta != 0.0 or self.rollout.paradigm.data == "frozen_policy"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Fields:
+  """Read access to a ConfigDict node whose missing field is a ConfigError naming its path."""
+
+  def __init__(self, node, path: str):
+    self._node, self._path = node, path
+
+  def __getattr__(self, name: str):
+    try:
+      value = self._node[name]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f"config.{self._path}{name} is missing (start a config file from "
+                        "experiments/configs/arithmetic.py)") from None
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      return _Fields(value, f"{self._path}{name}.")
+    return value
+
+  def to_dict(self) -> dict:
+    node = self._node
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node or {})
+
+
+def _optim(node: _Fields, path: str) -> OptimConfig:
+  fields = node.to_dict()
+  known = {f.name for f in dataclasses.fields(OptimConfig)}
+  if set(fields) - known:
+    raise ConfigError(f"config.{path}: unknown fields {sorted(set(fields) - known)}; known: "
+                      f"{sorted(known)}")
+  return OptimConfig(**fields)
+
+
+def _decoding(node: _Fields) -> Decoding:
+  return Decoding(float(node.temperature), node.top_k or None, node.top_p or None,
+                  node.min_p or None)
+
+
+def _microbatches(rows: int, micro_batch_size: int, dp: int, path: str) -> int:
+  mbs = micro_batch_size or rows
+  if rows % mbs or mbs % dp:
+    raise ConfigError(f"config.{path} = {mbs} must divide the {rows} rows and be divisible by "
+                      f"the data-parallel size {dp}")
+  return rows // mbs
+
+
+def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
+  """The frozen settings of `cfg`; ConfigError naming the field on anything that cannot work."""
+  c = _Fields(cfg, "")
+  try:
+    mesh_shape = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  dp = mesh_shape[0] * mesh_shape[1]
+  g = c.grpo
+  P, G = g.num_prompts, g.num_samples
+  rollout = RolloutSettings(
+      paradigm=_paradigm(g.algorithm, g.supervision), num_prompts=P, num_samples=G,
+      max_prompt_length=g.max_prompt_length, max_completion_length=g.max_completion_length,
+      prompt_truncation=g.prompt_truncation, decoding=_decoding(g), stop_tokens=g.stop_tokens,
+      rewards=tuple((k, float(w)) for k, w in g.rewards.to_dict().items()),
+      overlong_cache_length=g.overlong_cache_length, advantage_scale=g.advantage_scale,
+      mask_truncated_completions=bool(g.mask_truncated_completions),
+      dynamic_sampling=bool(g.dynamic_sampling), max_resample_rounds=g.max_resample_rounds,
+      process_reward=g.process_reward, max_steps=g.max_steps, step_delimiter=g.step_delimiter)
+  try:
+    loss = losses.LossConfig(temperature=float(g.temperature),
+                             max_completion_length=g.max_completion_length + 1,
+                             **g.loss.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.grpo.loss: {e}") from None
+  grpo = GRPOSettings(
+      steps=g.steps, num_iterations=g.num_iterations,
+      num_microbatches=_microbatches(P * G, g.micro_batch_size, dp, "grpo.micro_batch_size"),
+      ref_reset_every=g.ref_reset_every, ref_ema=float(g.ref_ema), loss=loss,
+      optim=_optim(g.optim, "grpo.optim"))
+  s = c.sft
+  sft = SFTSettings(steps=s.steps, batch_size=s.batch_size,
+                    num_microbatches=(_microbatches(s.batch_size, s.micro_batch_size, dp,
+                                                    "sft.micro_batch_size") if s.steps else 1),
+                    optim=_optim(s.optim, "sft.optim"))
+  e = c.eval
+  ev = EvalSettings(every=e.every, num_problems=e.num_problems, batch_size=e.batch_size, k=e.k,
+                    pass_k_problems=e.pass_k_problems, decoding=_decoding(e),
+                    log_samples=e.log_samples)
+  r = c.reward_model
+  rm = RewardModelSettings(
+      enabled=bool(r.enabled), kind=r.kind, weight=float(r.weight),
+      iteration_steps=r.iteration_steps, bootstrap_rollouts=r.bootstrap_rollouts,
+      train_steps=r.train_steps, batch_size=r.batch_size,
+      replay_fraction=float(r.replay_fraction), optim=_optim(r.optim, "reward_model.optim"))
+  d, m = c.data, c.model
+  out = Settings(
+      seed=c.seed, init_from=c.init_from, log_every=c.log_every,
+      max_nonfinite_streak=c.max_nonfinite_streak,
+      data=DataSettings(d.task, d.seed, d.num_train, d.num_eval, d.flaw_p, d.path,
+                        d.chat_template),
+      tokenizer_path=c.tokenizer.path, tokenizer_vocab_size=c.tokenizer.vocab_size,
+      model=ModelSettings(m.preset, m.hf_checkpoint, m.dtype,
+                          tuple(sorted(m.overrides.to_dict().items()))),
+      mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), sft=sft, rollout=rollout, grpo=grpo,
+      eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
+      checkpoint_keep=c.checkpoint.keep)
+  check(out, dp)
+  return out
+
+
+def _paradigm(algorithm: str, supervision: str) -> paradigms.Paradigm:
+  try:
+    return paradigms.lookup(algorithm, supervision)
+  except ValueError as e:
+    raise ConfigError(f"config.grpo.algorithm / config.grpo.supervision: {e}") from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check(s: Settings, dp: int) -> None:
+  """Sizes and combinations that cannot work, each naming its field."""
+  r, g = s.rollout, s.grpo
+  if r.num_samples < 2:
+    raise ConfigError(f"config.grpo.num_samples = {r.num_samples}: GRPO needs G >= 2 samples per "
+                      "prompt (the group baseline and std)")
+  for name, value, low in (("steps", g.steps, 0), ("num_prompts", r.num_prompts, 1),
+                           ("max_prompt_length", r.max_prompt_length, 1),
+                           ("max_completion_length", r.max_completion_length, 1),
+                           ("num_iterations", g.num_iterations, 1)):
+    if value < low:
+      raise ConfigError(f"config.grpo.{name} = {value} must be positive")
+  if s.sft.steps < 0:
+    raise ConfigError(f"config.sft.steps = {s.sft.steps} must be >= 0")
+  if r.num_prompts % dp:
+    raise ConfigError(f"config.grpo.num_prompts = {r.num_prompts} is not divisible by the "
+                      f"data-parallel size data * fsdp = {dp} (prompts are sharded over it)")
+  if s.eval.batch_size % dp:
+    raise ConfigError(f"config.eval.batch_size = {s.eval.batch_size} is not divisible by the "
+                      f"data-parallel size {dp}")
+  if s.sft.steps and s.sft.batch_size % dp:
+    raise ConfigError(f"config.sft.batch_size = {s.sft.batch_size} is not divisible by the "
+                      f"data-parallel size {dp}")
+  if r.advantage_scale not in ("group", "batch", "none"):
+    raise ConfigError(f"config.grpo.advantage_scale = {r.advantage_scale!r}: expected group, "
+                      "batch or none")
+  if s.eval.every < 0 or s.checkpoint_every < 0:
+    raise ConfigError("config.eval.every and config.checkpoint.every must be >= 0")
+  if s.checkpoint_keep < 2:
+    raise ConfigError(f"config.checkpoint.keep = {s.checkpoint_keep}: keep >= 2, so that a "
+                      "corrupted latest checkpoint can fall back to the one before")
+  if r.prompt_truncation not in ("left", "error"):
+    raise ConfigError(f"config.grpo.prompt_truncation = {r.prompt_truncation!r}: 'left' or "
+                      "'error'")
+  if r.process_reward not in ("verifier", "prm"):
+    raise ConfigError(f"config.grpo.process_reward = {r.process_reward!r}: 'verifier' or 'prm'")
+  if r.paradigm.data == "frozen_policy" and (g.ref_reset_every or g.ref_ema):
+    raise ConfigError(
+        f"config.grpo.algorithm = 'rft' samples from the frozen warm start, kept in the "
+        f"reference slot; config.grpo.ref_reset_every = {g.ref_reset_every} and "
+        f"config.grpo.ref_ema = {g.ref_ema} would move it: set both to 0 for RFT")
+  rm = s.reward_model
+  if rm.enabled and rm.kind not in ("orm", "prm"):
+    raise ConfigError(f"config.reward_model.kind = {rm.kind!r}: 'orm' or 'prm' in the trainer")
+  if r.process_reward == "prm" and r.paradigm.coefficient == "process" and not (
+      rm.enabled and rm.kind == "prm"):
+    raise ConfigError("config.grpo.process_reward = 'prm' needs config.reward_model.enabled = "
+                      "True with kind = 'prm'")
+  steps_needed = r.paradigm.coefficient == "process" or (rm.enabled and rm.kind == "prm")
+  if steps_needed and s.data.task != "arithmetic":
+    raise ConfigError(f"process supervision / a PRM needs step labels, which only the arithmetic "
+                      f"task's verifier gives; config.data.task = {s.data.task!r}")
+  if rm.enabled and rm.batch_size % dp:
+    raise ConfigError(f"config.reward_model.batch_size = {rm.batch_size} is not divisible by the "
+                      f"data-parallel size {dp}")
+  if not 0.0 <= rm.replay_fraction < 1.0:
+    raise ConfigError(f"config.reward_model.replay_fraction = {rm.replay_fraction} must be in "
+                      "[0, 1)")
