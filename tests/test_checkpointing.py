@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grpo_jax import checkpointing
+from grpo_jax.checkpoint_trees import is_prng_key
 from grpo_jax.checkpointing import Checkpointer, CheckpointError, TargetMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,8 @@ def assert_bit_equal(a, b):
     if isinstance(x, int) or isinstance(y, int):
       assert type(x) is type(y) and x == y
       continue
-    if checkpointing.is_prng_key(x):
-      assert checkpointing.is_prng_key(y) and jax.random.key_impl(x) == jax.random.key_impl(y)
+    if is_prng_key(x):
+      assert is_prng_key(y) and jax.random.key_impl(x) == jax.random.key_impl(y)
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     assert x.dtype == y.dtype and x.shape == y.shape
     np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
@@ -92,7 +92,7 @@ def test_restore_without_target_rebuilds_keys(tmp_path):
   target = {"rng": jax.eval_shape(lambda: state["rng"]), "x": jnp.zeros(3),
             "legacy": jax.eval_shape(lambda: jax.random.key(0))}
   typed, _ = ckpt.restore(target=target)
-  assert checkpointing.is_prng_key(typed["legacy"]) and checkpointing.is_prng_key(typed["rng"])
+  assert is_prng_key(typed["legacy"]) and is_prng_key(typed["rng"])
   np.testing.assert_array_equal(jax.random.normal(typed["legacy"], (2,)),
                                 jax.random.normal(jax.random.PRNGKey(4), (2,)))
   ckpt.close()
@@ -123,7 +123,7 @@ def test_restore_into_sharded_target(tmp_path):
   def with_sharding(x):
     if isinstance(x, int):
       return x
-    if checkpointing.is_prng_key(x) or not x.shape:
+    if is_prng_key(x) or not x.shape:
       spec = P()
     else:
       spec = P("fsdp", None) if len(x.shape) == 2 else P("data")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import models
-from grpo_jax.models import transformer
+from grpo_jax.models import attention
 
 FAMILIES = ["tiny_qwen2", "tiny_qwen3", "tiny_llama", "tiny_gemma3"]
 
@@ -170,8 +170,8 @@ def test_bfloat16_close_to_float32():
 
 def test_llama3_rope_scaling_changes_low_frequencies_only():
   config = models.get_config("tiny_llama", rope_original_max_position=8192)
-  scaled = transformer.rope_inv_freq(config, sliding=False)
-  plain = transformer.rope_inv_freq(config.replace(rope_scaling_type=None), sliding=False)
+  scaled = attention.rope_inv_freq(config, sliding=False)
+  plain = attention.rope_inv_freq(config.replace(rope_scaling_type=None), sliding=False)
   assert scaled[0] == plain[0]  # highest frequency kept
   np.testing.assert_allclose(scaled[-1], plain[-1] / config.rope_scaling_factor, rtol=1e-6)
 

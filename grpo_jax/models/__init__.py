@@ -1,14 +1,11 @@
 """Decoder models (Qwen2/2.5, Qwen3, Llama 3.x, Gemma 3 text) and Hugging Face checkpoints."""
 
+from grpo_jax.models.attention import KVCache, attend, attention_logits, init_cache
 from grpo_jax.models.config import ModelConfig, PRESETS, get_config
 from grpo_jax.models.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from grpo_jax.models.transformer import (
-    KVCache,
-    attend,
-    attention_logits,
     compute_logits,
     forward,
-    init_cache,
     init_params,
     param_logical_axes,
     unembed,

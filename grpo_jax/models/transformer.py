@@ -33,17 +33,8 @@ that share KV head k (HF query head h = k * G + g), `qkv[:, k, G]` is key head k
 "qkv", "gate_up" and "norm" are small axes meant to stay replicated; a sharding module maps
 "vocab", "embed", "heads", "kv_heads", "head_dim" and "mlp" onto mesh axes.
 
-Attention masking: key j is visible to query i iff key j is a real token (mask 1), j <= i in
-slot order (causal), and, in Gemma 3 sliding layers, i - j < sliding_window (slot distance, as in
-transformers). RoPE uses the given per-row `positions`, so right-padded (training) and
-left-padded (sampling) batches both work. Pad queries produce finite garbage; mask them out.
-
-KV cache (`KVCache`): pre-allocated, fixed shape, one array per layer (a stacked [L, ...] cache
-was 2x slower to decode), keys stored transposed [B, K, D, S] (Q.K^T 5x faster per decode step
-on CPU), values [B, K, S, D], a validity mask [B, S] and one scalar write index shared by all
-rows (left-padded prompts align the rows). A forward with a cache writes its T tokens at slots
-[index, index + T) and advances the index; the caller keeps index + T <= S (out-of-range writes
-would be clamped by `lax.dynamic_update_slice`).
+Attention masking, RoPE and the KV cache layout (`KVCache`, `init_cache`) are described in
+`grpo_jax.models.attention`, which holds them and the attention core.
 """
 
 from __future__ import annotations
@@ -56,199 +47,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from grpo_jax.models.attention import (
+    KVCache, apply_rope, attend, attend_with_prefix, attention_masks, prefix_masks, rope_angles)
 from grpo_jax.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays, structure described in the module docstring
-_MASKED = -1e30  # finite: a row with no visible key gets uniform weights instead of NaN
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Decoding state of every layer. Fields are pytree leaves; the tuples have one array per layer."""
-
-  k_BxKxDxS: tuple[jax.Array, ...]
-  v_BxKxSxD: tuple[jax.Array, ...]
-  valid_BxS: jax.Array  # bool: slot holds a real token
-  index: jax.Array  # int32 scalar: next slot to write
-
-  @property
-  def max_len(self) -> int:
-    return self.valid_BxS.shape[1]
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache of `max_len` slots per row; `dtype` defaults to the activation dtype."""
-  dtype = jnp.dtype(dtype or config.dtype)
-  B, K, D, S = batch_size, config.num_kv_heads, config.head_dim, max_len
-  return KVCache(
-      k_BxKxDxS=tuple(jnp.zeros((B, K, D, S), dtype) for _ in range(config.num_layers)),
-      v_BxKxSxD=tuple(jnp.zeros((B, K, S, D), dtype) for _ in range(config.num_layers)),
-      valid_BxS=jnp.zeros((B, S), jnp.bool_),
-      index=jnp.zeros((), jnp.int32))
-
-
-# ----------------------------------------------------------------------------- RoPE
-
-
-def rope_inv_freq(config: ModelConfig, sliding: bool) -> np.ndarray:
-  """Inverse frequencies [D/2] (float32, a trace-time constant), with Llama 3.1 / linear scaling.
-
-  Sliding (Gemma 3 local) layers use `rope_local_theta` and no scaling; others `rope_theta`.
-  Float32 arithmetic as in transformers, so positions up to the context length match exactly.
-  """
-  D = config.head_dim
-  theta = np.float32(config.rope_local_theta if sliding else config.rope_theta)
-  inv_freq = (1.0 / theta ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
-  inv_freq = inv_freq.astype(np.float32)
-  if sliding or config.rope_scaling_type is None:
-    return inv_freq
-  factor = np.float32(config.rope_scaling_factor)
-  if config.rope_scaling_type == "linear":
-    return (inv_freq / factor).astype(np.float32)
-  # "llama3": keep high frequencies, divide low ones by `factor`, interpolate in between.
-  old_len = np.float32(config.rope_original_max_position)
-  low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
-  wavelen = np.float32(2 * math.pi) / inv_freq
-  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-  return np.where(is_medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_angles(config: ModelConfig, positions_BxT, sliding: bool):
-  """(cos, sin), each [B, T, D/2] float32, of the rotation at each token's position."""
-  inv_freq = jnp.asarray(rope_inv_freq(config, sliding))
-  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
-
-
-def apply_rope(x_BxTx___xD, cos_sin):
-  """Rotates the halves (x1, x2) of the last axis (transformers' `rotate_half` convention)."""
-  cos, sin = cos_sin
-  extra = x_BxTx___xD.ndim - 3  # head axes between T and D
-  cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
-  sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
-  x = x_BxTx___xD.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTx___xD.dtype)
-
-
-# ----------------------------------------------------------------------------- attention core
-
-
-def attention_logits(q_BxTxKxGxD, k_BxKxDxS, *, scale: float, softcap: float | None):
-  """Scaled (and optionally soft-capped) scores [B, K, G, T, S], float32.
-
-  Written as a batched matmul over [B, K] of [G*T, D] @ [D, S]: an einsum with T and G in the
-  output made XLA CPU pick a layout 3-8x slower per decode step.
-  """
-  B, T, K, G, D = q_BxTxKxGxD.shape
-  q_BxKxGTxD = q_BxTxKxGxD.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-  s = jnp.matmul(q_BxKxGTxD, k_BxKxDxS, preferred_element_type=jnp.float32) * scale
-  if softcap:
-    s = jnp.tanh(s / softcap) * softcap
-  return s.reshape(B, K, G, T, -1)
-
-
-def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, *, scale: float,
-           softcap: float | None = None):
-  """Grouped-query attention of T queries over S keys -> [B, T, K, G, D] in v's dtype.
-
-  Kept separate from the layer so that a sampler can attend over a prompt prefix shared by a
-  group plus a per-row cache (compute `attention_logits` on both, concatenate along S).
-  """
-  B, T, K, G, D = q_BxTxKxGxD.shape
-  s_BxKxGxTxS = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
-  s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _MASKED)
-  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxSxD.dtype)
-  out_BxKxGTxD = jnp.matmul(p_BxKxGxTxS.reshape(B, K, G * T, -1), v_BxKxSxD)
-  return out_BxKxGTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
-
-
-def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR, pv_PxKxRxD,
-                       pmask_PxTxR, *, scale: float, softcap: float | None = None):
-  """`attend` over a prefix shared by groups of rows plus each row's own keys -> [B, T, K, G, D].
-
-  Rows are prefix-major: rows p*N .. p*N+N-1 (N = B / P) share prefix p (a GRPO group shares
-  its prompt's KV, kept once instead of N times). The softmax runs over the concatenation of
-  the two key sets, computed in two parts with shared row statistics so that the prefix scores
-  stay in the layout of their [P, K, N*G*T, D] x [D, R] matmul (only [B, K, G, T] stats move).
-  """
-  B, T, K, G, D = q_BxTxKxGxD.shape
-  P = pk_PxKxDxR.shape[0]
-  N = B // P
-  # Own keys: [B, K, G, T, S].
-  s_own = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
-  s_own = jnp.where(mask_BxTxS[:, None, None], s_own, _MASKED)
-  # Prefix keys: queries of a group stacked along the matmul rows, [P, K, N*G*T, R].
-  q_PxKxNGTxD = q_BxTxKxGxD.reshape(P, N, T, K, G, D).transpose(0, 3, 1, 4, 2, 5).reshape(
-      P, K, N * G * T, D)
-  s_pre = jnp.matmul(q_PxKxNGTxD, pk_PxKxDxR, preferred_element_type=jnp.float32) * scale
-  if softcap:
-    s_pre = jnp.tanh(s_pre / softcap) * softcap
-  R = pk_PxKxDxR.shape[-1]
-  pmask = jnp.broadcast_to(pmask_PxTxR[:, None, None, None], (P, 1, N, G, T, R))
-  s_pre = jnp.where(pmask.reshape(P, 1, N * G * T, R), s_pre, _MASKED)
-
-  def to_rows(x_PxKxNGT):  # [P, K, N*G*T] -> [B, K, G, T]
-    return x_PxKxNGT.reshape(P, K, N, G, T).transpose(0, 2, 1, 3, 4).reshape(B, K, G, T)
-
-  def to_prefix(x_BxKxGxT):  # inverse of to_rows
-    return x_BxKxGxT.reshape(P, N, K, G, T).transpose(0, 2, 1, 3, 4).reshape(P, K, N * G * T)
-
-  m_BxKxGxT = jnp.maximum(to_rows(jnp.max(s_pre, axis=-1)), jnp.max(s_own, axis=-1))
-  e_own = jnp.exp(s_own - m_BxKxGxT[..., None])
-  e_pre = jnp.exp(s_pre - to_prefix(m_BxKxGxT)[..., None])
-  l_BxKxGxT = jnp.sum(e_own, axis=-1) + to_rows(jnp.sum(e_pre, axis=-1))
-  dtype = v_BxKxSxD.dtype
-  out_own = jnp.matmul(e_own.astype(dtype).reshape(B, K, G * T, -1), v_BxKxSxD,
-                       preferred_element_type=jnp.float32).reshape(B, K, G, T, D)
-  out_pre = jnp.matmul(e_pre.astype(dtype), pv_PxKxRxD, preferred_element_type=jnp.float32)
-  out_pre = out_pre.reshape(P, K, N, G, T, D).transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, D)
-  out_BxKxGxTxD = (out_own + out_pre) / l_BxKxGxT[..., None]
-  return out_BxKxGxTxD.astype(dtype).transpose(0, 3, 1, 2, 4)
-
-
-def prefix_masks(config: ModelConfig, prefix: KVCache, num_new: int, cache: KVCache | None):
-  """(full_mask_PxTxR, sliding_mask_PxTxR or None) of T new tokens over a shared prefix.
-
-  The prefix's R slots precede the rows' own slots, so every valid prefix slot is causally
-  visible; the sliding window counts slot distance across both (as in the replicated layout).
-  """
-  R = prefix.max_len
-  index = 0 if cache is None else cache.index
-  dist_TxR = (R + index + jnp.arange(num_new))[:, None] - jnp.arange(R)[None, :]
-  full_PxTxR = jnp.broadcast_to(prefix.valid_BxS[:, None, :], (prefix.valid_BxS.shape[0],
-                                                              num_new, R))
-  sliding_PxTxR = None
-  if config.layer_types is not None and "sliding_attention" in config.layer_types:
-    sliding_PxTxR = full_PxTxR & (dist_TxR < config.sliding_window)[None]
-  return full_PxTxR, sliding_PxTxR
-
-
-def attention_masks(config: ModelConfig, attention_mask_BxT, cache: KVCache | None):
-  """(full_mask_BxTxS, sliding_mask_BxTxS or None, valid_BxS after writing the new tokens)."""
-  new_valid_BxT = attention_mask_BxT.astype(jnp.bool_)
-  T = new_valid_BxT.shape[1]
-  if cache is None:
-    valid_BxS, q_slot_T, k_slot_S = new_valid_BxT, jnp.arange(T), jnp.arange(T)
-  else:
-    valid_BxS = lax.dynamic_update_slice(cache.valid_BxS, new_valid_BxT, (0, cache.index))
-    q_slot_T, k_slot_S = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
-  dist_TxS = q_slot_T[:, None] - k_slot_S[None, :]
-  full_BxTxS = valid_BxS[:, None, :] & (dist_TxS >= 0)[None]
-  sliding_BxTxS = None
-  if config.layer_types is not None and "sliding_attention" in config.layer_types:
-    sliding_BxTxS = full_BxTxS & (dist_TxS < config.sliding_window)[None]
-  return full_BxTxS, sliding_BxTxS, valid_BxS
 
 
 # ----------------------------------------------------------------------------- modules
