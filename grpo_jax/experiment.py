@@ -18,6 +18,7 @@ import math
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -163,6 +164,40 @@ def init_state(exp: Experiment, phase: str, params=None) -> ts.TrainState:
     params = jax.device_put(exp.host_params, sh.params)
   return jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer),
                  out_shardings=sh)(params)
+
+
+def compute_params(exp: Experiment, params):
+  """`params` in the compute dtype (`model.dtype`): one cast per rollout, evaluation or log-prob
+  pass, so the decode loop never casts master weights per token. `params` itself when every
+  leaf has that dtype already (float32 compute, or the reference, stored in compute dtype)."""
+  dtype = jnp.dtype(exp.model_config.dtype)
+  if all(x.dtype == dtype for x in jax.tree.leaves(params)):
+    return params
+  return _cast(params, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(params, dtype):
+  """One program for the whole tree; elementwise, so every shard stays on its device."""
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def reference_copy(exp: Experiment, params):
+  """A reference policy from the policy's params: in the compute dtype (it is never trained),
+  except for an EMA reference (grpo.ref_ema), which accumulates small steps in the master dtype."""
+  if exp.settings.grpo.ref_ema:
+    return jax.tree.map(jnp.copy, params)
+  copied = compute_params(exp, params)
+  return jax.tree.map(jnp.copy, params) if copied is params else copied
+
+
+def abstract_reference(exp: Experiment, abstract_params):
+  """Restore target of the reference params (see `reference_copy`)."""
+  if exp.settings.grpo.ref_ema:
+    return abstract_params
+  dtype = jnp.dtype(exp.model_config.dtype)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+                      abstract_params)
 
 
 def abstract_state(exp: Experiment, phase: str) -> ts.TrainState:

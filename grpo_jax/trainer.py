@@ -19,6 +19,7 @@ killed run resumes to exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Optional
@@ -84,6 +85,7 @@ def run(exp: Experiment) -> dict:
     logging.warning("%d of %d training prompts were truncated on the left to %d tokens",
                     exp.train_prompts.num_truncated, len(exp.task.train),
                     s.rollout.max_prompt_length)
+  _record_run(exp)
   ckpt = checkpointing.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
                                     keep=s.checkpoint_keep)
   loop, models = resume(exp, ckpt)
@@ -99,6 +101,22 @@ def run(exp: Experiment) -> dict:
   return final
 
 
+def _record_run(exp: Experiment) -> None:
+  """run.json: what the run really is (model config, dtypes, devices), beside config.json."""
+  c = exp.model_config
+  info = {"model": dataclasses.asdict(c), "num_params": exp.num_params(),
+          "precision": {"params": c.param_dtype, "compute": c.dtype,
+                        "optimizer_state": c.param_dtype,
+                        "reference": (c.param_dtype if exp.settings.grpo.ref_ema else c.dtype)
+                        if exp.settings.use_reference else None},
+          "mesh": dict(exp.mesh.shape), "devices": [str(d) for d in jax.devices()][:8],
+          "jax": jax.__version__}
+  logging.info("precision: %s", info["precision"])
+  if jax.process_index() == 0:
+    with open(os.path.join(exp.workdir, "run.json"), "w") as f:
+      json.dump(info, f, indent=2)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -109,7 +127,7 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
     loop = LoopState.from_json(extra)
     tree = {"state": experiment.abstract_state(exp, loop.phase)}
     if loop.phase == "grpo" and exp.settings.use_reference:
-      tree["ref_params"] = tree["state"].params
+      tree["ref_params"] = experiment.abstract_reference(exp, tree["state"].params)
     if loop.rm_trained:
       tree["rm_state"] = experiment.abstract_rm_state(exp)
     return tree
@@ -146,7 +164,8 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
 
 def _initial_grpo_models(exp: Experiment, params=None) -> Models:
   state = experiment.init_state(exp, "grpo", params=params)
-  return Models(state, updates.copy(state.params) if exp.settings.use_reference else None)
+  return Models(state, experiment.reference_copy(exp, state.params)
+                if exp.settings.use_reference else None)
 
 
 # ----------------------------------------------------------------------------- SFT warm start
@@ -246,7 +265,7 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
              else models.rm_data)
   models = dataclasses.replace(
       models, state=state, rm_data=rm_data,
-      ref_params=updates.next_reference(s.grpo, models.ref_params, state.params, step + 1))
+      ref_params=updates.next_reference(exp, models.ref_params, state.params, step + 1))
   return dataclasses.replace(loop, step=step + 1, position=position), models, figures
 
 
@@ -276,7 +295,7 @@ def _outer_iteration(exp: Experiment, writer, models: Models, step: int) -> Mode
                " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
   ref = models.ref_params
   if step > 0 and ref is not None and exp.settings.rollout.paradigm.data != "frozen_policy":
-    ref = updates.copy(models.state.params)
+    ref = experiment.reference_copy(exp, models.state.params)
   return dataclasses.replace(models, rm_state=rm_state, rm_data=rm_data, ref_params=ref)
 
 

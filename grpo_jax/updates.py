@@ -2,7 +2,7 @@
 
     batch = updates.with_logprobs(exp, state, ref_params, batch)   # ref (beta > 0), old (mu > 1)
     state, figures = updates.update(exp, state, batch)              # mu optimizer steps
-    ref_params = updates.next_reference(exp.settings.grpo, ref_params, state.params, step)
+    ref_params = updates.next_reference(exp, ref_params, state.params, step)
 
 The batch moves to the mesh once; the passes and updates are the jitted `exp.programs`.
 """
@@ -10,11 +10,10 @@ The batch moves to the mesh once; the passes and updates are the jitted `exp.pro
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax import experiment
 from grpo_jax.experiment import Experiment
-from grpo_jax.settings import GRPOSettings
 from grpo_jax.train_step import TrainBatch, TrainState
 
 
@@ -26,9 +25,11 @@ def with_logprobs(exp: Experiment, state: TrainState, ref_params, batch: TrainBa
   batch = exp.shard(batch)[0]
   if s.rollout.paradigm.objective != "grpo":
     return batch
-  # Both passes see the same batch structure, so the pass compiles once.
-  ref = exp.programs.logprobs(ref_params, batch) if s.grpo.loss.beta != 0.0 else None
-  old = exp.programs.logprobs(state.params, batch) if s.grpo.num_iterations > 1 else None
+  # Both passes get compute-dtype params and the same batch structure: one compile. The old
+  # pass sees the weights the sampler decoded with.
+  logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
+  ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
+  old = logprobs(state.params) if s.grpo.num_iterations > 1 else None
   return batch.replace(ref_logprobs=ref, old_logprobs=old)
 
 
@@ -59,21 +60,18 @@ def aggregate(metrics: list[dict]) -> dict:
   return figures
 
 
-def next_reference(g: GRPOSettings, ref_params, params, step: int):
+def next_reference(exp: Experiment, ref_params, params, step: int):
   """Reference policy after `step` updates: frozen, reset to the policy every
-  `ref_reset_every` steps, or an EMA of it (`ref_ema`); untouched without a KL term."""
+  `ref_reset_every` steps, or an EMA of it (`ref_ema`); untouched without a KL term. A copy
+  (`experiment.reference_copy`) survives the donation of `params` to the next update."""
+  g = exp.settings.grpo
   if g.loss.beta == 0.0:
     return ref_params
   if g.ref_reset_every and step % g.ref_reset_every == 0:
-    return copy(params)
+    return experiment.reference_copy(exp, params)
   if g.ref_ema:
     return _ema(ref_params, params, g.ref_ema)
   return ref_params
-
-
-def copy(params):
-  """A copy that survives the donation of `params` to the next update."""
-  return jax.tree.map(jnp.copy, params)
 
 
 @jax.jit

@@ -27,7 +27,8 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
                 chat_template="")
   c.tokenizer = dict(path="", vocab_size=256)
   # A 2-layer Llama-style model (RoPE, SwiGLU, RMSNorm, tied embeddings), ~0.36M params.
-  c.model = dict(preset="tiny_llama", hf_checkpoint="", dtype="float32",
+  # param_dtype: the trained (master) weights and Adam state; dtype: forward, backward, sampling.
+  c.model = dict(preset="tiny_llama", hf_checkpoint="", param_dtype="float32", dtype="float32",
                  overrides=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                                 num_kv_heads=4, head_dim=32, rope_scaling_type=None,
                                 rope_theta=10_000.0, max_position_embeddings=128))
