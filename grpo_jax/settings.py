@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # models.LORA_TARGETS (no model import here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,21 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  rank: int                  # 0: off (full fine-tuning)
+  alpha: float
+  targets: tuple[str, ...]   # of models.LORA_TARGETS
+  dropout: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSettings:
   preset: str
   hf_checkpoint: str
   param_dtype: str  # master weights and optimiser state
   dtype: str        # compute: forward, backward, sampling (softmax, norms, loss stay float32)
   overrides: tuple[tuple[str, Any], ...]  # ModelConfig fields over the preset's
+  lora: LoraSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +261,11 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
                         d.chat_template),
       tokenizer_path=c.tokenizer.path, tokenizer_vocab_size=c.tokenizer.vocab_size,
       model=ModelSettings(m.preset, m.hf_checkpoint, m.param_dtype, m.dtype,
-                          tuple(sorted(m.overrides.to_dict().items()))),
+                          tuple(sorted(m.overrides.to_dict().items())),
+                          LoraSettings(m.lora.rank, float(m.lora.alpha),
+                                       tuple(t.strip() for t in m.lora.targets.split(",")
+                                             if t.strip()),
+                                       float(m.lora.dropout))),
       mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), sft=sft, rollout=rollout, grpo=grpo,
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep)
@@ -259,6 +273,30 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
   for warning in precision_warnings(out):
     logging.warning("%s", warning)
   return out
+
+
+def _check_lora(s: Settings) -> None:
+  lo = s.model.lora
+  if lo.rank < 0:
+    raise ConfigError(f"config.model.lora.rank = {lo.rank}: 0 (off) or a positive rank")
+  if not lo.rank:
+    return
+  unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+  if unknown or not lo.targets:
+    raise ConfigError(f"config.model.lora.targets = {','.join(lo.targets)!r}: {unknown or 'empty'}"
+                      f" names no layer weight; known: {','.join(LORA_TARGETS)}")
+  if lo.dropout:
+    raise ConfigError(f"config.model.lora.dropout = {lo.dropout}: LoRA dropout is not "
+                      "implemented (GRPO recipes use 0); set it to 0")
+  if not lo.alpha > 0:
+    raise ConfigError(f"config.model.lora.alpha = {lo.alpha} must be > 0")
+  g = s.grpo
+  if g.ref_reset_every or g.ref_ema:
+    raise ConfigError("config.grpo.ref_reset_every / ref_ema: with LoRA (config.model.lora.rank "
+                      "> 0) the reference policy is the frozen base model; set both to 0")
+  if s.reward_model.enabled:
+    raise ConfigError("config.reward_model.enabled: iterative GRPO with a learned reward model "
+                      "is not supported with LoRA yet (config.model.lora.rank > 0)")
 
 
 def precision_warnings(s: Settings) -> list[str]:
@@ -336,6 +374,7 @@ def check(s: Settings, dp: int) -> None:
     if getattr(s.model, name) not in FLOAT_DTYPES:
       raise ConfigError(f"config.model.{name} = {getattr(s.model, name)!r}: expected one of "
                         f"{FLOAT_DTYPES}")
+  _check_lora(s)
   rm = s.reward_model
   if rm.enabled and rm.kind not in ("orm", "prm"):
     raise ConfigError(f"config.reward_model.kind = {rm.kind!r}: 'orm' or 'prm' in the trainer")

@@ -7,7 +7,7 @@ does one job:
 
     roll, position = rollout.collect(exp, policy, position, step, rm_params)  # sample + score
     adv = advantages.coefficients(paradigm.coefficient, roll.scores_KxPxG, ...)  # [N] / [N, C]
-    batch = updates.with_logprobs(exp, state, ref_params, rollout.train_batch(roll, adv, ...))
+    batch = updates.with_logprobs(exp, policy, reference, rollout.train_batch(roll, adv, ...))
     state, figures = updates.update(exp, state, batch)                         # mu steps
 
 Host state is typed and checkpointed with the device state: `LoopState` (phase, step, data
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -30,10 +31,12 @@ import numpy as np
 from absl import logging
 
 from grpo_jax import advantages, checkpointing, evaluation, experiment, iterative
+from grpo_jax import models as models_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import rollout, settings as settings_lib, updates
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
+from grpo_jax.models import lora
 from grpo_jax.settings import ConfigError  # noqa: F401  (raised by train; the launcher catches it)
 from grpo_jax.train_step import TrainBatch, TrainState
 
@@ -46,24 +49,33 @@ class LoopState:
   position: iterator.Position  # the phase's data iterator
   metrics_lines: int = 0       # metrics.jsonl lines written up to this state
   rm_trained: bool = False     # the checkpoint holds a reward model
+  lora_base: str = ""          # LoRA: fingerprint of the frozen base the adapters belong to
 
   def to_json(self) -> dict:
     return dict(phase=self.phase, step=self.step, position=self.position._asdict(),
-                metrics_lines=self.metrics_lines, rm_trained=self.rm_trained)
+                metrics_lines=self.metrics_lines, rm_trained=self.rm_trained,
+                lora_base=self.lora_base)
 
   @classmethod
   def from_json(cls, d: dict) -> "LoopState":
     return cls(d["phase"], d["step"], iterator.Position(**d["position"]), d["metrics_lines"],
-               d["rm_trained"])
+               d["rm_trained"], d.get("lora_base", ""))
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The device state: policy (with optimizer), reference params, reward model."""
+  """The device state: policy (with optimizer), reference params, reward model. With LoRA,
+  `state` trains the adapters, `base` is the frozen base (compute dtype), which is also the
+  reference policy (no second copy) and is not in the checkpoint (see `_lora_base_dir`)."""
   state: Optional[TrainState]
   ref_params: Any = None
   rm_state: Optional[TrainState] = None
   rm_data: iterative.RMData = iterative.RMData()
+  base: Any = None
+
+  @property
+  def reference(self):
+    return self.ref_params if self.base is None else self.base
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -126,7 +138,7 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   def target(extra: dict) -> dict:
     loop = LoopState.from_json(extra)
     tree = {"state": experiment.abstract_state(exp, loop.phase)}
-    if loop.phase == "grpo" and exp.settings.use_reference:
+    if loop.phase == "grpo" and _stores_reference(exp):
       tree["ref_params"] = experiment.abstract_reference(exp, tree["state"].params)
     if loop.rm_trained:
       tree["rm_state"] = experiment.abstract_rm_state(exp)
@@ -142,15 +154,48 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   loop = LoopState.from_json(restored.extra)
   logging.info("resumed from %s step %d (%s step %d)", ckpt.directory, restored.step, loop.phase,
                loop.step)
+  base = _load_lora_base(exp, loop) if exp.lora and loop.phase == "grpo" else None
   return loop, Models(restored.state["state"], restored.state.get("ref_params"),
-                      restored.state.get("rm_state"), iterative.RMData.from_host(restored.host))
+                      restored.state.get("rm_state"), iterative.RMData.from_host(restored.host),
+                      base)
+
+
+def _stores_reference(exp: Experiment) -> bool:
+  """A reference copy is kept (and checkpointed) for the KL or RFT, except with LoRA, whose
+  reference is the frozen base."""
+  return exp.settings.use_reference and not exp.lora
+
+
+def _lora_base_dir(exp: Experiment) -> str:
+  """Where a LoRA run's base lives: the HF checkpoint it started from, or (SFT warm start,
+  init_from or a random init) `<workdir>/lora_base`, written once at the start of GRPO."""
+  if exp.settings.model.hf_checkpoint and not exp.settings.sft_steps and not exp.settings.init_from:
+    return exp.settings.model.hf_checkpoint
+  return os.path.join(exp.workdir, "lora_base")
+
+
+def _load_lora_base(exp: Experiment, loop: LoopState):
+  path = _lora_base_dir(exp)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise ConfigError(f"LoRA base model {path} is missing: the adapter checkpoint in "
+                      f"{exp.workdir}/checkpoints needs the base it was trained on")
+  _, host = models_lib.load_hf_checkpoint(path, dtype=exp.model_config.param_dtype)
+  base = experiment.lora_base(exp, jax.device_put(host, exp.params_sh))
+  found = lora.fingerprint(exp.base_config, base)
+  if loop.lora_base and found != loop.lora_base:
+    raise ConfigError(f"config.model: the adapter checkpoint in {exp.workdir}/checkpoints was "
+                      f"trained on a base with fingerprint {loop.lora_base}, but {path} has "
+                      f"{found}: a different base model")
+  return base
 
 
 def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> LoopState:
   """Checkpoint `models` with `loop` (its metrics position set to the writer's) at the global
   step: SFT steps, then SFT steps + GRPO steps."""
   loop = dataclasses.replace(loop, metrics_lines=writer.num_lines,
-                             rm_trained=models.rm_state is not None)
+                             rm_trained=models.rm_state is not None,
+                             lora_base=lora.fingerprint(exp.base_config, models.base)
+                             if models.base is not None else "")
   tree = {"state": models.state}
   if models.ref_params is not None:
     tree["ref_params"] = models.ref_params
@@ -163,9 +208,18 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
 
 
 def _initial_grpo_models(exp: Experiment, params=None) -> Models:
+  if exp.lora:  # fresh adapters on a frozen base (the warm start, init_from, or the checkpoint)
+    base = experiment.lora_base(exp, params)
+    path = _lora_base_dir(exp)
+    if path != exp.settings.model.hf_checkpoint and jax.process_index() == 0:
+      tmp = path + ".tmp"
+      models_lib.save_hf_checkpoint(tmp, exp.base_config, jax.device_get(base))
+      shutil.rmtree(path, ignore_errors=True)
+      os.replace(tmp, path)  # whole or absent
+    return Models(experiment.init_state(exp, "grpo"), base=base)
   state = experiment.init_state(exp, "grpo", params=params)
   return Models(state, experiment.reference_copy(exp, state.params)
-                if exp.settings.use_reference else None)
+                if _stores_reference(exp) else None)
 
 
 # ----------------------------------------------------------------------------- SFT warm start
@@ -216,7 +270,8 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
   nan_streak, last_eval = 0, {}
   for step in range(loop.step, s.grpo.steps + 1):
     if step == 0 or step == s.grpo.steps or (s.eval.every and step % s.eval.every == 0):
-      last_eval = _evaluate(exp, writer, models.state.params, step)
+      last_eval = _evaluate(exp, writer,
+                            experiment.policy_params(exp, models.state, models.base), step)
     if step == s.grpo.steps:
       break
     if iterative.iteration_due(exp, step):
@@ -248,8 +303,10 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   """rollout -> advantages -> log-prob passes -> update; the reference follows the policy."""
   s = exp.settings
   r = s.rollout
-  policy = models.ref_params if r.paradigm.data == "frozen_policy" else models.state.params
-  roll, position = rollout.collect(exp, policy, loop.position, step,
+  # The policy in the compute dtype (LoRA merged), made once: the sampler and the old pass use it.
+  policy = experiment.policy_params(exp, models.state, models.base)
+  sampler = models.reference if r.paradigm.data == "frozen_policy" else policy
+  roll, position = rollout.collect(exp, sampler, loop.position, step,
                                    iterative.rm_params(models.rm_state))
   adv = advantages.coefficients(r.paradigm.coefficient, roll.scores_KxPxG, exp.rewards.weights,
                                 scale=r.advantage_scale,
@@ -257,8 +314,8 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
                                 num_tokens=roll.tokens_NxC.shape[1])
   t0 = time.perf_counter()
   batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
-  batch = updates.with_logprobs(exp, models.state, models.ref_params, batch)
-  state, update_figures = updates.update(exp, models.state, batch)
+  batch = updates.with_logprobs(exp, policy, models.reference, batch)
+  state, update_figures = updates.update(exp, models.state, batch, frozen=models.base)
   figures = {**update_figures, **roll.figures, "update_s": time.perf_counter() - t0,
              "samples": rollout.samples(exp, roll, adv)}
   rm_data = (models.rm_data.add(rollout.rm_examples(exp, roll)) if s.reward_model.enabled

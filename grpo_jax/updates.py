@@ -17,31 +17,34 @@ from grpo_jax.experiment import Experiment
 from grpo_jax.train_step import TrainBatch, TrainState
 
 
-def with_logprobs(exp: Experiment, state: TrainState, ref_params, batch: TrainBatch) -> TrainBatch:
+def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> TrainBatch:
   """`batch` on the mesh, with the reference policy's log-probs when the KL is on (beta > 0)
   and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones, detached).
-  The non-GRPO objectives (advantage-weighted NLL) need neither."""
+  `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the sampler
+  decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
   s = exp.settings
   batch = exp.shard(batch)[0]
   if s.rollout.paradigm.objective != "grpo":
     return batch
-  # Both passes get compute-dtype params and the same batch structure: one compile. The old
-  # pass sees the weights the sampler decoded with.
+  # Both passes get compute-dtype params and the same batch structure: one compile.
   logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
   ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
-  old = logprobs(state.params) if s.grpo.num_iterations > 1 else None
+  old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
   return batch.replace(ref_logprobs=ref, old_logprobs=old)
 
 
-def update(exp: Experiment, state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict]:
-  """mu = grpo.num_iterations optimizer steps on one rollout batch (one for the NLL objectives).
+def update(exp: Experiment, state: TrainState, batch: TrainBatch,
+           frozen=None) -> tuple[TrainState, dict]:
+  """mu = grpo.num_iterations optimizer steps on one rollout batch (one for the NLL objectives);
+  `frozen`: LoRA's base, beside the adapters in `state`.
 
   Figures: each metric's mean over the mu steps, with `<name>/first` and `<name>/last` when
   mu > 1, and `skipped`, the number of steps a non-finite loss or gradient skipped."""
   mu = exp.settings.grpo.num_iterations if exp.settings.rollout.paradigm.objective == "grpo" else 1
   metrics = []
   for _ in range(mu):
-    state, m = exp.programs.policy_update(state, batch)
+    state, m = (exp.programs.policy_update(state, batch) if frozen is None
+                else exp.programs.policy_update(state, batch, frozen))
     metrics.append(m)
   return state, aggregate(jax.device_get(metrics))
 
