@@ -19,6 +19,7 @@ killed run resumes to exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -105,7 +106,9 @@ def run(exp: Experiment) -> dict:
                                      truncate_to=loop.metrics_lines if loop else 0)
   if loop is None or loop.phase == "sft":
     loop, models = sft_phase(exp, ckpt, writer, loop, models)
-  final = grpo_phase(exp, ckpt, writer, loop, models)
+  final, models = grpo_phase(exp, ckpt, writer, loop, models)
+  if exp.lora:
+    _export_lora(exp, models)
   ckpt.close()
   writer.close()
   logging.info("compiles: update %d, sampler %d", exp.programs.policy_update._cache_size(),  # pylint: disable=protected-access
@@ -295,7 +298,26 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
     if (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0) or step + 1 == s.grpo.steps:
       loop = save(exp, ckpt, writer, loop, models)
   ckpt.wait()
-  return last_eval
+  return last_eval, models
+
+
+def _export_lora(exp: Experiment, models: Models) -> None:
+  """The trained policy for other tools: `lora_adapter/` (PEFT: adapter_config.json +
+  adapter_model.safetensors, loads onto the transformers base) and `merged_hf/` (a plain HF
+  checkpoint), each written to a temporary directory and renamed."""
+  if jax.process_index() != 0:
+    return
+  params = jax.device_get(lora.combine(models.base, models.state.params))
+  base_path = os.path.abspath(_lora_base_dir(exp))
+  for name, write in (("lora_adapter", functools.partial(
+      models_lib.save_peft_adapter, base_model_name_or_path=base_path)),
+                      ("merged_hf", models_lib.save_merged_hf)):
+    path = os.path.join(exp.workdir, name)
+    write(path + ".tmp", exp.model_config, params)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)
+  logging.info("LoRA policy exported to %s/lora_adapter (PEFT) and %s/merged_hf", exp.workdir,
+               exp.workdir)
 
 
 def grpo_step(exp: Experiment, loop: LoopState, models: Models,

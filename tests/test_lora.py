@@ -153,6 +153,9 @@ def test_lora_run_checkpoints_adapters_and_the_base_fingerprint(lora_run):
       tree["state"]["params"])[0]}
   assert names and all("_lora_" in n for n in names)  # adapters only, no base, no reference
   assert "ref_params" not in tree and len(extra["lora_base"]) == 16
+  # The end of the run exports the policy for other tools: a PEFT adapter and merged weights.
+  assert json.load(open(lora_run / "lora_adapter" / "adapter_config.json"))["r"] == 8
+  assert os.path.exists(lora_run / "merged_hf" / "model.safetensors")
 
 
 def test_lora_resume_after_sigkill_is_exact(lora_run, tmp_path):
