@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards as rewards_lib
-from grpo_jax import sharding
+from grpo_jax import experiment, sharding
 from grpo_jax.experiment import Experiment, Stream
 from grpo_jax.rollout import to_host
 
@@ -60,6 +60,7 @@ def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int,
 
 def evaluate(exp: Experiment, params, step: int) -> EvalResult:
   e = exp.settings.eval
+  params = experiment.compute_params(exp, params)
   records = exp.task.eval
   n = min(len(records), e.num_problems or len(records))
   greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,

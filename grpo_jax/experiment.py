@@ -18,11 +18,13 @@ import math
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from grpo_jax import losses, models, sampling, sharding, tasks
 from grpo_jax import train_step as ts
+from grpo_jax.models import lora
 from grpo_jax.rewards import reward_model as rm_lib
 from grpo_jax.settings import Decoding, Settings
 
@@ -35,6 +37,7 @@ class Stream(enum.IntEnum):
   EVAL_SAMPLES = 3  # pass@k / maj@k samples, folded with the step and the batch
   RM_BOOTSTRAP = 4  # the warm-start policy's samples that bootstrap the reward model
   RM_INIT = 5       # the reward model's head
+  LORA_INIT = 6     # LoRA adapters (A random, B zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Programs:
   sft_update: Optional[Callable]
   rm_update: Optional[Callable]
   rm_score: Optional[Callable]
+  merge: Optional[Callable]  # LoRA: (base, adapters) -> merged params in compute dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,12 @@ class Experiment:
   state_sh: dict[str, ts.TrainState]                     # shardings, same keys
   programs: Programs
   base_key: jax.Array
+  base_config: models.ModelConfig  # model_config without LoRA: sampling, log-prob passes, SFT
+  params_sh: Any                   # shardings of the full (base) params tree
+
+  @property
+  def lora(self) -> bool:
+    return bool(self.model_config.lora_rank)
 
   def key(self, stream: Stream, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(self.base_key, int(stream)), step)
@@ -94,32 +104,42 @@ def build(s: Settings, workdir: str) -> Experiment:
   eos_ids = (tokenizer.eos_id,) + tasks.stop_token_ids(tokenizer, s.rollout.stop_tokens)
   base_key = jax.random.key(s.seed)
   optimizers = {"sft": ts.make_optimizer(s.sft.optim), "grpo": ts.make_optimizer(s.grpo.optim)}
-  params_shapes = jax.eval_shape(functools.partial(models.init_params, model_config), base_key)
-  state_sh = {k: ts.state_shardings(mesh, model_config, opt, params_shapes)
-              for k, opt in optimizers.items()}
+  base_config = lora.base_config(model_config)
+  params_shapes = jax.eval_shape(functools.partial(models.init_params, base_config), base_key)
+  trained_shapes = (lora.split(jax.eval_shape(functools.partial(
+      models.init_params, model_config), base_key))[0] if model_config.lora_rank else params_shapes)
+  state_sh = {"sft": ts.state_shardings(mesh, base_config, optimizers["sft"], params_shapes),
+              "grpo": ts.state_shardings(mesh, model_config, optimizers["grpo"], trained_shapes)}
+  params_sh = state_sh["sft"].params
   if s.reward_model.enabled:
     optimizers["rm"] = ts.make_optimizer(s.reward_model.optim)
-    rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(model_config, r), base_key)
-    state_sh["rm"] = rm_lib.rm_state_shardings(mesh, model_config, optimizers["rm"], rm_shapes)
-  programs = _programs(s, mesh, model_config, optimizers, state_sh, eos_ids, tokenizer.pad_id)
+    rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), base_key)
+    state_sh["rm"] = rm_lib.rm_state_shardings(mesh, base_config, optimizers["rm"], rm_shapes)
+  programs = _programs(s, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
+                       tokenizer.pad_id)
   return Experiment(
       settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
       train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
       model_config=model_config, host_params=host_params,
       rewards=tasks.reward_functions(s.rollout, s.reward_model), eos_ids=eos_ids,
-      optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key)
+      optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key,
+      base_config=base_config, params_sh=params_sh)
 
 
-def _programs(s: Settings, mesh, model_config, optimizers, state_sh, eos_ids, pad_id) -> Programs:
+def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
+              pad_id) -> Programs:
   r, g = s.rollout, s.grpo
+  train_config, model_config = model_config, lora.base_config(model_config)
+  lora_on = bool(train_config.lora_rank)
   # The paradigm's objective: the GRPO loss, or the per-sequence NLL weighted by the gradient
   # coefficient (DeepSeekMath eq. 5) for SFT / RFT / Online RFT.
   loss_cfg = g.loss if r.paradigm.objective == "grpo" else losses.LossConfig(
       objective="sft", loss_type="grpo", temperature=g.loss.temperature)
-  policy_update = ts.make_update_fn(mesh, state_sh["grpo"], model_config=model_config,
+  policy_update = ts.make_update_fn(mesh, state_sh["grpo"], model_config=train_config,
                                     optimizer=optimizers["grpo"], loss_cfg=loss_cfg,
-                                    num_microbatches=g.num_microbatches)
-  logprobs = ts.make_logprob_fn(mesh, state_sh["grpo"].params, model_config=model_config,
+                                    num_microbatches=g.num_microbatches,
+                                    frozen_sh=params_sh if lora_on else None)
+  logprobs = ts.make_logprob_fn(mesh, params_sh, model_config=model_config,
                                 temperature=g.loss.temperature,
                                 num_microbatches=g.num_microbatches)
   sft_update = None
@@ -149,20 +169,90 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, eos_ids, pa
       sample_train=sampler(r.decoding, r.num_samples),
       sample_greedy=sampler(Decoding(0.0), 1),
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
-      sft_update=sft_update, rm_update=rm_update, rm_score=rm_score)
+      sft_update=sft_update, rm_update=rm_update, rm_score=rm_score,
+      merge=_merge_program(train_config, params_sh, state_sh["grpo"].params) if lora_on else None)
+
+
+def _merge_program(config, params_sh, adapters_sh):
+  dtype = jnp.dtype(config.dtype)
+
+  def merge(base, adapters):
+    merged, _ = lora.merge(lora.combine(base, adapters), config)
+    return jax.tree.map(lambda x: x.astype(dtype), merged)
+
+  return jax.jit(merge, in_shardings=(params_sh, adapters_sh), out_shardings=params_sh)
 
 
 def init_state(exp: Experiment, phase: str, params=None) -> ts.TrainState:
   """A fresh TrainState of `phase` ("sft" | "grpo") built in its shards: from `params`, else
-  the loaded checkpoint, else a random init from Stream.INIT."""
+  the loaded checkpoint, else a random init from Stream.INIT. With LoRA, GRPO's state holds
+  fresh adapters (Stream.LORA_INIT) and their optimiser state; the base is `lora_base`."""
   optimizer, sh = exp.optimizers[phase], exp.state_sh[phase]
+  if phase == "grpo" and exp.lora:
+    init = lambda r: ts.init_train_state(  # noqa: E731
+        lora.split(models.init_params(exp.model_config, r))[0], optimizer)
+    return jax.jit(init, out_shardings=sh)(exp.key(Stream.LORA_INIT, 0))
   if params is None and exp.host_params is None:
-    init = lambda r: ts.init_train_state(models.init_params(exp.model_config, r), optimizer)  # noqa: E731
+    init = lambda r: ts.init_train_state(models.init_params(exp.base_config, r), optimizer)  # noqa: E731
     return jax.jit(init, out_shardings=sh)(exp.key(Stream.INIT, 0))
   if params is None:
     params = jax.device_put(exp.host_params, sh.params)
   return jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer),
                  out_shardings=sh)(params)
+
+
+def lora_base(exp: Experiment, params=None):
+  """LoRA's frozen base in the compute dtype, on the mesh: `params` (the SFT warm start), else
+  the loaded checkpoint, else a random init (Stream.INIT)."""
+  if params is None and exp.host_params is None:
+    params = jax.jit(functools.partial(models.init_params, exp.base_config),
+                     out_shardings=exp.params_sh)(exp.key(Stream.INIT, 0))
+  elif params is None:
+    params = jax.device_put(exp.host_params, exp.params_sh)
+  copied = compute_params(exp, params)
+  return jax.tree.map(jnp.copy, params) if copied is params else copied
+
+
+def policy_params(exp: Experiment, state: ts.TrainState, base=None):
+  """The policy as one plain params tree in the compute dtype, for sampling, evaluation and the
+  old-policy pass: LoRA's adapters merged into the base once, or the master weights cast."""
+  if exp.lora:
+    return exp.programs.merge(base, state.params)
+  return compute_params(exp, state.params)
+
+
+def compute_params(exp: Experiment, params):
+  """`params` in the compute dtype (`model.dtype`): one cast per rollout, evaluation or log-prob
+  pass, so the decode loop never casts master weights per token. `params` itself when every
+  leaf has that dtype already (float32 compute, or the reference, stored in compute dtype)."""
+  dtype = jnp.dtype(exp.model_config.dtype)
+  if all(x.dtype == dtype for x in jax.tree.leaves(params)):
+    return params
+  return _cast(params, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(params, dtype):
+  """One program for the whole tree; elementwise, so every shard stays on its device."""
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def reference_copy(exp: Experiment, params):
+  """A reference policy from the policy's params: in the compute dtype (it is never trained),
+  except for an EMA reference (grpo.ref_ema), which accumulates small steps in the master dtype."""
+  if exp.settings.grpo.ref_ema:
+    return jax.tree.map(jnp.copy, params)
+  copied = compute_params(exp, params)
+  return jax.tree.map(jnp.copy, params) if copied is params else copied
+
+
+def abstract_reference(exp: Experiment, abstract_params):
+  """Restore target of the reference params (see `reference_copy`)."""
+  if exp.settings.grpo.ref_ema:
+    return abstract_params
+  dtype = jnp.dtype(exp.model_config.dtype)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+                      abstract_params)
 
 
 def abstract_state(exp: Experiment, phase: str) -> ts.TrainState:
@@ -174,6 +264,6 @@ def abstract_state(exp: Experiment, phase: str) -> ts.TrainState:
 
 def abstract_rm_state(exp: Experiment) -> ts.TrainState:
   shapes = jax.eval_shape(lambda: ts.init_train_state(
-      rm_lib.init_reward_model(exp.model_config, exp.base_key), exp.optimizers["rm"]))
+      rm_lib.init_reward_model(exp.base_config, exp.base_key), exp.optimizers["rm"]))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                       shapes, exp.state_sh["rm"])

@@ -58,7 +58,7 @@ def bootstrap(exp: Experiment, params, data: RMData) -> tuple[TrainState, RMData
                                      stream=Stream.RM_BOOTSTRAP)
     data = data.add(rollout.rm_examples(exp, roll))
   rm_state, _ = rm_lib.init_sharded_rm_state(
-      exp.mesh, exp.model_config, exp.optimizers["rm"], exp.key(Stream.RM_INIT, 0),
+      exp.mesh, exp.base_config, exp.optimizers["rm"], exp.key(Stream.RM_INIT, 0),
       backbone_params=params)
   return rm_state, data
 

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import jax
 import numpy as np
 
+from grpo_jax import experiment
 from grpo_jax import rewards as rewards_lib
 from grpo_jax.data import arithmetic, iterator
 from grpo_jax.experiment import Experiment, Stream
@@ -63,6 +64,7 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
   if r.paradigm.data == "teacher":
     return _teacher(exp, position)
   P, G = r.num_prompts, r.num_samples
+  params = experiment.compute_params(exp, params)  # once per rollout, not per decoded token
   weights = np.asarray(exp.rewards.weights)
   rounds, t_sample, t_score, gen_tokens, zero_spread = [], 0.0, 0.0, 0, 0
   for k in range(1 + (r.max_resample_rounds if r.dynamic_sampling else 0)):

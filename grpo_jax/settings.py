@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Optional
 
 import ml_collections
+from absl import logging
 
 from grpo_jax import losses, paradigms, sharding
 from grpo_jax.train_step import OptimConfig
@@ -21,6 +22,10 @@ from grpo_jax.train_step import OptimConfig
 
 class ConfigError(ValueError):
   """A bad experiment config or input path, reported before anything compiles."""
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # models.LORA_TARGETS (no model import here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +49,21 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  rank: int                  # 0: off (full fine-tuning)
+  alpha: float
+  targets: tuple[str, ...]   # of models.LORA_TARGETS
+  dropout: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSettings:
   preset: str
   hf_checkpoint: str
-  dtype: str
+  param_dtype: str  # master weights and optimiser state
+  dtype: str        # compute: forward, backward, sampling (softmax, norms, loss stay float32)
   overrides: tuple[tuple[str, Any], ...]  # ModelConfig fields over the preset's
+  lora: LoraSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +260,62 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       data=DataSettings(d.task, d.seed, d.num_train, d.num_eval, d.flaw_p, d.path,
                         d.chat_template),
       tokenizer_path=c.tokenizer.path, tokenizer_vocab_size=c.tokenizer.vocab_size,
-      model=ModelSettings(m.preset, m.hf_checkpoint, m.dtype,
-                          tuple(sorted(m.overrides.to_dict().items()))),
+      model=ModelSettings(m.preset, m.hf_checkpoint, m.param_dtype, m.dtype,
+                          tuple(sorted(m.overrides.to_dict().items())),
+                          LoraSettings(m.lora.rank, float(m.lora.alpha),
+                                       tuple(t.strip() for t in m.lora.targets.split(",")
+                                             if t.strip()),
+                                       float(m.lora.dropout))),
       mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), sft=sft, rollout=rollout, grpo=grpo,
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep)
   check(out, dp)
+  for warning in precision_warnings(out):
+    logging.warning("%s", warning)
+  return out
+
+
+def _check_lora(s: Settings) -> None:
+  lo = s.model.lora
+  if lo.rank < 0:
+    raise ConfigError(f"config.model.lora.rank = {lo.rank}: 0 (off) or a positive rank")
+  if not lo.rank:
+    return
+  unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+  if unknown or not lo.targets:
+    raise ConfigError(f"config.model.lora.targets = {','.join(lo.targets)!r}: {unknown or 'empty'}"
+                      f" names no layer weight; known: {','.join(LORA_TARGETS)}")
+  if lo.dropout:
+    raise ConfigError(f"config.model.lora.dropout = {lo.dropout}: LoRA dropout is not "
+                      "implemented (GRPO recipes use 0); set it to 0")
+  if not lo.alpha > 0:
+    raise ConfigError(f"config.model.lora.alpha = {lo.alpha} must be > 0")
+  g = s.grpo
+  if g.ref_reset_every or g.ref_ema:
+    raise ConfigError("config.grpo.ref_reset_every / ref_ema: with LoRA (config.model.lora.rank "
+                      "> 0) the reference policy is the frozen base model; set both to 0")
+  if s.reward_model.enabled:
+    raise ConfigError("config.reward_model.enabled: iterative GRPO with a learned reward model "
+                      "is not supported with LoRA yet (config.model.lora.rank > 0)")
+
+
+def precision_warnings(s: Settings) -> list[str]:
+  """Configs that would silently lose their updates: Adam moves a weight by about the learning
+  rate per step, which rounds away in a 16-bit weight w unless lr > half an ulp of w, i.e.
+  |w| < lr * 2^8 (bfloat16) or lr * 2^11 (float16)."""
+  out = []
+  bits = {"bfloat16": 8, "float16": 11}.get(s.model.param_dtype)
+  if bits is None:
+    return out
+  for name, optim, steps in (("grpo", s.grpo.optim, s.grpo.steps),
+                             ("sft", s.sft.optim, s.sft_steps)):
+    if steps:
+      out.append(
+          f"config.model.param_dtype = {s.model.param_dtype!r} with config.{name}.optim."
+          f"learning_rate = {optim.learning_rate:g}: a step changes only weights with |w| < "
+          f"{optim.learning_rate * 2 ** bits:.2g}; typical weights (~0.02) will not move. Use "
+          "config.model.param_dtype = 'float32' (master weights) with config.model.dtype = "
+          f"{s.model.param_dtype!r} (compute)")
   return out
 
 
@@ -305,6 +370,11 @@ def check(s: Settings, dp: int) -> None:
         f"config.grpo.algorithm = 'rft' samples from the frozen warm start, kept in the "
         f"reference slot; config.grpo.ref_reset_every = {g.ref_reset_every} and "
         f"config.grpo.ref_ema = {g.ref_ema} would move it: set both to 0 for RFT")
+  for name in ("param_dtype", "dtype"):
+    if getattr(s.model, name) not in FLOAT_DTYPES:
+      raise ConfigError(f"config.model.{name} = {getattr(s.model, name)!r}: expected one of "
+                        f"{FLOAT_DTYPES}")
+  _check_lora(s)
   rm = s.reward_model
   if rm.enabled and rm.kind not in ("orm", "prm"):
     raise ConfigError(f"config.reward_model.kind = {rm.kind!r}: 'orm' or 'prm' in the trainer")

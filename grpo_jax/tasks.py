@@ -108,14 +108,23 @@ def build_model(s: Settings, tokenizer) -> tuple[models.ModelConfig, object]:
   if m.hf_checkpoint:
     if not os.path.exists(m.hf_checkpoint):
       raise ConfigError(f"config.model.hf_checkpoint: {m.hf_checkpoint} does not exist")
-    return models.load_hf_checkpoint(m.hf_checkpoint, dtype=m.dtype)
+    model_config, params = models.load_hf_checkpoint(m.hf_checkpoint, dtype=m.param_dtype)
+    return dataclasses.replace(model_config, dtype=m.dtype, **_lora_fields(m)), params
   overrides = dict(m.overrides)
   overrides.setdefault("vocab_size", tokenizer.vocab_size)
-  model_config = models.get_config(m.preset, **overrides)
+  for name in ("param_dtype", "dtype"):
+    if name in overrides:
+      raise ConfigError(f"config.model.overrides.{name}: set config.model.{name} instead")
+  model_config = models.get_config(m.preset, param_dtype=m.param_dtype, dtype=m.dtype,
+                                   **_lora_fields(m), **overrides)
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"config.model: vocab_size {model_config.vocab_size} < the tokenizer's "
                       f"{tokenizer.vocab_size}")
   return model_config, None
+
+
+def _lora_fields(m) -> dict:
+  return dict(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets)
 
 
 def encode_prompts(tokenizer, task: Task, records: Sequence[dict], r: RolloutSettings) -> Prompts:

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from grpo_jax import losses, sharding
 from grpo_jax import models
+from grpo_jax.models import lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +140,10 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
 
 
 def _loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.LossConfig,
-                vocab_chunk: int):
+                vocab_chunk: int, frozen=None):
   batch: TrainBatch = mb["batch"]
+  if frozen is not None:  # LoRA: the trained adapters beside the frozen base
+    params = lora.combine(frozen, params)
   logprobs = sequence_logprobs(params, batch, model_config=model_config,
                                temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk)
   return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
@@ -149,12 +152,13 @@ def _loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.LossConfig,
 
 
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,
-                   num_microbatches: int = 1, vocab_chunk: int = 32):
-  """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches."""
+                   num_microbatches: int = 1, vocab_chunk: int = 32, frozen=None):
+  """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches.
+  `frozen`: params that take part in the forward pass but get no gradient (LoRA's base)."""
   weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
-                            vocab_chunk=vocab_chunk)
+                            vocab_chunk=vocab_chunk, frozen=frozen)
   loss, sums, grads = losses.accumulate_gradients(
       terms, params, {"batch": batch, "weights": weights}, num_microbatches)
   metrics = losses.finalize_metrics(sums)
@@ -162,18 +166,19 @@ def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.
   return loss, metrics, grads
 
 
-def update_step(state: TrainState, batch: TrainBatch, *, model_config, optimizer,
+def update_step(state: TrainState, batch: TrainBatch, frozen=None, *, model_config, optimizer,
                 loss_cfg: losses.LossConfig, num_microbatches: int = 1,
                 vocab_chunk: int = 32) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`: GRPO loss, exact accumulated gradients, optax update.
 
-  A non-finite loss or gradient skips the update (state unchanged, `skipped` = 1 in the
-  metrics; the driver counts the streak). Returns the new state and metrics (loss, grad_norm,
-  skipped and the loss metrics).
+  With LoRA, `state.params` are the adapters and `frozen` the base model: the optimiser (and its
+  state) sees only the adapters. A non-finite loss or gradient skips the update (state
+  unchanged, `skipped` = 1 in the metrics; the driver counts the streak). Returns the new state
+  and metrics (loss, grad_norm, skipped and the loss metrics).
   """
   loss, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
                                         loss_cfg=loss_cfg, num_microbatches=num_microbatches,
-                                        vocab_chunk=vocab_chunk)
+                                        vocab_chunk=vocab_chunk, frozen=frozen)
   return apply_gradients(state, loss, grads, metrics, optimizer)
 
 
@@ -207,11 +212,17 @@ def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: fl
 
 
 def state_shardings(mesh: Mesh, model_config, optimizer, params_shapes, rules=sharding.DEFAULT_RULES):
-  """NamedShardings of a TrainState, from the model's logical axes and the rules."""
-  param_sh = sharding.tree_shardings(mesh, models.param_logical_axes(model_config), params_shapes,
-                                     rules)
+  """NamedShardings of a TrainState, from the model's logical axes and the rules. With LoRA and
+  `params_shapes` holding only the adapters, the adapters' shardings."""
+  axes = _restrict(models.param_logical_axes(model_config), params_shapes)
+  param_sh = sharding.tree_shardings(mesh, axes, params_shapes, rules)
   opt_sh = sharding.optimizer_shardings(mesh, optimizer, params_shapes, param_sh)
   return TrainState(params=param_sh, opt_state=opt_sh, step=sharding.replicated(mesh))
+
+
+def _restrict(axes: dict, shapes: dict) -> dict:
+  """The logical-axes tree cut to the keys of `shapes` (e.g. LoRA's adapters only)."""
+  return {k: _restrict(axes[k], v) if isinstance(v, dict) else axes[k] for k, v in shapes.items()}
 
 
 def init_sharded_state(mesh: Mesh, model_config, optimizer, rng, rules=sharding.DEFAULT_RULES):
@@ -224,14 +235,17 @@ def init_sharded_state(mesh: Mesh, model_config, optimizer, rng, rules=sharding.
 
 
 def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
-                   loss_cfg: losses.LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32):
+                   loss_cfg: losses.LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32,
+                   frozen_sh=None):
   """`update_step` jitted over `mesh`: state in/out with `state_sh`, batch rows over the data
-  axes, metrics replicated, the input state donated."""
+  axes, metrics replicated, the input state donated. With `frozen_sh` (LoRA's base params'
+  shardings) the function takes `(state, batch, frozen)`."""
   fn = functools.partial(update_step, model_config=model_config, optimizer=optimizer,
                          loss_cfg=loss_cfg, num_microbatches=num_microbatches,
                          vocab_chunk=vocab_chunk)
   batch_sh = sharding.batch_sharding(mesh)  # a prefix: applies to every leaf's leading axis
-  return jax.jit(fn, in_shardings=(state_sh, batch_sh),
+  in_sh = (state_sh, batch_sh) if frozen_sh is None else (state_sh, batch_sh, frozen_sh)
+  return jax.jit(fn, in_shardings=in_sh,
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 

@@ -7,7 +7,7 @@ does one job:
 
     roll, position = rollout.collect(exp, policy, position, step, rm_params)  # sample + score
     adv = advantages.coefficients(paradigm.coefficient, roll.scores_KxPxG, ...)  # [N] / [N, C]
-    batch = updates.with_logprobs(exp, state, ref_params, rollout.train_batch(roll, adv, ...))
+    batch = updates.with_logprobs(exp, policy, reference, rollout.train_batch(roll, adv, ...))
     state, figures = updates.update(exp, state, batch)                         # mu steps
 
 Host state is typed and checkpointed with the device state: `LoopState` (phase, step, data
@@ -19,7 +19,10 @@ killed run resumes to exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -29,10 +32,12 @@ import numpy as np
 from absl import logging
 
 from grpo_jax import advantages, checkpointing, evaluation, experiment, iterative
+from grpo_jax import models as models_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import rollout, settings as settings_lib, updates
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
+from grpo_jax.models import lora
 from grpo_jax.settings import ConfigError  # noqa: F401  (raised by train; the launcher catches it)
 from grpo_jax.train_step import TrainBatch, TrainState
 
@@ -45,24 +50,33 @@ class LoopState:
   position: iterator.Position  # the phase's data iterator
   metrics_lines: int = 0       # metrics.jsonl lines written up to this state
   rm_trained: bool = False     # the checkpoint holds a reward model
+  lora_base: str = ""          # LoRA: fingerprint of the frozen base the adapters belong to
 
   def to_json(self) -> dict:
     return dict(phase=self.phase, step=self.step, position=self.position._asdict(),
-                metrics_lines=self.metrics_lines, rm_trained=self.rm_trained)
+                metrics_lines=self.metrics_lines, rm_trained=self.rm_trained,
+                lora_base=self.lora_base)
 
   @classmethod
   def from_json(cls, d: dict) -> "LoopState":
     return cls(d["phase"], d["step"], iterator.Position(**d["position"]), d["metrics_lines"],
-               d["rm_trained"])
+               d["rm_trained"], d.get("lora_base", ""))
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The device state: policy (with optimizer), reference params, reward model."""
+  """The device state: policy (with optimizer), reference params, reward model. With LoRA,
+  `state` trains the adapters, `base` is the frozen base (compute dtype), which is also the
+  reference policy (no second copy) and is not in the checkpoint (see `_lora_base_dir`)."""
   state: Optional[TrainState]
   ref_params: Any = None
   rm_state: Optional[TrainState] = None
   rm_data: iterative.RMData = iterative.RMData()
+  base: Any = None
+
+  @property
+  def reference(self):
+    return self.ref_params if self.base is None else self.base
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -84,6 +98,7 @@ def run(exp: Experiment) -> dict:
     logging.warning("%d of %d training prompts were truncated on the left to %d tokens",
                     exp.train_prompts.num_truncated, len(exp.task.train),
                     s.rollout.max_prompt_length)
+  _record_run(exp)
   ckpt = checkpointing.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
                                     keep=s.checkpoint_keep)
   loop, models = resume(exp, ckpt)
@@ -91,12 +106,30 @@ def run(exp: Experiment) -> dict:
                                      truncate_to=loop.metrics_lines if loop else 0)
   if loop is None or loop.phase == "sft":
     loop, models = sft_phase(exp, ckpt, writer, loop, models)
-  final = grpo_phase(exp, ckpt, writer, loop, models)
+  final, models = grpo_phase(exp, ckpt, writer, loop, models)
+  if exp.lora:
+    _export_lora(exp, models)
   ckpt.close()
   writer.close()
   logging.info("compiles: update %d, sampler %d", exp.programs.policy_update._cache_size(),  # pylint: disable=protected-access
                exp.programs.sample_train._cache_size())  # pylint: disable=protected-access
   return final
+
+
+def _record_run(exp: Experiment) -> None:
+  """run.json: what the run really is (model config, dtypes, devices), beside config.json."""
+  c = exp.model_config
+  info = {"model": dataclasses.asdict(c), "num_params": exp.num_params(),
+          "precision": {"params": c.param_dtype, "compute": c.dtype,
+                        "optimizer_state": c.param_dtype,
+                        "reference": (c.param_dtype if exp.settings.grpo.ref_ema else c.dtype)
+                        if exp.settings.use_reference else None},
+          "mesh": dict(exp.mesh.shape), "devices": [str(d) for d in jax.devices()][:8],
+          "jax": jax.__version__}
+  logging.info("precision: %s", info["precision"])
+  if jax.process_index() == 0:
+    with open(os.path.join(exp.workdir, "run.json"), "w") as f:
+      json.dump(info, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -108,8 +141,8 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   def target(extra: dict) -> dict:
     loop = LoopState.from_json(extra)
     tree = {"state": experiment.abstract_state(exp, loop.phase)}
-    if loop.phase == "grpo" and exp.settings.use_reference:
-      tree["ref_params"] = tree["state"].params
+    if loop.phase == "grpo" and _stores_reference(exp):
+      tree["ref_params"] = experiment.abstract_reference(exp, tree["state"].params)
     if loop.rm_trained:
       tree["rm_state"] = experiment.abstract_rm_state(exp)
     return tree
@@ -124,15 +157,48 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   loop = LoopState.from_json(restored.extra)
   logging.info("resumed from %s step %d (%s step %d)", ckpt.directory, restored.step, loop.phase,
                loop.step)
+  base = _load_lora_base(exp, loop) if exp.lora and loop.phase == "grpo" else None
   return loop, Models(restored.state["state"], restored.state.get("ref_params"),
-                      restored.state.get("rm_state"), iterative.RMData.from_host(restored.host))
+                      restored.state.get("rm_state"), iterative.RMData.from_host(restored.host),
+                      base)
+
+
+def _stores_reference(exp: Experiment) -> bool:
+  """A reference copy is kept (and checkpointed) for the KL or RFT, except with LoRA, whose
+  reference is the frozen base."""
+  return exp.settings.use_reference and not exp.lora
+
+
+def _lora_base_dir(exp: Experiment) -> str:
+  """Where a LoRA run's base lives: the HF checkpoint it started from, or (SFT warm start,
+  init_from or a random init) `<workdir>/lora_base`, written once at the start of GRPO."""
+  if exp.settings.model.hf_checkpoint and not exp.settings.sft_steps and not exp.settings.init_from:
+    return exp.settings.model.hf_checkpoint
+  return os.path.join(exp.workdir, "lora_base")
+
+
+def _load_lora_base(exp: Experiment, loop: LoopState):
+  path = _lora_base_dir(exp)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise ConfigError(f"LoRA base model {path} is missing: the adapter checkpoint in "
+                      f"{exp.workdir}/checkpoints needs the base it was trained on")
+  _, host = models_lib.load_hf_checkpoint(path, dtype=exp.model_config.param_dtype)
+  base = experiment.lora_base(exp, jax.device_put(host, exp.params_sh))
+  found = lora.fingerprint(exp.base_config, base)
+  if loop.lora_base and found != loop.lora_base:
+    raise ConfigError(f"config.model: the adapter checkpoint in {exp.workdir}/checkpoints was "
+                      f"trained on a base with fingerprint {loop.lora_base}, but {path} has "
+                      f"{found}: a different base model")
+  return base
 
 
 def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> LoopState:
   """Checkpoint `models` with `loop` (its metrics position set to the writer's) at the global
   step: SFT steps, then SFT steps + GRPO steps."""
   loop = dataclasses.replace(loop, metrics_lines=writer.num_lines,
-                             rm_trained=models.rm_state is not None)
+                             rm_trained=models.rm_state is not None,
+                             lora_base=lora.fingerprint(exp.base_config, models.base)
+                             if models.base is not None else "")
   tree = {"state": models.state}
   if models.ref_params is not None:
     tree["ref_params"] = models.ref_params
@@ -145,8 +211,18 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
 
 
 def _initial_grpo_models(exp: Experiment, params=None) -> Models:
+  if exp.lora:  # fresh adapters on a frozen base (the warm start, init_from, or the checkpoint)
+    base = experiment.lora_base(exp, params)
+    path = _lora_base_dir(exp)
+    if path != exp.settings.model.hf_checkpoint and jax.process_index() == 0:
+      tmp = path + ".tmp"
+      models_lib.save_hf_checkpoint(tmp, exp.base_config, jax.device_get(base))
+      shutil.rmtree(path, ignore_errors=True)
+      os.replace(tmp, path)  # whole or absent
+    return Models(experiment.init_state(exp, "grpo"), base=base)
   state = experiment.init_state(exp, "grpo", params=params)
-  return Models(state, updates.copy(state.params) if exp.settings.use_reference else None)
+  return Models(state, experiment.reference_copy(exp, state.params)
+                if _stores_reference(exp) else None)
 
 
 # ----------------------------------------------------------------------------- SFT warm start
@@ -197,7 +273,8 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
   nan_streak, last_eval = 0, {}
   for step in range(loop.step, s.grpo.steps + 1):
     if step == 0 or step == s.grpo.steps or (s.eval.every and step % s.eval.every == 0):
-      last_eval = _evaluate(exp, writer, models.state.params, step)
+      last_eval = _evaluate(exp, writer,
+                            experiment.policy_params(exp, models.state, models.base), step)
     if step == s.grpo.steps:
       break
     if iterative.iteration_due(exp, step):
@@ -221,7 +298,26 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
     if (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0) or step + 1 == s.grpo.steps:
       loop = save(exp, ckpt, writer, loop, models)
   ckpt.wait()
-  return last_eval
+  return last_eval, models
+
+
+def _export_lora(exp: Experiment, models: Models) -> None:
+  """The trained policy for other tools: `lora_adapter/` (PEFT: adapter_config.json +
+  adapter_model.safetensors, loads onto the transformers base) and `merged_hf/` (a plain HF
+  checkpoint), each written to a temporary directory and renamed."""
+  if jax.process_index() != 0:
+    return
+  params = jax.device_get(lora.combine(models.base, models.state.params))
+  base_path = os.path.abspath(_lora_base_dir(exp))
+  for name, write in (("lora_adapter", functools.partial(
+      models_lib.save_peft_adapter, base_model_name_or_path=base_path)),
+                      ("merged_hf", models_lib.save_merged_hf)):
+    path = os.path.join(exp.workdir, name)
+    write(path + ".tmp", exp.model_config, params)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)
+  logging.info("LoRA policy exported to %s/lora_adapter (PEFT) and %s/merged_hf", exp.workdir,
+               exp.workdir)
 
 
 def grpo_step(exp: Experiment, loop: LoopState, models: Models,
@@ -229,8 +325,10 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   """rollout -> advantages -> log-prob passes -> update; the reference follows the policy."""
   s = exp.settings
   r = s.rollout
-  policy = models.ref_params if r.paradigm.data == "frozen_policy" else models.state.params
-  roll, position = rollout.collect(exp, policy, loop.position, step,
+  # The policy in the compute dtype (LoRA merged), made once: the sampler and the old pass use it.
+  policy = experiment.policy_params(exp, models.state, models.base)
+  sampler = models.reference if r.paradigm.data == "frozen_policy" else policy
+  roll, position = rollout.collect(exp, sampler, loop.position, step,
                                    iterative.rm_params(models.rm_state))
   adv = advantages.coefficients(r.paradigm.coefficient, roll.scores_KxPxG, exp.rewards.weights,
                                 scale=r.advantage_scale,
@@ -238,15 +336,15 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
                                 num_tokens=roll.tokens_NxC.shape[1])
   t0 = time.perf_counter()
   batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
-  batch = updates.with_logprobs(exp, models.state, models.ref_params, batch)
-  state, update_figures = updates.update(exp, models.state, batch)
+  batch = updates.with_logprobs(exp, policy, models.reference, batch)
+  state, update_figures = updates.update(exp, models.state, batch, frozen=models.base)
   figures = {**update_figures, **roll.figures, "update_s": time.perf_counter() - t0,
              "samples": rollout.samples(exp, roll, adv)}
   rm_data = (models.rm_data.add(rollout.rm_examples(exp, roll)) if s.reward_model.enabled
              else models.rm_data)
   models = dataclasses.replace(
       models, state=state, rm_data=rm_data,
-      ref_params=updates.next_reference(s.grpo, models.ref_params, state.params, step + 1))
+      ref_params=updates.next_reference(exp, models.ref_params, state.params, step + 1))
   return dataclasses.replace(loop, step=step + 1, position=position), models, figures
 
 
@@ -276,7 +374,7 @@ def _outer_iteration(exp: Experiment, writer, models: Models, step: int) -> Mode
                " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
   ref = models.ref_params
   if step > 0 and ref is not None and exp.settings.rollout.paradigm.data != "frozen_policy":
-    ref = updates.copy(models.state.params)
+    ref = experiment.reference_copy(exp, models.state.params)
   return dataclasses.replace(models, rm_state=rm_state, rm_data=rm_data, ref_params=ref)
 
 

@@ -2,7 +2,7 @@
 
     batch = updates.with_logprobs(exp, state, ref_params, batch)   # ref (beta > 0), old (mu > 1)
     state, figures = updates.update(exp, state, batch)              # mu optimizer steps
-    ref_params = updates.next_reference(exp.settings.grpo, ref_params, state.params, step)
+    ref_params = updates.next_reference(exp, ref_params, state.params, step)
 
 The batch moves to the mesh once; the passes and updates are the jitted `exp.programs`.
 """
@@ -10,37 +10,41 @@ The batch moves to the mesh once; the passes and updates are the jitted `exp.pro
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax import experiment
 from grpo_jax.experiment import Experiment
-from grpo_jax.settings import GRPOSettings
 from grpo_jax.train_step import TrainBatch, TrainState
 
 
-def with_logprobs(exp: Experiment, state: TrainState, ref_params, batch: TrainBatch) -> TrainBatch:
+def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> TrainBatch:
   """`batch` on the mesh, with the reference policy's log-probs when the KL is on (beta > 0)
   and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones, detached).
-  The non-GRPO objectives (advantage-weighted NLL) need neither."""
+  `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the sampler
+  decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
   s = exp.settings
   batch = exp.shard(batch)[0]
   if s.rollout.paradigm.objective != "grpo":
     return batch
-  # Both passes see the same batch structure, so the pass compiles once.
-  ref = exp.programs.logprobs(ref_params, batch) if s.grpo.loss.beta != 0.0 else None
-  old = exp.programs.logprobs(state.params, batch) if s.grpo.num_iterations > 1 else None
+  # Both passes get compute-dtype params and the same batch structure: one compile.
+  logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
+  ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
+  old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
   return batch.replace(ref_logprobs=ref, old_logprobs=old)
 
 
-def update(exp: Experiment, state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict]:
-  """mu = grpo.num_iterations optimizer steps on one rollout batch (one for the NLL objectives).
+def update(exp: Experiment, state: TrainState, batch: TrainBatch,
+           frozen=None) -> tuple[TrainState, dict]:
+  """mu = grpo.num_iterations optimizer steps on one rollout batch (one for the NLL objectives);
+  `frozen`: LoRA's base, beside the adapters in `state`.
 
   Figures: each metric's mean over the mu steps, with `<name>/first` and `<name>/last` when
   mu > 1, and `skipped`, the number of steps a non-finite loss or gradient skipped."""
   mu = exp.settings.grpo.num_iterations if exp.settings.rollout.paradigm.objective == "grpo" else 1
   metrics = []
   for _ in range(mu):
-    state, m = exp.programs.policy_update(state, batch)
+    state, m = (exp.programs.policy_update(state, batch) if frozen is None
+                else exp.programs.policy_update(state, batch, frozen))
     metrics.append(m)
   return state, aggregate(jax.device_get(metrics))
 
@@ -59,21 +63,18 @@ def aggregate(metrics: list[dict]) -> dict:
   return figures
 
 
-def next_reference(g: GRPOSettings, ref_params, params, step: int):
+def next_reference(exp: Experiment, ref_params, params, step: int):
   """Reference policy after `step` updates: frozen, reset to the policy every
-  `ref_reset_every` steps, or an EMA of it (`ref_ema`); untouched without a KL term."""
+  `ref_reset_every` steps, or an EMA of it (`ref_ema`); untouched without a KL term. A copy
+  (`experiment.reference_copy`) survives the donation of `params` to the next update."""
+  g = exp.settings.grpo
   if g.loss.beta == 0.0:
     return ref_params
   if g.ref_reset_every and step % g.ref_reset_every == 0:
-    return copy(params)
+    return experiment.reference_copy(exp, params)
   if g.ref_ema:
     return _ema(ref_params, params, g.ref_ema)
   return ref_params
-
-
-def copy(params):
-  """A copy that survives the donation of `params` to the next update."""
-  return jax.tree.map(jnp.copy, params)
 
 
 @jax.jit

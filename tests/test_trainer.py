@@ -187,7 +187,7 @@ def test_unknown_reward_names_it():
   cfg = arithmetic_config.get_config("smoke")
   cfg.grpo.rewards.unlock()
   cfg.grpo.rewards.nonsense = 1.0
-  s = settings.from_config(cfg, 1)
+  s = settings.from_config(cfg, jax.device_count())
   with pytest.raises(settings.ConfigError, match="unknown reward 'nonsense'"):
     tasks.reward_functions(s.rollout, s.reward_model)
 
@@ -208,7 +208,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   cfg = gsm8k_config.get_config("smoke")
   cfg.data.path = str(d)
   with pytest.raises(settings.ConfigError, match=r"train.jsonl:2"):
-    tasks.load_task(settings.from_config(cfg, 1))
+    tasks.load_task(settings.from_config(cfg, jax.device_count()))
 
 
 def _fixed_rewards(monkeypatch, fn):
@@ -336,13 +336,15 @@ def test_stop_tokens_are_single_token_eos_ids(tmp_path):
 
 
 def test_reference_update_policies():
+  import types
   cfg = arithmetic_config.get_config("smoke")
-  g = lambda: settings.from_config(cfg, 1).grpo  # noqa: E731
+  exp = lambda: types.SimpleNamespace(  # noqa: E731  (what next_reference reads)
+      settings=settings.from_config(cfg, 1), model_config=models.get_config("tiny_llama"))
   ref, pol = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
   cfg.grpo.loss.beta = 0.0  # no KL: the reference is never touched
-  assert updates.next_reference(g(), ref, pol, 4) is ref
+  assert updates.next_reference(exp(), ref, pol, 4) is ref
   cfg.grpo.loss.beta, cfg.grpo.ref_reset_every = 0.04, 2
-  np.testing.assert_array_equal(updates.next_reference(g(), ref, pol, 3)["w"], 1.0)  # frozen
-  np.testing.assert_array_equal(updates.next_reference(g(), ref, pol, 4)["w"], 0.0)  # reset
+  np.testing.assert_array_equal(updates.next_reference(exp(), ref, pol, 3)["w"], 1.0)  # frozen
+  np.testing.assert_array_equal(updates.next_reference(exp(), ref, pol, 4)["w"], 0.0)  # reset
   cfg.grpo.ref_reset_every, cfg.grpo.ref_ema = 0, 0.25
-  np.testing.assert_allclose(updates.next_reference(g(), ref, pol, 3)["w"], 0.75)  # EMA
+  np.testing.assert_allclose(updates.next_reference(exp(), ref, pol, 3)["w"], 0.75)  # EMA

@@ -34,7 +34,11 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   c.data = dict(task="gsm8k", seed=0, num_train=0, num_eval=500, flaw_p=0.0,
                 path="../shared/data/gsm8k", chat_template="qwen")
   c.tokenizer = dict(path="", vocab_size=0)  # from the checkpoint directory
-  c.model = dict(preset="", hf_checkpoint="", dtype="bfloat16", overrides={})
+  # float32 master weights and Adam state, bfloat16 compute: at lr 1e-6 a bfloat16 weight would
+  # not move (an update far below half its ulp rounds away).
+  c.model = dict(preset="", hf_checkpoint="", param_dtype="float32", dtype="bfloat16",
+                 overrides={}, lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down",
+                                         dropout=0.0))
   c.sft.steps = 0  # instruct models need no warm start
   g = c.grpo
   g.steps, g.num_prompts, g.num_samples = 500, 16, 8

@@ -68,6 +68,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # activations; softmax and norm statistics are always float32
   remat: bool = False  # jax.checkpoint around each layer
+  # LoRA (models/lora.py): rank 0 = off. Adapters on the named weights of every layer
+  # (LORA_TARGETS), delta W = (alpha / rank) * A @ B, A [in..., r] random, B [r, out...] zero.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("qkv", "o", "gate_up", "down")
 
   def __post_init__(self):
     _check(self.family in FAMILIES, "family", self.family, FAMILIES)
@@ -90,6 +95,12 @@ class ModelConfig:
         raise ValueError("ModelConfig: sliding_attention layers need sliding_window > 0")
     for name in ("param_dtype", "dtype"):
       jnp.dtype(getattr(self, name))  # fails loudly on an unknown dtype name
+    if self.lora_rank < 0:
+      raise ValueError(f"ModelConfig: lora_rank={self.lora_rank} must be >= 0")
+    if not isinstance(self.lora_targets, tuple):
+      raise ValueError("ModelConfig: lora_targets must be a tuple (hashable)")
+    for t in self.lora_targets:
+      _check(t in LORA_TARGETS, "lora_targets entry", t, LORA_TARGETS)
 
   @property
   def num_groups(self) -> int:
@@ -101,6 +112,9 @@ class ModelConfig:
 
   def replace(self, **overrides) -> "ModelConfig":
     return dataclasses.replace(self, **overrides)
+
+
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 
 
 def _check(ok: bool, field: str, value, allowed) -> None:

@@ -81,6 +81,31 @@ class RMSNorm(nn.Module):
     return (x32 * (1.0 + scale32 if plus_one else scale32)).astype(x.dtype)
 
 
+def _lora(module: nn.Module, name: str, spec: str, x, w_shape, logical, n_in: int):
+  """LoRA's update of weight `name` on input x: (alpha / r) * (x @ A) @ B, in compute dtype.
+
+  `spec` is the weight's einsum "x,w->y"; A [in..., r] (in = the first n_in axes of the weight)
+  is random, B [r, out...] zero, so a fresh adapter leaves the output unchanged. Adapters are
+  float32 whatever the param dtype: they are what the optimiser trains."""
+  c = module.config
+  if not c.lora_rank or name not in c.lora_targets:
+    return 0.0
+  dtype = jnp.dtype(c.dtype)
+  fan_in = math.prod(w_shape[:n_in])
+  a = module.param(f"{name}_lora_a", nn.with_logical_partitioning(
+      nn.initializers.normal(fan_in ** -0.5), (*logical[:n_in], None)),
+      (*w_shape[:n_in], c.lora_rank), jnp.float32)
+  b = module.param(f"{name}_lora_b", nn.with_logical_partitioning(
+      nn.initializers.zeros, (None, *logical[n_in:])), (c.lora_rank, *w_shape[n_in:]),
+      jnp.float32)
+  x_spec, rest = spec.split(",")
+  w_spec, y_spec = rest.split("->")
+  r_spec = x_spec[:-n_in] + "r" if n_in else x_spec
+  h = jnp.einsum(f"{x_spec},{w_spec[:n_in]}r->{r_spec}", x, a.astype(dtype))
+  return jnp.einsum(f"{r_spec},r{w_spec[n_in:]}->{y_spec}", h, b.astype(dtype)) * jnp.asarray(
+      c.lora_alpha / c.lora_rank, dtype)
+
+
 class Attention(nn.Module):
   """Fused-QKV grouped-query self-attention with RoPE, optional q/k norm and KV cache."""
 
@@ -95,7 +120,9 @@ class Attention(nn.Module):
     K, G, D, H = c.num_kv_heads, c.num_groups, c.head_dim, c.num_heads
     w_qkv = self.param("qkv", nn.with_logical_partitioning(
         _kernel_init(), ("embed", "kv_heads", "qkv", "head_dim")), (E, K, G + 2, D), pdtype)
-    qkv_BxTxKxCxD = jnp.einsum("bte,ekcd->btkcd", x_BxTxE, w_qkv.astype(dtype))
+    qkv_BxTxKxCxD = jnp.einsum("bte,ekcd->btkcd", x_BxTxE, w_qkv.astype(dtype)) + _lora(
+        self, "qkv", "bte,ekcd->btkcd", x_BxTxE, (E, K, G + 2, D),
+        ("embed", "kv_heads", "qkv", "head_dim"), 1)
     if c.qkv_bias:
       b_qkv = self.param("qkv_bias", nn.with_logical_partitioning(
           nn.initializers.zeros, ("kv_heads", "qkv", "head_dim")), (K, G + 2, D), pdtype)
@@ -130,7 +157,9 @@ class Attention(nn.Module):
           softcap=c.attn_logit_softcap)
     w_o = self.param("o", nn.with_logical_partitioning(
         _kernel_init(), ("heads", "head_dim", "embed")), (H, D, E), pdtype)
-    out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(B, T, H, D), w_o.astype(dtype))
+    o_BxTxHxD = out_BxTxKxGxD.reshape(B, T, H, D)
+    out_BxTxE = jnp.einsum("bthd,hde->bte", o_BxTxHxD, w_o.astype(dtype)) + _lora(
+        self, "o", "bthd,hde->bte", o_BxTxHxD, (H, D, E), ("heads", "head_dim", "embed"), 2)
     return out_BxTxE, new_kv
 
 
@@ -148,13 +177,16 @@ class MLP(nn.Module):
         _kernel_init(), ("embed", "gate_up", "mlp")), (E, 2, M), pdtype)
     w_down = self.param("down", nn.with_logical_partitioning(
         _kernel_init(), ("mlp", "embed")), (M, E), pdtype)
-    h_BxTx2xM = jnp.einsum("bte,ecm->btcm", x_BxTxE, w_gate_up.astype(dtype))
+    h_BxTx2xM = jnp.einsum("bte,ecm->btcm", x_BxTxE, w_gate_up.astype(dtype)) + _lora(
+        self, "gate_up", "bte,ecm->btcm", x_BxTxE, (E, 2, M), ("embed", "gate_up", "mlp"), 1)
     gate_BxTxM, up_BxTxM = h_BxTx2xM[:, :, 0], h_BxTx2xM[:, :, 1]
     if c.hidden_act == "silu":
       act_BxTxM = jax.nn.silu(gate_BxTxM)
     else:
       act_BxTxM = jax.nn.gelu(gate_BxTxM, approximate=True)
-    return jnp.einsum("btm,me->bte", act_BxTxM * up_BxTxM, w_down.astype(dtype))
+    h_BxTxM = act_BxTxM * up_BxTxM
+    return jnp.einsum("btm,me->bte", h_BxTxM, w_down.astype(dtype)) + _lora(
+        self, "down", "btm,me->bte", h_BxTxM, (M, E), ("mlp", "embed"), 1)
 
 
 class Block(nn.Module):

@@ -1,0 +1,120 @@
+"""Mixed precision: float32 master weights and optimiser state, a bfloat16 compute dtype.
+
+The failure this guards against: at the GSM8K learning rate (1e-6) an Adam step moves a weight of
+magnitude ~0.02 by far less than half a bfloat16 ulp (~6e-5), so bfloat16 weights do not move.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import multihost_worker as mw
+from experiments.configs import arithmetic as arithmetic_config
+from grpo_jax import checkpointing, losses, models, settings, tasks
+from grpo_jax import train_step as ts
+
+
+def _changed_fraction(param_dtype: str, steps: int = 3) -> float:
+  """Fraction of the decoder-layer weights that change in `steps` GRPO updates at lr 1e-6."""
+  config = models.get_config("tiny_qwen2", param_dtype=param_dtype, dtype="bfloat16")
+  params = models.init_params(config, jax.random.key(0))
+  optimizer = ts.make_optimizer(ts.OptimConfig(learning_rate=1e-6, max_grad_norm=1.0))
+  state = ts.init_train_state(params, optimizer)
+  step = jax.jit(lambda s, b: ts.update_step(s, b, model_config=config, optimizer=optimizer,
+                                             loss_cfg=losses.LossConfig()))
+  for seed in range(steps):
+    state, metrics = step(state, jax.tree.map(jnp.asarray, mw.make_batch(seed)))
+    assert metrics["skipped"] == 0
+  layers = lambda p: [x for k, v in p.items() if k.startswith("layers_")  # noqa: E731
+                      for x in jax.tree.leaves(v)]
+  before, after = layers(params), layers(state.params)
+  changed = sum(int(jnp.sum(a != b)) for a, b in zip(after, before))
+  return changed / sum(a.size for a in before)
+
+
+def test_float32_masters_with_bf16_compute_move_at_lr_1e_6():
+  assert _changed_fraction("float32") >= 0.99
+  # The failure mode the master weights fix: bfloat16 weights barely move at this rate.
+  assert _changed_fraction("bfloat16") < 0.2
+
+
+def _dots(fn, *args) -> tuple[int, int, int]:
+  """dot_generals in the jaxpr of fn(*args): (both operands bfloat16, none bfloat16, all)."""
+  eqns = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        eqns.append(eqn)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  bf16 = [[v.aval.dtype == jnp.bfloat16 for v in e.invars] for e in eqns]
+  return sum(map(all, bf16)), sum(not any(b) for b in bf16), len(eqns)
+
+
+def _settings(**model):
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.model.update(model)
+  return settings.from_config(cfg, 1)
+
+
+@pytest.mark.parametrize("source", ["preset", "hf"])
+def test_model_dtype_bfloat16_really_computes_in_bfloat16(source, tmp_path):
+  """`model.dtype = bfloat16` reaches preset and Hugging Face models alike: float32 params, and
+  no matmul of the training step's forward and backward runs on two float32 operands (the
+  float32 ones are the cotangents of the float32 softmax and log-probs, as intended)."""
+  s = _settings(dtype="bfloat16")
+  tok = type("Tok", (), {"vocab_size": 128})()
+  if source == "hf":
+    config = models.get_config("tiny_qwen2", vocab_size=128)
+    models.save_hf_checkpoint(str(tmp_path), config, models.init_params(config, jax.random.key(0)))
+    s = _settings(dtype="bfloat16", preset="", hf_checkpoint=str(tmp_path))
+  config, params = tasks.build_model(s, tok)
+  assert (config.param_dtype, config.dtype) == ("float32", "bfloat16")
+  if params is None:
+    params = models.init_params(config, jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  batch = jax.tree.map(jnp.asarray, mw.make_batch())
+  batch = batch.replace(prompt_tokens=batch.prompt_tokens % 128,
+                        completion_tokens=batch.completion_tokens % 128)
+  loss = lambda p: ts.loss_and_grads(p, batch, model_config=config,  # noqa: E731
+                                     loss_cfg=losses.LossConfig())[2]
+  bf16, f32, total = _dots(loss, params)
+  assert total > 10 and f32 == 0 and bf16 >= 0.8 * total
+  config32 = dataclasses.replace(config, dtype="float32")  # the same count says all float32
+  loss32 = lambda p: ts.loss_and_grads(p, batch, model_config=config32,  # noqa: E731
+                                       loss_cfg=losses.LossConfig())[2]
+  assert _dots(loss32, params) == (0, total, total)
+
+
+def test_a_config_that_would_lose_its_updates_warns():
+  warnings = settings.precision_warnings(_settings(param_dtype="bfloat16", dtype="bfloat16"))
+  assert warnings and "config.model.param_dtype" in warnings[0] and "float32" in warnings[0]
+  assert not settings.precision_warnings(_settings(dtype="bfloat16"))
+  with pytest.raises(settings.ConfigError, match="config.model.dtype = 'float8'"):
+    _settings(dtype="float8")
+
+
+def test_bf16_run_records_its_dtypes_and_keeps_the_reference_in_compute_dtype(tmp_path):
+  from grpo_jax import trainer
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.model.dtype, cfg.grpo.loss.beta = "bfloat16", 0.04
+  cfg.grpo.steps, cfg.eval.every, cfg.grpo.num_prompts = 2, 0, 8
+  trainer.train(cfg, str(tmp_path))
+  info = json.load(open(tmp_path / "run.json"))
+  assert info["precision"] == {"params": "float32", "compute": "bfloat16",
+                               "optimizer_state": "float32", "reference": "bfloat16"}
+  with checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+    tree, _ = ckpt.restore()
+  assert {x.dtype for x in jax.tree.leaves(tree["ref_params"])} == {np.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(tree["state"]["params"])} == {np.dtype("float32")}
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(np.isfinite(r["loss"]) for r in rows if r["phase"] == "grpo" and "loss" in r)
