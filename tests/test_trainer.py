@@ -187,7 +187,7 @@ def test_unknown_reward_names_it():
   cfg = arithmetic_config.get_config("smoke")
   cfg.grpo.rewards.unlock()
   cfg.grpo.rewards.nonsense = 1.0
-  s = settings.from_config(cfg, jax.device_count())
+  s = settings.from_config(cfg, 1)
   with pytest.raises(settings.ConfigError, match="unknown reward 'nonsense'"):
     tasks.reward_functions(s.rollout, s.reward_model)
 
@@ -208,7 +208,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   cfg = gsm8k_config.get_config("smoke")
   cfg.data.path = str(d)
   with pytest.raises(settings.ConfigError, match=r"train.jsonl:2"):
-    tasks.load_task(settings.from_config(cfg, jax.device_count()))
+    tasks.load_task(settings.from_config(cfg, 1))
 
 
 def _fixed_rewards(monkeypatch, fn):
