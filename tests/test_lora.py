@@ -127,7 +127,7 @@ def test_lora_rejects_a_moving_reference():
 
 # ----------------------------------------------------------------------------- end to end
 
-from test_trainer import _kill_when, comparable, launch  # noqa: E402
+from test_trainer import assert_kill_and_resume_is_exact, launch  # noqa: E402
 
 LORA_SMOKE = ["--config=experiments/configs/arithmetic.py:lora,smoke",
               "--config.grpo.loss.beta=0.04"]
@@ -159,13 +159,7 @@ def test_lora_run_checkpoints_adapters_and_the_base_fingerprint(lora_run):
 
 
 def test_lora_resume_after_sigkill_is_exact(lora_run, tmp_path):
-  workdir = tmp_path / "killed"
-  proc = launch(workdir, *LORA_SMOKE, wait=False)
-  assert _kill_when(proc, workdir, 12), "the run finished before it could be killed"
-  code, out = launch(workdir, *LORA_SMOKE)
-  assert code == 0, out[-4000:]
-  assert "resumed from" in out
-  assert comparable(workdir) == comparable(lora_run)
+  assert_kill_and_resume_is_exact(lora_run, tmp_path / "killed", LORA_SMOKE, 12)
 
 
 def test_adapters_on_a_different_base_is_a_clear_error(lora_run, tmp_path):

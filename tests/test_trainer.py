@@ -99,15 +99,18 @@ def _kill_when(proc, workdir, min_lines):
 
 @pytest.mark.parametrize("kill_after_lines", [4, 12])  # during SFT; during GRPO
 def test_resume_after_sigkill_is_exact(reference_run, tmp_path, kill_after_lines):
-  workdir = tmp_path / "killed"
-  proc = launch(workdir, *SMOKE, wait=False)
+  assert_kill_and_resume_is_exact(reference_run[0], tmp_path / "killed", SMOKE, kill_after_lines)
+
+
+def assert_kill_and_resume_is_exact(reference_workdir, workdir, flags, kill_after_lines):
+  """SIGKILL a run of `flags` after `kill_after_lines` metrics lines and a checkpoint, resume
+  it, and compare its metrics with the uninterrupted run's: bitwise (same floats, steps, order)."""
+  proc = launch(workdir, *flags, wait=False)
   assert _kill_when(proc, workdir, kill_after_lines), "the run finished before it could be killed"
-  code, out = launch(workdir, *SMOKE)
+  code, out = launch(workdir, *flags)
   assert code == 0, out[-4000:]
   assert "resumed from" in out
-  want = comparable(reference_run[0])
-  got = comparable(workdir)
-  assert got == want  # bitwise: same floats, same steps, same order
+  assert comparable(workdir) == comparable(reference_workdir)
 
 
 def test_corrupted_latest_checkpoint_falls_back_and_resumes_exactly(reference_run, tmp_path):
@@ -282,13 +285,7 @@ def test_iterative_grpo_replay_reference_reset_and_rm_continuation(iterative_run
 
 
 def test_iterative_grpo_resume_mid_iteration_is_exact(iterative_run, tmp_path):
-  workdir = tmp_path / "killed"
-  proc = launch(workdir, *ITERATIVE, wait=False)
-  assert _kill_when(proc, workdir, 6), "the run finished before it could be killed"
-  code, out = launch(workdir, *ITERATIVE)
-  assert code == 0, out[-4000:]
-  assert "resumed from" in out
-  assert comparable(workdir) == comparable(iterative_run)
+  assert_kill_and_resume_is_exact(iterative_run, tmp_path / "killed", ITERATIVE, 6)
 
 
 def test_process_supervision_uses_per_token_step_advantages(tmp_path, monkeypatch):
