@@ -1,7 +1,7 @@
 """The device half of a GRPO step: log-prob passes, mu policy updates, the reference policy.
 
-    batch = updates.with_logprobs(exp, state, ref_params, batch)   # ref (beta > 0), old (mu > 1)
-    state, figures = updates.update(exp, state, batch)              # mu optimizer steps
+    batch = updates.with_logprobs(exp, policy, reference, batch)  # ref (beta > 0), old (mu > 1)
+    state, figures = updates.update(exp, state, batch, frozen)     # mu optimizer steps
     ref_params = updates.next_reference(exp, ref_params, state.params, step)
 
 The batch moves to the mesh once; the passes and updates are the jitted `exp.programs`.
