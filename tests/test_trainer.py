@@ -221,8 +221,8 @@ def _fixed_rewards(monkeypatch, fn):
 
 def _record_updates(monkeypatch, seen):
   real = updates.update
-  monkeypatch.setattr(updates, "update", lambda exp, state, batch: (
-      seen.append(jax.device_get(batch)), real(exp, state, batch))[1])
+  monkeypatch.setattr(updates, "update", lambda exp, state, batch, frozen=None: (
+      seen.append(jax.device_get(batch)), real(exp, state, batch, frozen))[1])
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "rft", "online_rft"])
