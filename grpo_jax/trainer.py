@@ -101,16 +101,20 @@ def run(exp: Experiment) -> dict:
   _record_run(exp)
   ckpt = checkpointing.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
                                     keep=s.checkpoint_keep)
-  loop, models = resume(exp, ckpt)
-  writer = metrics_lib.MetricsWriter(exp.workdir, enabled=jax.process_index() == 0,
-                                     truncate_to=loop.metrics_lines if loop else 0)
-  if loop is None or loop.phase == "sft":
-    loop, models = sft_phase(exp, ckpt, writer, loop, models)
-  final, models = grpo_phase(exp, ckpt, writer, loop, models)
-  if exp.lora:
-    _export_lora(exp, models)
-  ckpt.close()
-  writer.close()
+  try:  # a failing run still finishes its pending asynchronous save: no checkpoint is lost
+    loop, models = resume(exp, ckpt)
+    writer = metrics_lib.MetricsWriter(exp.workdir, enabled=jax.process_index() == 0,
+                                       truncate_to=loop.metrics_lines if loop else 0)
+    try:
+      if loop is None or loop.phase == "sft":
+        loop, models = sft_phase(exp, ckpt, writer, loop, models)
+      final, models = grpo_phase(exp, ckpt, writer, loop, models)
+      if exp.lora:
+        _export_lora(exp, models)
+    finally:
+      writer.close()
+  finally:
+    ckpt.close()
   logging.info("compiles: update %d, sampler %d", exp.programs.policy_update._cache_size(),  # pylint: disable=protected-access
                exp.programs.sample_train._cache_size())  # pylint: disable=protected-access
   return final
