@@ -73,6 +73,7 @@ class Models:
   rm_state: Optional[TrainState] = None
   rm_data: iterative.RMData = iterative.RMData()
   base: Any = None
+  base_fingerprint: str = ""  # lora.fingerprint(base), computed once per base
 
   @property
   def reference(self):
@@ -161,10 +162,12 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   loop = LoopState.from_json(restored.extra)
   logging.info("resumed from %s step %d (%s step %d)", ckpt.directory, restored.step, loop.phase,
                loop.step)
-  base = _load_lora_base(exp, loop) if exp.lora and loop.phase == "grpo" else None
+  base, fingerprint = None, ""
+  if exp.lora and loop.phase == "grpo":
+    base, fingerprint = _load_lora_base(exp, loop)
   return loop, Models(restored.state["state"], restored.state.get("ref_params"),
                       restored.state.get("rm_state"), iterative.RMData.from_host(restored.host),
-                      base)
+                      base, fingerprint)
 
 
 def _stores_reference(exp: Experiment) -> bool:
@@ -193,7 +196,7 @@ def _load_lora_base(exp: Experiment, loop: LoopState):
     raise ConfigError(f"config.model: the adapter checkpoint in {exp.workdir}/checkpoints was "
                       f"trained on a base with fingerprint {loop.lora_base}, but {path} has "
                       f"{found}: a different base model")
-  return base
+  return base, found
 
 
 def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> LoopState:
@@ -201,8 +204,7 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
   step: SFT steps, then SFT steps + GRPO steps."""
   loop = dataclasses.replace(loop, metrics_lines=writer.num_lines,
                              rm_trained=models.rm_state is not None,
-                             lora_base=lora.fingerprint(exp.base_config, models.base)
-                             if models.base is not None else "")
+                             lora_base=models.base_fingerprint)
   tree = {"state": models.state}
   if models.ref_params is not None:
     tree["ref_params"] = models.ref_params
@@ -223,7 +225,8 @@ def _initial_grpo_models(exp: Experiment, params=None) -> Models:
       models_lib.save_hf_checkpoint(tmp, exp.base_config, jax.device_get(base))
       shutil.rmtree(path, ignore_errors=True)
       os.replace(tmp, path)  # whole or absent
-    return Models(experiment.init_state(exp, "grpo"), base=base)
+    return Models(experiment.init_state(exp, "grpo"), base=base,
+                  base_fingerprint=lora.fingerprint(exp.base_config, base))
   state = experiment.init_state(exp, "grpo", params=params)
   return Models(state, experiment.reference_copy(exp, state.params)
                 if _stores_reference(exp) else None)
