@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +91,12 @@ class Experiment:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-def build(s: Settings, workdir: str) -> Experiment:
+def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None
+          ) -> Experiment:
   mesh = sharding.make_mesh(*s.mesh)
   task = tasks.load_task(s)
+  rewards = tasks.reward_functions(s.rollout, s.reward_model, reward_fns)
+  tasks.check_rewards(rewards, task, s.rollout)  # your reward functions fail here, not mid-run
   tokenizer = tasks.build_tokenizer(s, workdir, task)
   encode = functools.partial(tasks.encode_prompts, tokenizer, task, r=s.rollout)
   teacher = None
@@ -121,7 +124,7 @@ def build(s: Settings, workdir: str) -> Experiment:
       settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
       train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
       model_config=model_config, host_params=host_params,
-      rewards=tasks.reward_functions(s.rollout, s.reward_model), eos_ids=eos_ids,
+      rewards=rewards, eos_ids=eos_ids,
       optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key,
       base_config=base_config, params_sh=params_sh)
 

@@ -19,8 +19,9 @@ from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
+from absl import logging
 
-from grpo_jax import experiment
+from grpo_jax import experiment, tasks
 from grpo_jax import rewards as rewards_lib
 from grpo_jax.data import arithmetic, iterator
 from grpo_jax.experiment import Experiment, Stream
@@ -67,6 +68,7 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
   params = experiment.compute_params(exp, params)  # once per rollout, not per decoded token
   weights = np.asarray(exp.rewards.weights)
   rounds, t_sample, t_score, gen_tokens, zero_spread = [], 0.0, 0.0, 0, 0
+  failed_K = np.zeros(len(exp.rewards.names), np.int64)
   for k in range(1 + (r.max_resample_rounds if r.dynamic_sampling else 0)):
     idx, position = iterator.next_indices(position, len(exp.task.train), P)
     t0 = time.perf_counter()
@@ -74,6 +76,7 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
     t1 = time.perf_counter()
     drawn.update(_score(exp, drawn, rm_params))
     t_score += time.perf_counter() - t1
+    failed_K += drawn["failed"]
     t_sample += t1 - t0
     gen_tokens += int(drawn["mask"].sum())
     combined_PxG = (weights @ drawn["scores"]).reshape(P, G)
@@ -88,6 +91,9 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
                                              and exp.settings.reward_model.kind == "prm"):
     steps = step_rewards(exp, roll, rm_params)
   figures = _figures(roll, exp.rewards, steps, P, G)
+  if exp.settings.rollout.reward_errors == "zero":
+    figures.update({f"reward_errors/{name}": int(n) for name, n in zip(exp.rewards.names,
+                                                                        failed_K)})
   figures.update(zero_spread_fraction=zero_spread / P, sample_rounds=len(rounds),
                  sample_s=t_sample, score_s=t_score, tok_per_s=gen_tokens / max(t_sample, 1e-9))
   return dataclasses.replace(roll, steps=steps, figures=figures), position
@@ -106,14 +112,23 @@ def _sample(exp: Experiment, params, idx, key) -> dict:
 
 def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
   """Reward rows [K, N] (rule functions on text, then the ORM on tokens) and the verifier."""
-  G = exp.settings.rollout.num_samples
+  r = exp.settings.rollout
   texts, cmask, truncated = drawn["texts"], drawn["mask"], drawn["truncated"]
-  columns = rewards_lib.expand_columns(
-      {"final_answer": [rec["final_answer"] for rec in drawn["records"]]}, G)
-  columns["completion_length"] = completion_lengths(cmask, truncated).tolist()
+  prompts_P = [exp.task.prompt(rec) for rec in drawn["records"]]
+  columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask,
+                                 completion_lengths(cmask, truncated), r.num_samples)
   fns = exp.rewards.fns
-  scores_KxN = (rewards_lib.score(fns, exp.rewards.weights[:len(fns)], texts, columns) if fns
-                else np.zeros((0, len(texts)), np.float32))
+  failed_K = np.zeros(len(exp.rewards.names), bool)
+  if fns:
+    scored = rewards_lib.score_rows(fns, exp.rewards.weights[:len(fns)], texts, columns,
+                                    names=exp.rewards.names[:len(fns)],
+                                    timeout_s=r.reward_timeout_s, on_error=r.reward_errors)
+    scores_KxN = scored.scores_KxN
+    failed_K[:len(fns)] = scored.failed_K
+    for message in scored.messages:
+      logging.warning("%s: this batch scores 0 (config.grpo.reward_errors = 'zero')", message)
+  else:
+    scores_KxN = np.zeros((0, len(texts)), np.float32)
   if "reward_model" in exp.rewards.names:  # ORM score of the tokens the sampler produced
     rm_N = (to_host(exp.programs.rm_score(rm_params, exp.shard(rm_lib.RMBatch(
         drawn["ids"], drawn["pmask"], drawn["tokens"], cmask))[0])) if rm_params is not None
@@ -121,7 +136,7 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
     scores_KxN = np.concatenate([scores_KxN, rm_N[None].astype(np.float32)], 0)
   verified_N = np.asarray(rewards_lib.exact_answer_reward(texts, columns["final_answer"]),
                           np.float32)
-  return dict(scores=scores_KxN, verified=verified_N)
+  return dict(scores=scores_KxN, verified=verified_N, failed=failed_K)
 
 
 def completion_lengths(mask_NxC, truncated_N) -> np.ndarray:

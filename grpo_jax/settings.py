@@ -10,6 +10,7 @@ and a bad value fails before anything compiles, naming `config.<field>`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ import ml_collections
 from absl import logging
 
 from grpo_jax import losses, paradigms, sharding
+from grpo_jax.data import records
 from grpo_jax.train_step import OptimConfig
 
 
@@ -39,13 +41,29 @@ class Decoding:
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-  task: str
+  """Where problems come from and how a record becomes a prompt (grpo_jax/data/records.py)."""
+  task: str                 # "arithmetic" (generated) | "records" (files or a HF dataset)
   seed: int
-  num_train: int
+  num_train: int            # 0: all
   num_eval: int
-  flaw_p: float
-  path: str
-  chat_template: str
+  flaw_p: float             # arithmetic: the flawed teacher's error rate
+  path: str                 # records: file, directory of splits, or "hf:name[:config]"
+  train_split: str
+  eval_split: str           # "" with a single file: the last num_eval records are held out
+  fields: records.FieldMap
+  prompt_template: str      # str.format over the record's columns: the user turn
+  chat_template: str        # "" plain | "checkpoint" (its Jinja template) | qwen, gemma, llama3
+  system_prompt: str
+  chat_template_kwargs: tuple[tuple[str, Any], ...]  # e.g. enable_thinking=False (Qwen3)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+  """Weights & Biases logging; mode "" = off, else "online" | "offline" | "disabled"."""
+  project: str
+  entity: str
+  mode: str
+  name: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +104,9 @@ class RolloutSettings:
   decoding: Decoding
   stop_tokens: str
   rewards: tuple[tuple[str, float], ...]  # (name, weight), weight > 0: the rule rewards on
+  reward_fns: tuple[tuple[str, Any], ...]  # (name, "module:fn" | "path/file.py:fn" | callable)
+  reward_timeout_s: float  # a reward call longer than this is an error (0: no limit)
+  reward_errors: str       # "raise": stop the run | "zero": score the batch 0, count it
   overlong_cache_length: int
   advantage_scale: str
   mask_truncated_completions: bool
@@ -149,6 +170,7 @@ class Settings:
   reward_model: RewardModelSettings
   checkpoint_every: int
   checkpoint_keep: int
+  wandb: WandbSettings
 
   @property
   def sft_steps(self) -> int:
@@ -223,6 +245,8 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       max_prompt_length=g.max_prompt_length, max_completion_length=g.max_completion_length,
       prompt_truncation=g.prompt_truncation, decoding=_decoding(g), stop_tokens=g.stop_tokens,
       rewards=tuple((k, float(w)) for k, w in g.rewards.to_dict().items()),
+      reward_fns=tuple(sorted(g.reward_fns.to_dict().items())),
+      reward_timeout_s=float(g.reward_timeout_s), reward_errors=g.reward_errors,
       overlong_cache_length=g.overlong_cache_length, advantage_scale=g.advantage_scale,
       mask_truncated_completions=bool(g.mask_truncated_completions),
       dynamic_sampling=bool(g.dynamic_sampling), max_resample_rounds=g.max_resample_rounds,
@@ -257,8 +281,7 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
   out = Settings(
       seed=c.seed, init_from=c.init_from, log_every=c.log_every,
       max_nonfinite_streak=c.max_nonfinite_streak,
-      data=DataSettings(d.task, d.seed, d.num_train, d.num_eval, d.flaw_p, d.path,
-                        d.chat_template),
+      data=_data(d),
       tokenizer_path=c.tokenizer.path, tokenizer_vocab_size=c.tokenizer.vocab_size,
       model=ModelSettings(m.preset, m.hf_checkpoint, m.param_dtype, m.dtype,
                           tuple(sorted(m.overrides.to_dict().items())),
@@ -268,11 +291,63 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
                                        float(m.lora.dropout))),
       mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), sft=sft, rollout=rollout, grpo=grpo,
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
-      checkpoint_keep=c.checkpoint.keep)
+      checkpoint_keep=c.checkpoint.keep,
+      wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name))
   check(out, dp)
   for warning in precision_warnings(out):
     logging.warning("%s", warning)
   return out
+
+
+def _data(d: _Fields) -> DataSettings:
+  f = d.fields
+  fields = records.FieldMap(question=f.question, answer=f.answer, final_answer=f.final_answer,
+                            marker=f.marker, cleanup=f.cleanup)
+  return DataSettings(
+      task=d.task, seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, flaw_p=d.flaw_p,
+      path=d.path, train_split=d.train_split, eval_split=d.eval_split, fields=fields,
+      prompt_template=d.prompt_template, chat_template=d.chat_template,
+      system_prompt=d.system_prompt,
+      chat_template_kwargs=tuple(sorted(d.chat_template_kwargs.to_dict().items())))
+
+
+def _check_data(s: Settings) -> None:
+  d = s.data
+  if d.task not in ("arithmetic", "records"):
+    raise ConfigError(f"config.data.task = {d.task!r}: 'arithmetic' (generated) or 'records' "
+                      "(a jsonl / json / parquet file or directory, or hf:<dataset name>)")
+  if d.task == "records" and not d.path:
+    raise ConfigError("config.data.path: the records task needs a file, a directory of "
+                      "{train,test}.jsonl|json|parquet, or hf:<dataset name>")
+  if d.task == "records" and not d.eval_split and not 0 < d.num_eval:
+    raise ConfigError("config.data.num_eval: with config.data.eval_split = '' the last num_eval "
+                      "records of the file are held out; set num_eval > 0")
+  for role in ("question", "final_answer"):
+    if not getattr(d.fields, role):
+      raise ConfigError(f"config.data.fields.{role}: name the column that holds the {role}")
+  if not d.fields.answer and (s.sft_steps or s.rollout.paradigm.data == "teacher"):
+    raise ConfigError("config.data.fields.answer = '': SFT (config.sft.steps > 0) and the sft "
+                      "paradigm train on worked solutions; map the column that holds them, or "
+                      "set config.sft.steps = 0")
+  try:
+    d.prompt_template.format_map(collections.defaultdict(str))
+  except (ValueError, IndexError) as e:
+    raise ConfigError(f"config.data.prompt_template = {d.prompt_template!r}: {e} (a str.format "
+                      "string over the record's columns, e.g. '{question}'; double literal "
+                      "braces)") from None
+
+
+def _check_rewards(r: RolloutSettings) -> None:
+  if r.reward_errors not in ("raise", "zero"):
+    raise ConfigError(f"config.grpo.reward_errors = {r.reward_errors!r}: 'raise' (stop the run) "
+                      "or 'zero' (score the failed batch 0 and count it)")
+  if r.reward_timeout_s < 0:
+    raise ConfigError(f"config.grpo.reward_timeout_s = {r.reward_timeout_s} must be >= 0 "
+                      "(0: no limit)")
+  for name, spec in r.reward_fns:
+    if not callable(spec) and (not isinstance(spec, str) or ":" not in spec):
+      raise ConfigError(f"config.grpo.reward_fns.{name} = {spec!r}: expected 'module:function' "
+                        "or 'path/to/file.py:function'")
 
 
 def _check_lora(s: Settings) -> None:
@@ -375,6 +450,11 @@ def check(s: Settings, dp: int) -> None:
       raise ConfigError(f"config.model.{name} = {getattr(s.model, name)!r}: expected one of "
                         f"{FLOAT_DTYPES}")
   _check_lora(s)
+  _check_data(s)
+  _check_rewards(r)
+  if s.wandb.mode not in ("", "online", "offline", "disabled"):
+    raise ConfigError(f"config.wandb.mode = {s.wandb.mode!r}: '' (off), online, offline or "
+                      "disabled")
   rm = s.reward_model
   if rm.enabled and rm.kind not in ("orm", "prm"):
     raise ConfigError(f"config.reward_model.kind = {rm.kind!r}: 'orm' or 'prm' in the trainer")

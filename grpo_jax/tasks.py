@@ -8,26 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import os
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
-from grpo_jax import models
+from grpo_jax import models, paths
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import tokenizer as tokenizer_lib
-from grpo_jax.data import arithmetic, gsm8k, prompts
+from grpo_jax.data import arithmetic, chat, prompts
+from grpo_jax.data import records as records_lib
 from grpo_jax.settings import ConfigError, RewardModelSettings, RolloutSettings, Settings
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """Records with `question`, `answer` (worked solution), `final_answer` (and task columns)."""
+  """Records with `question`, `answer` (worked solution), `final_answer` and every source column
+  (grpo_jax/data/records.py)."""
   train: list[dict]       # GRPO prompts
   sft: list[dict]         # warm-start targets (may hold a flawed teacher's solutions)
   eval: list[dict]        # held out
-  prompt: Callable[[str], str]
+  prompt: Callable[[dict], str]  # record -> prompt text
 
 
 class Prompts(NamedTuple):
@@ -52,32 +57,80 @@ class Rewards:
 
 
 def load_task(s: Settings) -> Task:
+  """The configured records (generated arithmetic, or your files / HF dataset) and prompt."""
   d = s.data
-  template = d.chat_template
-  prompt = (functools.partial(prompts.chat_prompt, template=prompts.CHAT_TEMPLATES.get(
-      template, template)) if template else prompts.plain_prompt)
   if d.task == "arithmetic":
     train, heldout = arithmetic.make_splits(d.num_train, d.num_eval, d.seed, flaw_p=d.flaw_p)
-    task = Task(train=train, sft=train, eval=heldout, prompt=prompt)
-  elif d.task == "gsm8k":
-    if not d.path:
-      raise ConfigError("config.data.path: the GSM8K task needs a local directory with "
-                        "train.jsonl and test.jsonl (e.g. ../shared/data/gsm8k)")
-    if not os.path.exists(d.path):
-      raise ConfigError(f"config.data.path: {d.path} does not exist")
-    try:
-      train = gsm8k.load_gsm8k(d.path, "train")
-      test = gsm8k.load_gsm8k(d.path, "test")
-    except (ValueError, FileNotFoundError) as e:
-      raise ConfigError(f"config.data.path: {e}") from None
-    limit = lambda rows, n: rows[:n] if n else rows  # noqa: E731
-    task = Task(train=limit(train, d.num_train), sft=limit(train, d.num_train),
-                eval=limit(test, d.num_eval), prompt=prompt)
   else:
-    raise ConfigError(f"config.data.task = {d.task!r}: expected 'arithmetic' or 'gsm8k'")
-  if not task.train or not task.eval:
+    train, heldout = _load_records(d)
+  if not train or not heldout:
     raise ConfigError("config.data: empty train or eval set")
+  task = Task(train=train, sft=train, eval=heldout, prompt=prompt_fn(s))
+  for name, rows in (("train", train), ("eval", heldout)):
+    try:
+      task.prompt(rows[0])
+    except KeyError as e:
+      raise ConfigError(f"config.data.prompt_template = {d.prompt_template!r} names column {e} "
+                        f"that the {name} records lack; they have {sorted(rows[0])}") from None
   return task
+
+
+def _load_records(d) -> tuple[list[dict], list[dict]]:
+  try:
+    train = records_lib.load_split(d.path, d.train_split, d.fields)
+    if d.eval_split:
+      heldout = records_lib.load_split(d.path, d.eval_split, d.fields)
+    else:  # one file: its last num_eval records are held out
+      if len(train) <= d.num_eval:
+        raise ValueError(f"{d.path} has {len(train)} records, not more than config.data.num_eval"
+                         f" = {d.num_eval} to hold out")
+      train, heldout = train[:-d.num_eval], train[-d.num_eval:]
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    raise ConfigError(f"config.data.path: {e}") from None
+  limit = lambda rows, n: rows[:n] if n else rows  # noqa: E731
+  return limit(train, d.num_train), limit(heldout, d.num_eval)
+
+
+def prompt_fn(s: Settings) -> Callable[[dict], str]:
+  """record -> prompt text: `data.prompt_template` over the record's columns (the user turn),
+  inside the chat template if one is configured ("checkpoint": the HF checkpoint's Jinja
+  template from its tokenizer_config.json; a name of the built-in table: the fallback)."""
+  d = s.data
+  fill = lambda rec: d.prompt_template.format_map(rec)  # noqa: E731
+  if not d.chat_template:
+    return fill
+  if d.chat_template in prompts.CHAT_TEMPLATES:
+    template = prompts.CHAT_TEMPLATES[d.chat_template]
+    system = d.system_prompt or prompts.DEFAULT_SYSTEM
+    return lambda rec: prompts.chat_prompt(fill(rec), template, system=system)
+  source = s.tokenizer_path or s.model.hf_checkpoint
+  if d.chat_template == "checkpoint":
+    if not source:
+      raise ConfigError("config.data.chat_template = 'checkpoint' needs config.model.hf_checkpoint"
+                        " (or config.tokenizer.path): the directory whose tokenizer_config.json "
+                        "holds the template")
+    source = source if os.path.isdir(source) else os.path.dirname(source)
+    try:
+      template = chat.load_template(source)
+    except ValueError as e:
+      raise ConfigError(f"config.data.chat_template: {e}") from None
+    if template is None:
+      raise ConfigError(f"config.data.chat_template = 'checkpoint': {source} has no chat template"
+                        " (tokenizer_config.json 'chat_template' or chat_template.jinja); use a "
+                        f"built-in one: {sorted(prompts.CHAT_TEMPLATES)}, or '' for plain text")
+  else:
+    raise ConfigError(f"config.data.chat_template = {d.chat_template!r}: '' (plain prompt), "
+                      f"'checkpoint', or one of {sorted(prompts.CHAT_TEMPLATES)}")
+  try:
+    render = chat.prompt_fn(template, system=d.system_prompt,
+                            template_kwargs=dict(d.chat_template_kwargs))
+    render("test")  # a template that cannot render fails here, naming the config field
+  except ImportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (jinja2's errors)
+    raise ConfigError(f"config.data.chat_template: the template from {source} does not render: "
+                      f"{type(e).__name__}: {e}") from None
+  return lambda rec: render(fill(rec))
 
 
 def build_tokenizer(s: Settings, workdir: str, task: Task) -> tokenizer_lib.Tokenizer:
@@ -92,14 +145,16 @@ def build_tokenizer(s: Settings, workdir: str, task: Task) -> tokenizer_lib.Toke
       return tokenizer_lib.load_tokenizer(path)
     except (ValueError, FileNotFoundError, OSError) as e:
       raise ConfigError(f"config.tokenizer.path: cannot load a tokenizer from {path}: {e}") from None
-  prefix = os.path.join(workdir, "tokenizer")
-  if os.path.exists(prefix + ".model"):  # resume: the same tokenizer, bit for bit
-    return tokenizer_lib.SentencePieceTokenizer(prefix + ".model")
-  texts = [task.prompt(r["question"]) + " " + r["answer"] for r in task.train]
+  model_file = paths.as_path(workdir) / "tokenizer.model"
+  if model_file.exists():  # resume: the same tokenizer, bit for bit
+    return tokenizer_lib.SentencePieceTokenizer(model_proto=model_file.read_bytes())
+  texts = [task.prompt(r) + " " + r["answer"] for r in task.train]
   if jax.process_index() != 0:
     raise ConfigError("multi-host runs need config.tokenizer.path (train it once beforehand)")
-  return tokenizer_lib.train_sentencepiece(texts, model_prefix=prefix,
-                                           vocab_size=s.tokenizer_vocab_size)
+  tokenizer = tokenizer_lib.train_sentencepiece(texts, vocab_size=s.tokenizer_vocab_size)
+  model_file.parent.mkdir(parents=True, exist_ok=True)
+  model_file.write_bytes(tokenizer.model_proto)
+  return tokenizer
 
 
 def build_model(s: Settings, tokenizer) -> tuple[models.ModelConfig, object]:
@@ -128,7 +183,7 @@ def _lora_fields(m) -> dict:
 
 
 def encode_prompts(tokenizer, task: Task, records: Sequence[dict], r: RolloutSettings) -> Prompts:
-  texts = [task.prompt(rec["question"]) for rec in records]
+  texts = [task.prompt(rec) for rec in records]
   try:
     out = tokenizer.encode_batch_padded(texts, max_length=r.max_prompt_length,
                                         truncate=r.prompt_truncation)
@@ -162,28 +217,105 @@ def stop_token_ids(tokenizer, stop_tokens: str) -> tuple[int, ...]:
   return tuple(ids)
 
 
-def reward_functions(r: RolloutSettings, rm: RewardModelSettings) -> Rewards:
-  """The configured reward rows (config: grpo.rewards, weight 0 = off; reward_model)."""
-  table = {
+def reward_functions(r: RolloutSettings, rm: RewardModelSettings,
+                     extra: Optional[Mapping[str, Callable]] = None) -> Rewards:
+  """The reward rows: built-in rule rewards, your own (config.grpo.reward_fns, or `extra` from
+  Python: `grpo_jax.train(config, workdir, reward_fns={"name": fn})`), then the learned ORM.
+  Weights from config.grpo.rewards (0 = off; a function of yours not listed there: 1.0)."""
+  builtin = {
       "exact_answer": rewards_lib.exact_answer_reward,
       "format": rewards_lib.format_reward,
       "overlong": functools.partial(
           rewards_lib.overlong_penalty_reward, max_length=r.max_completion_length,
           cache_length=r.overlong_cache_length),
   }
-  fns, names, weights = [], [], []
-  for name, weight in r.rewards:
+  yours = {name: (spec if callable(spec) else load_reward_fn(spec, f"config.grpo.reward_fns.{name}"))
+           for name, spec in r.reward_fns}
+  for name, fn in (extra or {}).items():
+    if not callable(fn):
+      raise ConfigError(f"reward_fns[{name!r}] = {fn!r} is not callable")
+    yours[name] = fn
+  for name in yours:
+    if name in builtin or name == "reward_model":
+      raise ConfigError(f"config.grpo.reward_fns.{name}: {name!r} is a built-in reward's name; "
+                        "choose another")
+  weights = dict(r.rewards)
+  for name in yours:
+    weights.setdefault(name, 1.0)
+  table = {**builtin, **yours}
+  fns, names, ws = [], [], []
+  for name, weight in weights.items():
     if name not in table:
       raise ConfigError(f"config.grpo.rewards: unknown reward {name!r}; known: {sorted(table)} "
-                        "(add a function to grpo_jax/rewards and to tasks.reward_functions)")
+                        "(name your own in config.grpo.reward_fns)")
     if weight:  # listed with weight 0: off (so that a flag can switch it on)
       fns.append(table[name])
       names.append(name)
-      weights.append(weight)
+      ws.append(weight)
   if rm.enabled and rm.kind == "orm" and rm.weight:
     names.append("reward_model")
-    weights.append(rm.weight)
+    ws.append(rm.weight)
   learned = rm.enabled and (rm.kind == "prm" or rm.weight)
   if not fns and not learned and r.paradigm.coefficient != "process":
     raise ConfigError("config.grpo.rewards: all weights are 0; GRPO needs at least one reward")
-  return Rewards(tuple(fns), tuple(names), tuple(weights))
+  return Rewards(tuple(fns), tuple(names), tuple(ws))
+
+
+def load_reward_fn(spec: str, field: str) -> Callable:
+  """"package.module:function" (importable) or "path/to/file.py:function" -> the function."""
+  target, _, attr = spec.rpartition(":")
+  if not target or not attr:
+    raise ConfigError(f"{field} = {spec!r}: expected 'module:function' or 'file.py:function'")
+  try:
+    if target.endswith(".py"):
+      if not os.path.isfile(target):
+        raise ConfigError(f"{field} = {spec!r}: file {target} does not exist")
+      name = "grpo_jax_user_rewards." + os.path.splitext(os.path.basename(target))[0]
+      module_spec = importlib.util.spec_from_file_location(name, target)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+    else:
+      module = importlib.import_module(target)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the user's module failed to import)
+    raise ConfigError(f"{field} = {spec!r}: cannot import {target}: {type(e).__name__}: {e}"
+                      ) from None
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise ConfigError(f"{field} = {spec!r}: {target} has no function {attr!r}")
+  return fn
+
+
+def reward_columns(records: Sequence[dict], prompts_P: Sequence[str], tokens_NxC, mask_NxC,
+                   lengths_N, group_size: int) -> dict[str, list]:
+  """What a reward function receives besides `completions`, one value per completion: every
+  column of the record, `prompts` (the prompt text), `completion_ids` (token ids up to and
+  including the EOS) and `completion_length` (tokens before the EOS)."""
+  keys = dict.fromkeys(k for rec in records for k in rec)  # in order; json rows may differ
+  columns = rewards_lib.expand_columns({k: [rec.get(k) for rec in records] for k in keys},
+                                       group_size)
+  columns["prompts"] = rewards_lib.expand_columns({"p": list(prompts_P)}, group_size)["p"]
+  columns["completion_ids"] = [row[m > 0].tolist() for row, m in zip(tokens_NxC, mask_NxC)]
+  columns["completion_length"] = np.asarray(lengths_N).tolist()
+  return columns
+
+
+def check_rewards(rewards: Rewards, task: Task, r: RolloutSettings) -> None:
+  """Calls each reward function once on two training records' solutions, before anything
+  compiles: a wrong signature, a missing column or a bad return value is a ConfigError naming
+  the reward (with reward_errors = "zero" only a warning)."""
+  rows = task.train[:2]
+  texts = [rec["answer"] or rec["final_answer"] for rec in rows]
+  ids = np.zeros((len(rows), 1), np.int32)
+  columns = reward_columns(rows, [task.prompt(rec) for rec in rows], ids, ids + 1,
+                           [len(t.split()) for t in texts], 1)
+  for fn, name in zip(rewards.fns, rewards.names):
+    try:
+      rewards_lib.call_reward(fn, name, texts, columns, r.reward_timeout_s)
+    except rewards_lib.RewardFunctionError as e:
+      message = (f"config.grpo.reward_fns / rewards: {e} (checked on 2 training records before "
+                 "training)")
+      if r.reward_errors == "raise":
+        raise ConfigError(message) from None
+      logging.warning("%s", message)

@@ -205,6 +205,11 @@ class SentencePieceTokenizer(Tokenizer):
     if self._sp.eos_id() < 0:
       raise ValueError(f"SentencePiece model {path or '<proto>'} has no eos id")
 
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized model: what `tokenizer.model` holds."""
+    return self._sp.serialized_model_proto()
+
   def encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text))
 

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import ml_collections
@@ -34,7 +34,7 @@ from absl import logging
 from grpo_jax import advantages, checkpointing, evaluation, experiment, iterative
 from grpo_jax import models as models_lib
 from grpo_jax import metrics as metrics_lib
-from grpo_jax import rollout, settings as settings_lib, updates
+from grpo_jax import paths, rollout, settings as settings_lib, updates
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
 from grpo_jax.models import lora
@@ -80,14 +80,20 @@ class Models:
     return self.ref_params if self.base is None else self.base
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the experiment in `workdir`; returns the last eval figures."""
+def train(cfg: ml_collections.ConfigDict, workdir: str,
+          reward_fns: Optional[Mapping[str, Callable]] = None) -> dict:
+  """Runs (or resumes) the experiment in `workdir`; returns the last eval figures.
+
+  `reward_fns`: your reward functions by name, `fn(completions=..., prompts=..., **columns)`
+  (the weight is config.grpo.rewards.<name>, 1.0 if absent); config.grpo.reward_fns names them
+  by import path instead. Pass them again to resume.
+  """
   s = settings_lib.from_config(cfg, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  exp = experiment.build(s, workdir, reward_fns)  # every input error is raised here
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-  return run(experiment.build(s, workdir))
+    (paths.as_path(workdir) / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  return run(exp)
 
 
 def run(exp: Experiment) -> dict:

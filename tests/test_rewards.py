@@ -130,3 +130,24 @@ def test_score_validates_config():
     rewards.score([rewards.format_reward], None, ["x", "y"], {"final_answer": ["1"]})
   with pytest.raises(ValueError, match="at least one"):
     rewards.score([], None, ["x"], {})
+
+
+def test_score_rows_zero_mode_timeout_and_argument_selection():
+  import time
+
+  def slow(completions, **_):
+    time.sleep(5)
+    return [1.0] * len(completions)
+
+  def picky(completions, final_answer):  # no **kwargs: gets only what it names
+    return [float(c == a) for c, a in zip(completions, final_answer)]
+
+  columns = {"final_answer": ["1", "2"], "prompts": ["p", "q"]}
+  out = rewards.score_rows([picky, _raises, slow], None, ["1", "x"], columns,
+                           names=["picky", "boom", "slow"], timeout_s=0.2, on_error="zero")
+  np.testing.assert_array_equal(out.scores_KxN, [[1, 0], [0, 0], [0, 0]])
+  assert out.failed_K.tolist() == [False, True, True]
+  assert "boom raised RuntimeError" in out.messages[0] and "slow took longer than 0.2 s" in (
+      out.messages[1])
+  with pytest.raises(rewards.RewardFunctionError, match="slow took longer"):
+    rewards.score_rows([slow], None, ["1", "x"], columns, names=["slow"], timeout_s=0.2)

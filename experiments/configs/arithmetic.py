@@ -25,8 +25,16 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   c.log_every = 10
   c.max_nonfinite_streak = 3
 
+  # The problems and their prompts. task "records" reads your own data instead (a jsonl / json /
+  # parquet file or directory of splits, or "hf:<dataset>"): see experiments/configs/gsm8k.py
+  # and README "Your own reward and data". Reward functions receive every column of a record.
   c.data = dict(task="arithmetic", seed=0, num_train=20_000, num_eval=500, flaw_p=0.6, path="",
-                chat_template="")
+                train_split="train", eval_split="test",
+                fields=dict(question="question", answer="answer", final_answer="answer",
+                            marker="####", cleanup=""),
+                prompt_template="Question: {question}\nAnswer:",  # over the record's columns
+                chat_template="",  # "checkpoint": the HF checkpoint's own Jinja template
+                system_prompt="", chat_template_kwargs={})
   c.tokenizer = dict(path="", vocab_size=256)
   # A 2-layer Llama-style model (RoPE, SwiGLU, RMSNorm, tied embeddings), ~0.36M params.
   # param_dtype: the trained (master) weights and Adam state; dtype: forward, backward, sampling.
@@ -52,6 +60,10 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
       steps=100, num_prompts=16, num_samples=8, max_prompt_length=48, max_completion_length=40,
       prompt_truncation="left", temperature=1.0, top_k=0, top_p=0.0, min_p=0.0,
       rewards=dict(exact_answer=1.0, format=0.0, overlong=0.0),  # weight 0 = off
+      # Your own rewards: name -> "module:function" or "path/to/file.py:function", called as
+      # fn(prompts=, completions=, completion_ids=, completion_length=, **record columns);
+      # the weight is grpo.rewards.<name> (1.0 if absent).
+      reward_fns={}, reward_timeout_s=0.0, reward_errors="raise",  # or "zero": score 0, count
       advantage_scale="group", num_iterations=1,
       micro_batch_size=0, mask_truncated_completions=False,
       dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
@@ -73,6 +85,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   c.eval = dict(every=20, num_problems=500, batch_size=250, k=8, pass_k_problems=128,
                 temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, log_samples=4)
   c.checkpoint = dict(every=100, keep=2)
+  c.wandb = dict(project="", entity="", mode="", name="")  # mode: online / offline ("" = off)
 
   variants = set(arg.split(","))
   if variants - {"local", "smoke", "lora"}:

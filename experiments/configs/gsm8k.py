@@ -22,17 +22,22 @@ import ml_collections
 
 from experiments.configs import arithmetic
 
-_MODELS = {  # name: chat template (grpo_jax/data/prompts.py)
-    "qwen2.5-0.5b": "qwen", "qwen2.5-1.5b": "qwen", "qwen3-0.6b": "qwen",
-    "gemma3-1b": "gemma", "llama3.2-1b": "llama3",
-}
-_STOP = {"qwen": "<|im_end|>,<|endoftext|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>"}
+_STOP = {  # end-of-turn tokens of each model's chat template
+    "qwen2.5-0.5b": "<|im_end|>,<|endoftext|>", "qwen2.5-1.5b": "<|im_end|>,<|endoftext|>",
+    "qwen3-0.6b": "<|im_end|>,<|endoftext|>", "gemma3-1b": "<end_of_turn>",
+    "llama3.2-1b": "<|eot_id|>"}
 
 
 def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   c = arithmetic.get_config("local")
-  c.data = dict(task="gsm8k", seed=0, num_train=0, num_eval=500, flaw_p=0.0,
-                path="../shared/data/gsm8k", chat_template="qwen")
+  # GSM8K as records: {train,test}.jsonl, final answer after "####", calculator notes removed;
+  # the prompt is the checkpoint's own chat template (tokenizer_config.json) around the question.
+  c.data.update(dict(task="records", num_train=0, num_eval=500, flaw_p=0.0,
+                     path="../shared/data/gsm8k", train_split="train", eval_split="test",
+                     prompt_template="{question}", chat_template="checkpoint",
+                     system_prompt=("Solve the problem step by step. End with the final answer "
+                                    "as '#### <number>'.")))
+  c.data.fields.cleanup = "<<[^<>]*>>"
   c.tokenizer = dict(path="", vocab_size=0)  # from the checkpoint directory
   # float32 master weights and Adam state, bfloat16 compute: at lr 1e-6 a bfloat16 weight would
   # not move (an update far below half its ulp rounds away).
@@ -54,6 +59,7 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   if arg == "smoke":  # a tiny random checkpoint + tokenizer, paths given by the test
     c.data.num_train, c.data.num_eval = 64, 8
     c.data.chat_template = ""
+    c.data.prompt_template = "Question: {question}\nAnswer:"
     c.model.dtype = "float32"
     g.steps, g.num_prompts, g.num_samples = 2, 2, 2
     g.max_prompt_length, g.max_completion_length = 96, 8
@@ -61,9 +67,10 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
     c.eval.update(every=0, num_problems=4, batch_size=4, k=2, pass_k_problems=2)
     c.checkpoint.every = 0
     c.log_every = 1
-  elif arg in _MODELS:
-    c.data.chat_template = _MODELS[arg]
-    g.stop_tokens = _STOP[_MODELS[arg]]
+  elif arg in _STOP:
+    g.stop_tokens = _STOP[arg]
+    if arg == "qwen3-0.6b":  # no <think> block: GSM8K answers are short
+      c.data.chat_template_kwargs = dict(enable_thinking=False)
   else:
-    raise ValueError(f"gsm8k config: unknown variant {arg!r}; known: {sorted(_MODELS)} + smoke")
+    raise ValueError(f"gsm8k config: unknown variant {arg!r}; known: {sorted(_STOP)} + smoke")
   return c

@@ -2,6 +2,9 @@
 
 A chat template is a string with a `{question}` field and optionally a `{system}` field, e.g.
 `CHAT_TEMPLATES["qwen"]`. Pass your model's template string; nothing here depends on a tokenizer.
+
+The primary path is `chat.py`, which renders the checkpoint's own Jinja template (exact date
+lines, Qwen3's thinking switch); this table is the fallback for a checkpoint without one.
 """
 
 from __future__ import annotations

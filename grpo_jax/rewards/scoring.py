@@ -1,5 +1,9 @@
 """Runs K reward functions on N completions and checks every result.
 
+A reward function is called as in TRL: `fn(completions=..., prompts=..., **columns)`, with
+every column of the dataset record (one value per completion); it receives the arguments it
+names, or all of them if it takes `**kwargs`.
+
 `score` returns the raw, unweighted scores `[K, N]` so per-function means can be logged; weights
 are checked here (so a bad config fails before any sampling) and applied by
 `grpo_jax.advantages.combine_rewards` / `group_advantages(..., weights=...)` on `[K, P, G]`.
@@ -8,7 +12,10 @@ are checked here (so a bad config fails before any sampling) and applied by
 from __future__ import annotations
 
 import functools
+import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,19 +38,110 @@ def expand_columns(columns_P: Mapping[str, Sequence], group_size: int) -> dict[s
   return {k: [v for v in col for _ in range(group_size)] for k, col in columns_P.items()}
 
 
-def score(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None,
-          completions: Sequence[str], columns: Mapping[str, Sequence]) -> np.ndarray:
-  """Scores N completions with K reward functions: float32 `[K, N]`, unweighted.
+class Scored(NamedTuple):
+  """Scores of K reward functions on N completions, and which failed (reward_errors="zero")."""
+  scores_KxN: np.ndarray   # float32, unweighted; a failed function's row is 0
+  failed_K: np.ndarray     # bool
+  messages: tuple[str, ...]  # why each failed function failed
+
+
+def accepted_arguments(fn: Callable) -> frozenset[str] | None:
+  """The keyword arguments `fn` accepts, or None if it takes **kwargs (then it gets them all)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # a builtin without a signature: give it everything
+    return None
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    return None
+  return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def required_arguments(fn: Callable) -> frozenset[str]:
+  """Parameters without a default, which the caller must supply."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return frozenset()
+  return frozenset(p.name for p in params if p.default is p.empty and p.kind in (
+      p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def call_reward(fn: RewardFn, name: str, completions: Sequence[str],
+                columns: Mapping[str, Sequence], timeout_s: float = 0.0) -> np.ndarray:
+  """`fn(completions=..., **columns)` (the columns it names, or all if it takes **kwargs), checked:
+  float64 [N]. RewardFunctionError naming `name` on anything else, or after `timeout_s` seconds
+  (0: no limit; the call is left running in a daemon thread, it cannot be killed)."""
+  accepted = accepted_arguments(fn)
+  kwargs = {"completions": list(completions), **columns}
+  missing = sorted(required_arguments(fn) - set(kwargs))
+  if missing:
+    raise RewardFunctionError(
+        f"reward function {name} failed: it needs {missing}, which no column provides (columns "
+        f"passed: {sorted(columns)}; a reward function is called as fn(completions=..., "
+        "**columns), as in TRL)")
+  if accepted is not None:
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+  out = _call_with_timeout(fn, kwargs, timeout_s, name)
+  n = len(completions)
+  try:
+    out = np.asarray(out, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise RewardFunctionError(
+        f"reward function {name} returned values that are not numbers: {e}") from e
+  if out.shape != (n,):
+    raise RewardFunctionError(
+        f"reward function {name} returned shape {out.shape} for {n} completions; expected ({n},)")
+  bad = np.flatnonzero(~np.isfinite(out))
+  if bad.size:
+    raise RewardFunctionError(
+        f"reward function {name} returned non-finite values at rows {bad[:10].tolist()}")
+  return out
+
+
+def _call_with_timeout(fn: RewardFn, kwargs: dict, timeout_s: float, name: str):
+  def call():
+    try:
+      return fn(**kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+
+  if not timeout_s:
+    return call()
+  box = {}
+
+  def target():
+    try:
+      box["out"] = call()
+    except BaseException as e:  # pylint: disable=broad-except
+      box["error"] = e
+
+  thread = threading.Thread(target=target, name=f"reward:{name}", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    raise RewardFunctionError(f"reward function {name} took longer than {timeout_s:g} s "
+                              "(config.grpo.reward_timeout_s)")
+  if "error" in box:
+    raise box["error"]
+  return box["out"]
+
+
+def score_rows(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None,
+               completions: Sequence[str], columns: Mapping[str, Sequence], *,
+               names: Sequence[str] | None = None, timeout_s: float = 0.0,
+               on_error: str = "raise") -> Scored:
+  """Scores N completions with K reward functions.
 
   Args:
-    reward_fns: K callables `fn(completions, **columns) -> N floats`.
+    reward_fns: K callables `fn(completions=..., **columns) -> N numbers`.
     weights: K finite weights (validated here, applied by the advantage code), or None.
     completions: N decoded completions.
-    columns: dataset columns by name, each of length N (see `expand_columns`).
-
-  Raises:
-    RewardFunctionError naming the function that raised, needs a missing column, or returned the
-    wrong length / non-numbers / NaN / Inf.
+    columns: by name, each of length N (see `expand_columns`): the record's columns, the
+      prompts, token ids and lengths; each function gets the ones it names (all with **kwargs).
+    names: K names for messages (default: the functions' own).
+    timeout_s: per call, 0 = no limit.
+    on_error: "raise" a RewardFunctionError naming the function; "zero": its row scores 0 and
+      `failed_K` says so.
   """
   if not reward_fns:
     raise ValueError("score needs at least one reward function")
@@ -53,33 +151,33 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None,
       raise ValueError(f"{len(reward_fns)} reward functions but weights has shape {weights.shape}")
     if not np.all(np.isfinite(weights)):
       raise ValueError(f"reward weights must be finite, got {weights.tolist()}")
+  if on_error not in ("raise", "zero"):
+    raise ValueError(f"on_error = {on_error!r}: 'raise' or 'zero'")
   n = len(completions)
   for key, col in columns.items():
     if len(col) != n:
       raise ValueError(f"column {key!r} has {len(col)} values for {n} completions")
-  completions = list(completions)
+  names = names or [fn_name(fn) for fn in reward_fns]
   scores_KxN = np.zeros((len(reward_fns), n), dtype=np.float32)
+  failed_K = np.zeros(len(reward_fns), bool)
+  messages = []
   for k, fn in enumerate(reward_fns):
-    name = fn_name(fn)
     try:
-      out = fn(completions, **columns)
-    except TypeError as e:
-      raise RewardFunctionError(
-          f"reward function {name} failed: {e} (columns passed: {sorted(columns)}; "
-          "a reward function should accept **kwargs for columns it does not use)") from e
-    except Exception as e:
-      raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
-    try:
-      out = np.asarray(out, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-      raise RewardFunctionError(
-          f"reward function {name} returned values that are not numbers: {e}") from e
-    if out.shape != (n,):
-      raise RewardFunctionError(
-          f"reward function {name} returned shape {out.shape} for {n} completions; expected ({n},)")
-    bad = np.flatnonzero(~np.isfinite(out))
-    if bad.size:
-      raise RewardFunctionError(
-          f"reward function {name} returned non-finite values at rows {bad[:10].tolist()}")
-    scores_KxN[k] = out
-  return scores_KxN
+      scores_KxN[k] = call_reward(fn, names[k], completions, columns, timeout_s)
+    except RewardFunctionError as e:
+      if on_error == "raise":
+        raise
+      failed_K[k] = True
+      messages.append(str(e))
+  return Scored(scores_KxN, failed_K, tuple(messages))
+
+
+def score(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None,
+          completions: Sequence[str], columns: Mapping[str, Sequence]) -> np.ndarray:
+  """`score_rows(...)` that raises on any failure: float32 `[K, N]`, unweighted.
+
+  Raises:
+    RewardFunctionError naming the function that raised, needs a missing column, or returned the
+    wrong length / non-numbers / NaN / Inf.
+  """
+  return score_rows(reward_fns, weights, completions, columns).scores_KxN
