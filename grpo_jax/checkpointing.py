@@ -1,6 +1,6 @@
 """Checkpoints: a thin wrapper over Orbax's CheckpointManager.
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    ckpt = Checkpointer(f"{workdir}/checkpoints", keep=3)   # local or gs://
     ckpt.save(step, state, extra={"data": it.state, "metrics_lines": writer.num_lines})
     ...
     if ckpt.latest_step() is not None:
@@ -51,6 +51,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from grpo_jax import paths
 from grpo_jax.checkpoint_trees import (
     abstract_target, decode_host, encode_host, first_mismatch, rebuild_prng_keys, split_prng_keys)
 
@@ -127,8 +128,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.fspath(directory))
-    if read_only and not os.path.isdir(self.directory):
+    path = paths.as_path(directory)  # local, file:// or gs://
+    self.directory = os.path.abspath(str(path)) if paths.is_local(path) else str(path)
+    if read_only and not paths.as_path(self.directory).is_dir():
       raise FileNotFoundError(f"checkpoint directory does not exist: {self.directory}")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
@@ -187,7 +189,7 @@ class Checkpointer:
 
   def step_directory(self, step: int) -> str:
     """Where `step`'s checkpoint lives (or would)."""
-    return os.path.join(self.directory, str(step))
+    return str(paths.as_path(self.directory) / str(step))
 
   def _resolve(self, step: int | None) -> int:
     """`step`, or the latest one when None; FileNotFoundError naming the directory if absent."""
@@ -313,14 +315,14 @@ class Checkpointer:
                       self.directory, steps)
       return
     if jax.process_index() == 0:
-      quarantine = self.directory + ".corrupt"
-      os.makedirs(quarantine, exist_ok=True)
+      quarantine = paths.as_path(self.directory + ".corrupt")
+      quarantine.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        dest, n = os.path.join(quarantine, str(step)), 0
-        while os.path.exists(dest):
+        dest, n = quarantine / str(step), 0
+        while dest.exists():
           n += 1
-          dest = os.path.join(quarantine, f"{step}.{n}")
-        os.rename(self.step_directory(step), dest)
+          dest = quarantine / f"{step}.{n}"
+        paths.as_path(self.step_directory(step)).rename(dest)
         logging.warning("moved unreadable checkpoint step %d from %s to %s", step,
                         self.step_directory(step), dest)
     if jax.process_count() > 1:

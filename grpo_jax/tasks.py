@@ -109,7 +109,8 @@ def prompt_fn(s: Settings) -> Callable[[dict], str]:
       raise ConfigError("config.data.chat_template = 'checkpoint' needs config.model.hf_checkpoint"
                         " (or config.tokenizer.path): the directory whose tokenizer_config.json "
                         "holds the template")
-    source = source if os.path.isdir(source) else os.path.dirname(source)
+    source = str(paths.as_path(source) if paths.as_path(source).is_dir()
+                 else paths.as_path(source).parent)
     try:
       template = chat.load_template(source)
     except ValueError as e:
@@ -137,12 +138,14 @@ def build_tokenizer(s: Settings, workdir: str, task: Task) -> tokenizer_lib.Toke
   """The configured tokenizer, or a SentencePiece model trained on the task (offline default)."""
   path = s.tokenizer_path or s.model.hf_checkpoint
   if not path and s.init_from:
-    path = os.path.join(s.init_from, "tokenizer.model")
+    path = str(paths.as_path(s.init_from) / "tokenizer.model")
   if path:
-    if not os.path.exists(path):
+    if not paths.as_path(path).exists():
       raise ConfigError(f"config.tokenizer.path: {path} does not exist")
     try:
-      return tokenizer_lib.load_tokenizer(path)
+      if not paths.is_local(path) and paths.as_path(path).is_file():
+        return tokenizer_lib.SentencePieceTokenizer(model_proto=paths.as_path(path).read_bytes())
+      return tokenizer_lib.load_tokenizer(paths.local_dir(path))
     except (ValueError, FileNotFoundError, OSError) as e:
       raise ConfigError(f"config.tokenizer.path: cannot load a tokenizer from {path}: {e}") from None
   model_file = paths.as_path(workdir) / "tokenizer.model"
@@ -161,9 +164,10 @@ def build_model(s: Settings, tokenizer) -> tuple[models.ModelConfig, object]:
   """(model config, host params, or None to initialise randomly)."""
   m = s.model
   if m.hf_checkpoint:
-    if not os.path.exists(m.hf_checkpoint):
+    if not paths.as_path(m.hf_checkpoint).exists():
       raise ConfigError(f"config.model.hf_checkpoint: {m.hf_checkpoint} does not exist")
-    model_config, params = models.load_hf_checkpoint(m.hf_checkpoint, dtype=m.param_dtype)
+    model_config, params = models.load_hf_checkpoint(paths.local_dir(m.hf_checkpoint),
+                                                     dtype=m.param_dtype)
     return dataclasses.replace(model_config, dtype=m.dtype, **_lora_fields(m)), params
   overrides = dict(m.overrides)
   overrides.setdefault("vocab_size", tokenizer.vocab_size)

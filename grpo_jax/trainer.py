@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -106,7 +105,7 @@ def run(exp: Experiment) -> dict:
                     exp.train_prompts.num_truncated, len(exp.task.train),
                     s.rollout.max_prompt_length)
   _record_run(exp)
-  ckpt = checkpointing.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(str(paths.as_path(exp.workdir) / "checkpoints"),
                                     keep=s.checkpoint_keep)
   try:  # a failing run still finishes its pending asynchronous save: no checkpoint is lost
     loop, models = resume(exp, ckpt)
@@ -139,8 +138,7 @@ def _record_run(exp: Experiment) -> None:
           "jax": jax.__version__}
   logging.info("precision: %s", info["precision"])
   if jax.process_index() == 0:
-    with open(os.path.join(exp.workdir, "run.json"), "w") as f:
-      json.dump(info, f, indent=2)
+    (paths.as_path(exp.workdir) / "run.json").write_text(json.dumps(info, indent=2))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -187,15 +185,16 @@ def _lora_base_dir(exp: Experiment) -> str:
   init_from or a random init) `<workdir>/lora_base`, written once at the start of GRPO."""
   if exp.settings.model.hf_checkpoint and not exp.settings.sft_steps and not exp.settings.init_from:
     return exp.settings.model.hf_checkpoint
-  return os.path.join(exp.workdir, "lora_base")
+  return str(paths.as_path(exp.workdir) / "lora_base")
 
 
 def _load_lora_base(exp: Experiment, loop: LoopState):
   path = _lora_base_dir(exp)
-  if not os.path.exists(os.path.join(path, "config.json")):
+  if not (paths.as_path(path) / "config.json").exists():
     raise ConfigError(f"LoRA base model {path} is missing: the adapter checkpoint in "
                       f"{exp.workdir}/checkpoints needs the base it was trained on")
-  _, host = models_lib.load_hf_checkpoint(path, dtype=exp.model_config.param_dtype)
+  _, host = models_lib.load_hf_checkpoint(paths.local_dir(path),
+                                          dtype=exp.model_config.param_dtype)
   base = experiment.lora_base(exp, jax.device_put(host, exp.params_sh))
   found = lora.fingerprint(exp.base_config, base)
   if loop.lora_base and found != loop.lora_base:
@@ -227,10 +226,8 @@ def _initial_grpo_models(exp: Experiment, params=None) -> Models:
     base = experiment.lora_base(exp, params)
     path = _lora_base_dir(exp)
     if path != exp.settings.model.hf_checkpoint and jax.process_index() == 0:
-      tmp = path + ".tmp"
-      models_lib.save_hf_checkpoint(tmp, exp.base_config, jax.device_get(base))
-      shutil.rmtree(path, ignore_errors=True)
-      os.replace(tmp, path)  # whole or absent
+      host = jax.device_get(base)
+      paths.write_dir(path, lambda d: models_lib.save_hf_checkpoint(d, exp.base_config, host))
     return Models(experiment.init_state(exp, "grpo"), base=base,
                   base_fingerprint=lora.fingerprint(exp.base_config, base))
   state = experiment.init_state(exp, "grpo", params=params)
@@ -321,14 +318,13 @@ def _export_lora(exp: Experiment, models: Models) -> None:
   if jax.process_index() != 0:
     return
   params = jax.device_get(lora.combine(models.base, models.state.params))
-  base_path = os.path.abspath(_lora_base_dir(exp))
+  base = _lora_base_dir(exp)
+  base_path = os.path.abspath(base) if paths.is_local(base) else base
   for name, write in (("lora_adapter", functools.partial(
       models_lib.save_peft_adapter, base_model_name_or_path=base_path)),
                       ("merged_hf", models_lib.save_merged_hf)):
-    path = os.path.join(exp.workdir, name)
-    write(path + ".tmp", exp.model_config, params)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(path + ".tmp", path)
+    paths.write_dir(paths.as_path(exp.workdir) / name,
+                    lambda d, write=write: write(d, exp.model_config, params))
   logging.info("LoRA policy exported to %s/lora_adapter (PEFT) and %s/merged_hf", exp.workdir,
                exp.workdir)
 
@@ -393,7 +389,7 @@ def _outer_iteration(exp: Experiment, writer, models: Models, step: int) -> Mode
 
 def _warm_start(exp: Experiment):
   """The policy params of another run's last checkpoint (config.init_from)."""
-  src = checkpointing.Checkpointer(os.path.join(exp.settings.init_from, "checkpoints"),
+  src = checkpointing.Checkpointer(str(paths.as_path(exp.settings.init_from) / "checkpoints"),
                                    read_only=True)
   params = jax.device_put(src.restore()[0]["state"]["params"], exp.state_sh["grpo"].params)
   src.close()

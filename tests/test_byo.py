@@ -5,6 +5,7 @@ or file:line; a reward that fails mid-run stops it with the last checkpoint inta
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -117,11 +118,12 @@ def test_a_reward_that_fails_mid_run_stops_it_and_loses_nothing(byo, tmp_path):
   workdir = tmp_path / "run"
   with pytest.raises(grpo_jax.rewards.RewardFunctionError, match="failing raised RuntimeError: "
                      "judge unreachable"):
-    grpo_jax.train(cfg, str(workdir))
+    grpo_jax.train(cfg, f"file://{workdir}")  # every file through etils.epath
   ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), read_only=True)
   assert ckpt.latest_step() == 1  # step 1 saved; step 2's rollout failed
   ckpt.close()
   assert [r["step"] for r in metrics.read_metrics(str(workdir)) if "reward" in r] == [1]
+  assert {"config.json", "run.json", "tokenizer.model", "metrics.jsonl"} <= set(os.listdir(workdir))
 
 
 def test_reward_functions_from_python_and_their_weights(byo):
@@ -210,6 +212,27 @@ def test_the_launcher_names_a_bad_reward_in_one_line(byo, tmp_path):
   assert "config.grpo.reward_fns.probe" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_chat_template_from_the_checkpoint(tmp_path):
+  """config.data.chat_template = "checkpoint": the prompt is the checkpoint's own Jinja template
+  (tokenizer_config.json) around the prompt template, with the config's system prompt and
+  template switches."""
+  from grpo_jax.data import chat
+  from experiments.configs import gsm8k as gsm8k_config
+  template = (pathlib.Path(ROOT) / "tests/data/chat_templates/Qwen-Qwen3-0.6B.jinja").read_text()
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+  cfg = gsm8k_config.get_config("qwen3-0.6b")
+  cfg.model.hf_checkpoint = str(tmp_path)
+  prompt = tasks.prompt_fn(settings.from_config(cfg, 8))
+  got = prompt({"question": "What is 2 + 3?"})
+  assert got == chat.render(template, [{"role": "system", "content": cfg.data.system_prompt},
+                                       {"role": "user", "content": "What is 2 + 3?"}],
+                            enable_thinking=False)
+  assert got.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off
+  (tmp_path / "tokenizer_config.json").write_text("{}")
+  with pytest.raises(settings.ConfigError, match="has no chat template"):
+    tasks.prompt_fn(settings.from_config(cfg, 8))
+
+
 def test_records_formats_agree(byo, tmp_path):
   """jsonl, json and parquet of the same rows give the same records; a single file holds out
   its last num_eval rows."""
@@ -229,3 +252,14 @@ def test_records_formats_agree(byo, tmp_path):
   cfg.data.update(path=str(tmp_path / "train.parquet"), eval_split="", num_eval=10)
   task = tasks.load_task(settings.from_config(cfg, 8))
   assert task.eval == want[-10:] and task.train == want[:-10][:cfg.data.num_train]
+
+
+def test_hugging_face_datasets_source(byo, tmp_path, monkeypatch):
+  """`hf:<name>` goes through `datasets.load_dataset` (here a local directory of jsonl splits,
+  offline) and gives the records the jsonl reader gives."""
+  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  fields = records.FieldMap(question="problem", answer="solution", final_answer="target",
+                            marker="")
+  want = records.load_split(str(byo / "data"), "test", fields)
+  assert records.load_split(f"hf:{byo / 'data'}", "test", fields) == want
