@@ -10,7 +10,7 @@ checkpoint's host item, so it is written atomically with, and pruned with, its c
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from grpo_jax.experiment import Experiment, Stream
 from grpo_jax.rewards import reward_model as rm_lib
 from grpo_jax.rewards.replay import ReplayBuffer
 from grpo_jax.train_step import TrainState
+
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total), e.g. metrics.progress_callback
 
 _FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "labels",
            "step_end", "step_mask")
@@ -49,22 +51,26 @@ def iteration_due(exp: Experiment, step: int) -> bool:
   return rm.enabled and (step == 0 or bool(rm.iteration_steps and step % rm.iteration_steps == 0))
 
 
-def bootstrap(exp: Experiment, params, data: RMData) -> tuple[TrainState, RMData]:
+def bootstrap(exp: Experiment, params, data: RMData,
+              progress: Optional[ProgressFn] = None) -> tuple[TrainState, RMData]:
   """A fresh RM on the policy's backbone, and `bootstrap_rollouts` of the warm start's samples
   (own iterator and random stream) as its first training data."""
   position = iterator.Position(0, 0, exp.settings.seed + 2)
-  for b in range(exp.settings.reward_model.bootstrap_rollouts):
+  n = exp.settings.reward_model.bootstrap_rollouts
+  for b in range(n):
     roll, position = rollout.collect(exp, params, position, b, rm_params=None,
                                      stream=Stream.RM_BOOTSTRAP)
     data = data.add(rollout.rm_examples(exp, roll))
+    if progress is not None:
+      progress("bootstrap", b + 1, n)
   rm_state, _ = rm_lib.init_sharded_rm_state(
       exp.mesh, exp.base_config, exp.optimizers["rm"], exp.key(Stream.RM_INIT, 0),
       backbone_params=params)
   return rm_state, data
 
 
-def train(exp: Experiment, rm_state: TrainState, data: RMData,
-          iteration: int) -> tuple[TrainState, RMData, dict]:
+def train(exp: Experiment, rm_state: TrainState, data: RMData, iteration: int,
+          progress: Optional[ProgressFn] = None) -> tuple[TrainState, RMData, dict]:
   """Continue training the RM on the pending samples plus a replayed fraction of history, then
   move the pending samples into history. Figures count the rows used from each source."""
   rc = exp.settings.reward_model
@@ -77,6 +83,8 @@ def train(exp: Experiment, rm_state: TrainState, data: RMData,
     idx = order[(s * rc.batch_size + np.arange(rc.batch_size)) % n]
     batch = rm_lib.RMBatch(**{k: mixed[k][idx] for k in _FIELDS if k in mixed})
     rm_state, metrics = exp.programs.rm_update(rm_state, exp.shard(batch)[0])
+    if progress is not None:
+      progress("train", s + 1, rc.train_steps)
   history = ReplayBuffer.from_state_dict(data.history.state_dict())
   history.add(new)
   figures = ({f"rm/{k}": float(v) for k, v in metrics.items()} if metrics is not None else {})

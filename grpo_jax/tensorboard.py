@@ -2,15 +2,29 @@
 
 TensorBoard reads `events.out.tfevents.*` files: a TFRecord stream (uint64 length, masked CRC-32C
 of the length, payload, masked CRC-32C of the payload) of `Event` protobufs, the first carrying
-`file_version = "brain.Event:2"`. Only scalars are needed here, so the few messages involved are
-encoded by hand rather than pulling in TensorFlow or protobuf:
+`file_version = "brain.Event:2"`. Scalars, histograms and text need only a few messages, so they
+are encoded by hand rather than pulling in TensorFlow or protobuf (field numbers from
+tensorboard/compat/proto: event, summary, histogram, tensor, tensor_shape):
 
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }
-    Value   { string tag = 1; float simple_value = 2; }
+    Event           { double wall_time = 1; int64 step = 2; string file_version = 3;
+                      Summary summary = 5; }
+    Summary         { repeated Value value = 1; }
+    Value           { string tag = 1; float simple_value = 2; HistogramProto histo = 5;
+                      TensorProto tensor = 8; SummaryMetadata metadata = 9; }
+    HistogramProto  { double min = 1; double max = 2; double num = 3; double sum = 4;
+                      double sum_squares = 5; repeated double bucket_limit = 6 [packed];
+                      repeated double bucket = 7 [packed]; }
+    SummaryMetadata { PluginData plugin_data = 1; }   PluginData { string plugin_name = 1; }
+    TensorProto     { DataType dtype = 1; TensorShapeProto tensor_shape = 2;
+                      repeated bytes string_val = 8; }
+
+A histogram's bucket i counts the values from bucket_limit[i-1] (`min` for the first) to
+bucket_limit[i] (the last limit is `max`): how TensorBoard's data_compat reads it. Text
+is TensorBoard's text-plugin summary: a scalar DT_STRING tensor (Markdown) with plugin "text".
 
 The readers exist so a run's files can be checked without TensorBoard: read_tfrecords verifies
-every CRC, decode_event parses the same three messages, read_tensorboard_scalars gathers a run.
+every CRC, decode_event parses the scalar messages, read_tensorboard_scalars gathers a run. Files
+are read through `paths.as_path`, so `gs://` and `file://` run directories work too.
 """
 
 from __future__ import annotations
@@ -22,7 +36,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from grpo_jax import paths
+
 FILE_VERSION = "brain.Event:2"  # the first event of every file; TensorBoard checks it
+HISTOGRAM_BUCKETS = 30           # tf.summary.histogram's default
+_DT_STRING = 7                   # tensorflow DataType enum
+_TEXT_PLUGIN = "text"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,11 +85,10 @@ def tfrecord(payload: bytes) -> bytes:
           + struct.pack("<I", masked_crc32c(payload)))
 
 
-def read_tfrecords(path: str) -> list[bytes]:
+def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
   """All payloads of a TFRecord file; raises ValueError naming the file and offset on a bad CRC
   or a truncated record."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.as_path(path).read_bytes()
   payloads, pos = [], 0
   while pos < len(data):
     if pos + 12 > len(data):
@@ -118,18 +138,67 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
   return _field(number, 2) + _varint(len(payload)) + payload
 
 
+def _double(number: int, value: float) -> bytes:
+  """Wire type 1: a little-endian float64."""
+  return _field(number, 1) + struct.pack("<d", value)
+
+
+def _packed_doubles(number: int, values: np.ndarray) -> bytes:
+  """A packed `repeated double` (proto3's default encoding): one length-delimited run."""
+  return _length_delimited(number, np.asarray(values, "<f8").tobytes())
+
+
+def histogram_proto(values: Any, buckets: int = HISTOGRAM_BUCKETS) -> bytes | None:
+  """Serialised `HistogramProto` of the finite entries of `values` (any shape), in `buckets`
+  equal-width buckets from min to max (one bucket when all are equal); None when none is finite
+  (a histogram of nothing would break TensorBoard's min/max)."""
+  x = np.asarray(values, np.float64).ravel()
+  x = x[np.isfinite(x)]
+  if not x.size:
+    return None
+  lo, hi = float(x.min()), float(x.max())
+  if lo == hi:
+    limits, counts = np.array([hi]), np.array([x.size])
+  else:
+    counts, edges = np.histogram(x, bins=buckets, range=(lo, hi))
+    limits = edges[1:]
+  return (_double(1, lo) + _double(2, hi) + _double(3, float(x.size)) + _double(4, float(x.sum()))
+          + _double(5, float(np.square(x).sum())) + _packed_doubles(6, limits)
+          + _packed_doubles(7, counts.astype(np.float64)))
+
+
+def text_tensor(text: str) -> bytes:
+  """Serialised scalar DT_STRING `TensorProto` holding `text` (UTF-8)."""
+  return _field(1, 0) + _varint(_DT_STRING) + _length_delimited(2, b"") + _length_delimited(
+      8, text.encode("utf-8"))
+
+
+def _value(tag: str, body: bytes) -> bytes:
+  """One `Summary.Value`: the tag, then the already encoded value fields."""
+  return _length_delimited(1, _length_delimited(1, tag.encode()) + body)
+
+
 def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """Serialised `Event` with either `file_version` or a `Summary` of simple scalar values."""
+                 scalars: Mapping[str, float] | None = None,
+                 histograms: Mapping[str, Any] | None = None,
+                 texts: Mapping[str, str] | None = None) -> bytes:
+  """Serialised `Event` with `file_version`, or a `Summary` of scalar values, histograms of
+  arrays (tags whose arrays have no finite entry are left out) and text (Markdown) values."""
   out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
   if file_version is not None:
     out += _length_delimited(3, file_version.encode())
-  if scalars:
-    summary = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5)
-                          + struct.pack("<f", value))
-        for tag, value in scalars.items())
-    out += _length_delimited(5, summary)
+  values = [_value(tag, _field(2, 5) + struct.pack("<f", value))
+            for tag, value in (scalars or {}).items()]
+  for tag, array in (histograms or {}).items():
+    histo = histogram_proto(array)
+    if histo is not None:
+      values.append(_value(tag, _length_delimited(5, histo)))
+  text_metadata = _length_delimited(9, _length_delimited(1, _length_delimited(
+      1, _TEXT_PLUGIN.encode())))
+  values += [_value(tag, text_metadata + _length_delimited(8, text_tensor(text)))
+             for tag, text in (texts or {}).items()]
+  if values:
+    out += _length_delimited(5, b"".join(values))
   return out
 
 
@@ -197,12 +266,13 @@ def event_file_name() -> str:
   return f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
 
 
-def read_tensorboard_scalars(path: str) -> dict[str, list[tuple[int, float]]]:
+def read_tensorboard_scalars(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value)]} from one event file or every `*tfevents*` file under a directory
   (in name order, i.e. creation order), verifying every CRC."""
-  if os.path.isdir(path):
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                   for name in names if "tfevents" in name)
+  path = paths.as_path(path)
+  if path.is_dir():
+    files = sorted((root / name for root, _, names in path.walk() for name in names
+                    if "tfevents" in name), key=str)
   else:
     files = [path]
   scalars: dict[str, list[tuple[int, float]]] = {}

@@ -110,7 +110,8 @@ def run(exp: Experiment) -> dict:
   try:  # a failing run still finishes its pending asynchronous save: no checkpoint is lost
     loop, models = resume(exp, ckpt)
     writer = metrics_lib.MetricsWriter(exp.workdir, enabled=jax.process_index() == 0,
-                                       truncate_to=loop.metrics_lines if loop else 0)
+                                       truncate_to=loop.metrics_lines if loop else 0,
+                                       wandb=s.wandb)
     try:
       if loop is None or loop.phase == "sft":
         loop, models = sft_phase(exp, ckpt, writer, loop, models)
@@ -164,8 +165,8 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
                     "step %d", list(restored.skipped), ckpt.directory, ckpt.directory,
                     restored.step)
   loop = LoopState.from_json(restored.extra)
-  logging.info("resumed from %s step %d (%s step %d)", ckpt.directory, restored.step, loop.phase,
-               loop.step)
+  metrics_lib.announce(f"resumed from {ckpt.directory} step {restored.step} ({loop.phase} step "
+                       f"{loop.step})")
   base, fingerprint = None, ""
   if exp.lora and loop.phase == "grpo":
     base, fingerprint = _load_lora_base(exp, loop)
@@ -210,6 +211,7 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
   loop = dataclasses.replace(loop, metrics_lines=writer.num_lines,
                              rm_trained=models.rm_state is not None,
                              lora_base=models.base_fingerprint)
+  writer.flush()  # gs://: publish the metrics lines this checkpoint counts before it exists
   tree = {"state": models.state}
   if models.ref_params is not None:
     tree["ref_params"] = models.ref_params
@@ -247,8 +249,17 @@ def sft_phase(exp: Experiment, ckpt, writer, loop: Optional[LoopState],
     return LoopState("grpo", 0, iterator.Position(0, 0, s.seed + 1)), models
   loop = loop or LoopState("sft", 0, iterator.Position(0, 0, s.seed))
   state = models.state or experiment.init_state(exp, "sft")
+  with metrics_lib.Progress(s.sft_steps, "sft", every=s.log_every) as progress:
+    loop, state = _sft_steps(exp, ckpt, writer, loop, state, progress)
+  models = _initial_grpo_models(exp, params=state.params)
+  loop = save(exp, ckpt, writer, LoopState("grpo", 0, iterator.Position(0, 0, s.seed + 1)),
+              models)
+  return loop, models
+
+
+def _sft_steps(exp: Experiment, ckpt, writer, loop: LoopState, state: TrainState, progress):
+  s = exp.settings
   prompts, targets = exp.teacher
-  progress = metrics_lib.Progress(s.sft_steps, "sft", every=s.log_every)
   t_last, step_last = time.perf_counter(), loop.step
   for step in range(loop.step, s.sft_steps):
     idx, position = iterator.next_indices(loop.position, len(exp.task.sft), s.sft.batch_size)
@@ -265,10 +276,7 @@ def sft_phase(exp: Experiment, ckpt, writer, loop: Optional[LoopState],
       progress.update(step + 1, nll=figures["nll"], update_s=figures["update_s"])
     if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.sft_steps:
       loop = save(exp, ckpt, writer, loop, Models(state))
-  models = _initial_grpo_models(exp, params=state.params)
-  loop = save(exp, ckpt, writer, LoopState("grpo", 0, iterator.Position(0, 0, s.seed + 1)),
-              models)
-  return loop, models
+  return loop, state
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -279,7 +287,14 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
   if models.state is None:
     params = _warm_start(exp) if s.init_from else None
     models = _initial_grpo_models(exp, params=params)
-  progress = metrics_lib.Progress(s.grpo.steps, "grpo", every=s.log_every)
+  with metrics_lib.Progress(s.grpo.steps, "grpo", every=s.log_every) as progress:
+    last_eval, models = _grpo_steps(exp, ckpt, writer, loop, models, progress)
+  ckpt.wait()
+  return last_eval, models
+
+
+def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, progress):
+  s = exp.settings
   nan_streak, last_eval = 0, {}
   for step in range(loop.step, s.grpo.steps + 1):
     if step == 0 or step == s.grpo.steps or (s.eval.every and step % s.eval.every == 0):
@@ -296,9 +311,14 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
                                f"gradient (last at step {step + 1}); stopping. Metrics are in "
                                f"{exp.workdir}/metrics.jsonl, the last good checkpoint in "
                                f"{ckpt.directory}")
-    writer.write(step + 1, "grpo", {k: v for k, v in figures.items() if k != "samples"})
-    if jax.process_index() == 0 and (step + 1) % s.log_every == 0:
-      metrics_lib.write_samples(exp.workdir, step + 1, figures["samples"], phase="grpo")
+    writer.write(step + 1, "grpo", {k: v for k, v in figures.items()
+                                    if k not in ("samples", "arrays")})
+    if (step + 1) % s.log_every == 0:  # the writer's methods are no-ops off process 0
+      writer.write_samples(step + 1, figures["samples"], phase="grpo")
+      writer.write_histograms(step + 1, "grpo", figures["arrays"])
+      if figures["samples"]:
+        writer.write_text(step + 1, "grpo",
+                          {"sample": metrics_lib.sample_text(figures["samples"][0])})
     shown = dict(reward=figures.get("reward"), nll=figures.get("nll"),
                  acc=last_eval.get("eval/accuracy"), kl=figures.get("kl"),
                  clip=figures.get("clip_frac"), len=figures.get("completion_length"),
@@ -307,7 +327,6 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -
     progress.update(step + 1, **{k: v for k, v in shown.items() if v is not None})
     if (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0) or step + 1 == s.grpo.steps:
       loop = save(exp, ckpt, writer, loop, models)
-  ckpt.wait()
   return last_eval, models
 
 
@@ -348,7 +367,7 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   batch = updates.with_logprobs(exp, policy, models.reference, batch)
   state, update_figures = updates.update(exp, models.state, batch, frozen=models.base)
   figures = {**update_figures, **roll.figures, "update_s": time.perf_counter() - t0,
-             "samples": rollout.samples(exp, roll, adv)}
+             "samples": rollout.samples(exp, roll, adv), "arrays": _histograms(exp, roll, adv)}
   rm_data = (models.rm_data.add(rollout.rm_examples(exp, roll)) if s.reward_model.enabled
              else models.rm_data)
   models = dataclasses.replace(
@@ -357,15 +376,30 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   return dataclasses.replace(loop, step=step + 1, position=position), models, figures
 
 
+def _histograms(exp: Experiment, roll: rollout.Rollout, adv) -> dict:
+  """TensorBoard histograms of one rollout: completion lengths, advantages (per completion),
+  rewards (weighted sum and each row)."""
+  adv_N = np.asarray(adv).reshape(roll.tokens_NxC.shape[0], -1)
+  arrays = {"completion_length": roll.mask_NxC.sum(-1),
+            "advantage": adv_N.sum(-1) / np.maximum((adv_N != 0).sum(-1), 1)}
+  if roll.scores_KxPxG.shape[0]:
+    arrays["reward"] = np.einsum("k,kpg->pg", np.asarray(exp.rewards.weights),
+                                 roll.scores_KxPxG).reshape(-1)
+    arrays.update({f"reward/{name}": roll.scores_KxPxG[k].reshape(-1)
+                   for k, name in enumerate(exp.rewards.names)})
+  return arrays
+
+
 def _evaluate(exp: Experiment, writer, params, step: int) -> dict:
   t0 = time.perf_counter()
-  result = evaluation.evaluate(exp, params, step)
+  result = evaluation.evaluate(exp, params, step, progress=metrics_lib.progress_callback("eval"))
   figures = dict(result.figures(), eval_s=time.perf_counter() - t0)
   writer.write(step, "grpo", figures)
-  if jax.process_index() == 0:
-    metrics_lib.write_samples(exp.workdir, step, result.samples, phase="eval")
-  logging.info("eval @ grpo step %d: %s", step,
-               " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+  writer.write_samples(step, result.samples, phase="eval")
+  if result.samples:
+    writer.write_text(step, "grpo", {"eval/sample": metrics_lib.sample_text(result.samples[0])})
+  metrics_lib.announce(f"eval @ grpo step {step}: "
+                       + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
   return figures
 
 
@@ -373,14 +407,15 @@ def _outer_iteration(exp: Experiment, writer, models: Models, step: int) -> Mode
   """Iterative GRPO: (bootstrap and) retrain the RM, then reset the reference to the policy
   (except RFT's, which is the frozen sampling policy)."""
   rm_state, rm_data = models.rm_state, models.rm_data
+  progress = metrics_lib.progress_callback("rm")
   if step == 0:
-    rm_state, rm_data = iterative.bootstrap(exp, models.state.params, rm_data)
+    rm_state, rm_data = iterative.bootstrap(exp, models.state.params, rm_data, progress)
   every = exp.settings.reward_model.iteration_steps
   rm_state, rm_data, figures = iterative.train(exp, rm_state, rm_data,
-                                               step // every if every else 0)
+                                               step // every if every else 0, progress)
   writer.write(step, "rm", figures)
-  logging.info("reward model, iteration %d: %s", figures["rm/iteration"],
-               " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+  metrics_lib.announce(f"reward model, iteration {figures['rm/iteration']}: "
+                       + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
   ref = models.ref_params
   if step > 0 and ref is not None and exp.settings.rollout.paradigm.data != "frozen_policy":
     ref = experiment.reference_copy(exp, models.state.params)
@@ -393,5 +428,5 @@ def _warm_start(exp: Experiment):
                                    read_only=True)
   params = jax.device_put(src.restore()[0]["state"]["params"], exp.state_sh["grpo"].params)
   src.close()
-  logging.info("initialised from %s", exp.settings.init_from)
+  metrics_lib.announce(f"initialised from {exp.settings.init_from}")
   return params

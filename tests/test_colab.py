@@ -1,5 +1,5 @@
-"""The Colab quickstart runs end to end (small settings), and its install cell finds a real source
-(no placeholder URL), so it cannot rot."""
+"""The Colab quickstart runs end to end (small settings) and shows training progress, and its
+install cell finds a real source (no placeholder URL), so it cannot rot."""
 
 import json
 import os
@@ -11,15 +11,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab", "quickstart.ipynb")
 
 
-def notebook_code(path: str) -> str:
-  """The code cells, without shell (!) and magic (%) lines, which need IPython."""
+CELL_MARK = "<<< cell {} >>>"
+
+
+def notebook_code(path: str, marks: bool = False) -> str:
+  """The code cells, without shell (!) and magic (%) lines, which need IPython; with `marks`,
+  each cell first prints CELL_MARK with its index, so the output can be split by cell."""
   cells = json.load(open(path))["cells"]
   lines = []
-  for cell in cells:
+  for index, cell in enumerate(cells):
     if cell["cell_type"] == "code":
       src = "".join(cell["source"])
+      if marks:
+        lines.append(f"print({CELL_MARK.format(index)!r}, flush=True)")
       lines += [l for l in src.splitlines() if not l.lstrip().startswith(("!", "%"))]
   return "\n".join(lines)
+
+
+def cell_outputs(stdout: str) -> dict[int, str]:
+  """{cell index: what it printed} from the output of `notebook_code(path, marks=True)`."""
+  pieces = re.split(CELL_MARK.format(r"(\d+)"), stdout)
+  return {int(index): text for index, text in zip(pieces[1::2], pieces[2::2])}
 
 
 def install_cell(path: str) -> str:
@@ -77,12 +89,22 @@ def test_install_cell_without_a_source_names_the_three_ways(tmp_path):
   assert "pip install" not in proc.stdout and "installing grpo_jax" not in proc.stdout
 
 
-def test_quickstart_notebook_executes():
-  code = notebook_code(NOTEBOOK)
+def test_quickstart_notebook_executes_and_shows_progress():
+  code = notebook_code(NOTEBOOK, marks=True)
   assert "trainer.train(config, workdir)" in code
-  env = dict(os.environ, GRPO_QUICKSTART_SMALL="1", JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cells = json.load(open(NOTEBOOK))["cells"]
+  (train_cell,) = [i for i, c in enumerate(cells) if "trainer.train(" in "".join(c["source"])]
+  env = {k: v for k, v in os.environ.items() if k != "GRPO_JAX_PROGRESS"}
+  env |= dict(GRPO_QUICKSTART_SMALL="1", JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
+              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert "completion" in proc.stdout  # the last cell printed logged samples
+  outputs = cell_outputs(proc.stdout)
+  assert "completion" in outputs[max(outputs)]  # the last cell printed logged samples
+  # An executed notebook with no terminal and no absl set-up: progress is printed, in the
+  # training cell's own output (in a live kernel it is a tqdm bar; tests/test_metrics.py).
+  shown = outputs[train_cell]
+  assert re.search(r"^sft +\d+/\d+ +\d+% \| \d+:\d\d<", shown, re.MULTILINE), shown[-2000:]
+  assert re.search(r"^grpo +(\d+)/\1 100% \| \S+ \| reward \S+ .*acc ", shown, re.MULTILINE), \
+      shown[-2000:]
