@@ -203,6 +203,11 @@ class Checkpointer:
                               f"(steps there: {self.all_steps()})")
     return step
 
+  def read_extra(self, step: int) -> dict:
+    """The JSON `extra` saved with `step` (the caller's keys): what a restore target depends
+    on, read without the state."""
+    return _user_extra(self._read_extra(self._resolve(step)))
+
   def _read_extra(self, step: int) -> dict:
     """The extra item as saved, internal keys included."""
     restored = self._manager.restore(step, args=ocp.args.Composite(**{

@@ -1,5 +1,15 @@
 """Held-out evaluation: greedy pass@1 on the eval split; pass@k and maj@k from k samples.
 
+Each figure comes in two readings of a completion's answer:
+  lenient  the number after `####`, else the last number in the text (`eval/accuracy`, the
+           figure the training curves have always shown, and `eval/pass_at_k` / `maj_at_k`);
+  strict   only a `####`-anchored answer counts (`eval/accuracy_strict`, `eval/strict_pass_at_k`,
+           `eval/strict_maj_at_k`): what the GSM8K protocol scores, and what a model that has
+           not learnt the answer format is not credited for.
+The gap between the two is the part of the accuracy that the answer format does not carry. The
+strict pass@k / maj@k names start with `strict_` so that `eval/pass_at_*` still names pass@k
+alone (tools/plot_metrics.py's default curves).
+
 Batches have a fixed shape (the last one wraps around), so each sampler compiles once; the
 sampling key of batch b at GRPO step s is fold_in(fold_in(Stream key, s), b), so no two batches
 draw the same uniforms.
@@ -8,7 +18,7 @@ draw the same uniforms.
 from __future__ import annotations
 
 import collections
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -18,80 +28,116 @@ from grpo_jax import experiment, sharding
 from grpo_jax.experiment import Experiment, Stream
 from grpo_jax.rollout import to_host
 
+# progress(what, batches_done, num_batches): called after each decoded batch ("greedy" /
+# "samples"), e.g. to print a progress line while a long evaluation decodes.
+ProgressFn = Callable[[str, int, int], None]
+
 
 class EvalResult(NamedTuple):
-  accuracy: float                 # greedy, exact answer
+  accuracy: float                 # greedy, exact answer (lenient: last number as fallback)
+  accuracy_strict: float          # greedy, only a "####"-anchored answer counts
   format: float                   # greedy completions with a "#### N" line
   accuracy_flawed_verb: Optional[float]  # arithmetic task: problems the teacher gets wrong
   accuracy_other: Optional[float]
   k: int
-  pass_at_k: Optional[float]      # any of k samples right
-  maj_at_k: Optional[float]       # the most common answer of k samples right
+  pass_at_k: Optional[float]      # any of k samples right (lenient); None: no pass@k
+  pass_at_k_strict: Optional[float]
+  maj_at_k: Optional[float]       # the most common answer of k samples right (lenient)
+  maj_at_k_strict: Optional[float]
+  num_problems: int               # problems behind the greedy figures
+  pass_k_problems: int            # problems behind pass@k / maj@k (0: none)
   samples: list                   # the first greedy completions, for samples.jsonl
 
   def figures(self) -> dict:
-    out = {"eval/accuracy": self.accuracy, "eval/format": self.format}
+    out = {"eval/accuracy": self.accuracy, "eval/accuracy_strict": self.accuracy_strict,
+           "eval/format": self.format}
     if self.accuracy_flawed_verb is not None:
       out["eval/accuracy_flawed_verb"] = self.accuracy_flawed_verb
       out["eval/accuracy_other"] = self.accuracy_other
     if self.pass_at_k is not None:
       out[f"eval/pass_at_{self.k}"] = self.pass_at_k
       out[f"eval/maj_at_{self.k}"] = self.maj_at_k
+      out[f"eval/strict_pass_at_{self.k}"] = self.pass_at_k_strict
+      out[f"eval/strict_maj_at_{self.k}"] = self.maj_at_k_strict
     return out
 
 
-def answer_key(text: str):
-  """The number a completion answers, or None: what maj@k votes on."""
-  return rewards_lib.parse_number(rewards_lib.extract_answer(text) or "")
+def answer_key(text: str, *, strict: bool = False):
+  """The number a completion answers, or None: what maj@k votes on. `strict`: only a number
+  after `####` counts."""
+  return rewards_lib.parse_number(rewards_lib.extract_answer(text, fallback=not strict) or "")
 
 
-def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int, key):
+def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int, key,
+                    progress: Optional[ProgressFn] = None, what: str = ""):
   """Completions of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b)."""
   ids, mask = exp.eval_prompts.ids_NxL, exp.eval_prompts.mask_NxL
+  starts = range(0, num, batch_size)
   texts = []
-  for b, start in enumerate(range(0, num, batch_size)):
+  for b, start in enumerate(starts):
     rows = np.arange(start, start + batch_size) % num  # fixed shape: the last batch wraps
     out = sampler(params, *exp.shard(ids[rows], mask[rows]), jax.random.fold_in(key, b))
     decoded = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
     per_prompt = len(decoded) // batch_size
     texts += decoded[:min(batch_size, num - start) * per_prompt]
+    if progress is not None:
+      progress(what, b + 1, len(starts))
   return texts
 
 
-def evaluate(exp: Experiment, params, step: int) -> EvalResult:
+def _correct(texts: list[str], answers: list[str], strict: bool) -> np.ndarray:
+  return np.asarray(rewards_lib.exact_answer_reward(texts, answers, fallback=not strict)) > 0
+
+
+def evaluate(exp: Experiment, params, step: int, *,
+             progress: Optional[ProgressFn] = None) -> EvalResult:
+  """Greedy accuracy on the first `eval.num_problems` held-out problems (0: all) and, with
+  `eval.k > 1`, pass@k / maj@k on the first `eval.pass_k_problems`, at GRPO step `step` (which
+  picks the sampling keys). `params`: the policy on the mesh, any dtype (cast to compute)."""
   e = exp.settings.eval
   params = experiment.compute_params(exp, params)
   records = exp.task.eval
   n = min(len(records), e.num_problems or len(records))
   greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,
-                           exp.key(Stream.EVAL_GREEDY, step))
+                           exp.key(Stream.EVAL_GREEDY, step), progress, "greedy")
   answers = [r["final_answer"] for r in records[:n]]
-  correct = np.asarray(rewards_lib.exact_answer_reward(greedy, answers)) > 0
+  correct = _correct(greedy, answers, strict=False)
   flawed = np.asarray([bool(r.get("has_flawed_verb", False)) for r in records[:n]])
   split = flawed.any() and not flawed.all()
-  pass_k = maj_k = None
+  m, pass_k, maj_k, pass_k_strict, maj_k_strict = 0, None, None, None, None
   if exp.programs.sample_eval_k is not None and e.pass_k_problems:
     m = min(n, e.pass_k_problems)
     dp = sharding.data_parallel_size(exp.mesh)
     per_batch = max(dp, (e.batch_size // e.k) // dp * dp)  # prompts, sharded over the data axes
     texts = _decode_batches(exp, exp.programs.sample_eval_k, params, m, per_batch,
-                            exp.key(Stream.EVAL_SAMPLES, step))
+                            exp.key(Stream.EVAL_SAMPLES, step), progress, "samples")
     groups = [texts[i * e.k:(i + 1) * e.k] for i in range(m)]
-    pass_k = float(np.mean([max(rewards_lib.exact_answer_reward(g, [a] * e.k)) > 0
-                            for g, a in zip(groups, answers)]))
-    maj_k = float(np.mean([_majority_right(g, a) for g, a in zip(groups, answers)]))
-  samples = [{"prompt": exp.task.prompt(records[i]["question"]), "completion": greedy[i],
+    pass_k, maj_k = _at_k(groups, answers, strict=False)
+    pass_k_strict, maj_k_strict = _at_k(groups, answers, strict=True)
+  samples = [{"prompt": exp.task.prompt(records[i]), "completion": greedy[i],
               "final_answer": answers[i], "correct": bool(correct[i])}
              for i in range(min(n, e.log_samples))]
   return EvalResult(
       accuracy=float(correct.mean()),
+      accuracy_strict=float(_correct(greedy, answers, strict=True).mean()),
       format=float(np.mean(rewards_lib.format_reward(greedy))),
       accuracy_flawed_verb=float(correct[flawed].mean()) if split else None,
       accuracy_other=float(correct[~flawed].mean()) if split else None,
-      k=e.k, pass_at_k=pass_k, maj_at_k=maj_k, samples=samples)
+      k=e.k, pass_at_k=pass_k, pass_at_k_strict=pass_k_strict, maj_at_k=maj_k,
+      maj_at_k_strict=maj_k_strict, num_problems=n, pass_k_problems=m, samples=samples)
 
 
-def _majority_right(group: list[str], truth: str) -> bool:
-  counted = collections.Counter(k for k in map(answer_key, group) if k is not None)
+def _at_k(groups: list[list[str]], answers: list[str], strict: bool) -> tuple[float, float]:
+  """(pass@k, maj@k) over problems, each with its k completions."""
+  right = [_correct(g, [a] * len(g), strict).any() for g, a in zip(groups, answers)]
+  majority = [_majority_right(g, a, strict) for g, a in zip(groups, answers)]
+  return float(np.mean(right)), float(np.mean(majority))
+
+
+def _majority_right(group: list[str], truth: str, strict: bool = False) -> bool:
+  """Whether the most common answer of `group` (answers that do not parse do not vote) is
+  `truth`."""
+  counted = collections.Counter(
+      k for k in (answer_key(t, strict=strict) for t in group) if k is not None)
   majority = counted.most_common(1)[0][0] if counted else None
   return majority is not None and majority == answer_key("#### " + truth)

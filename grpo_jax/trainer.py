@@ -66,7 +66,7 @@ class LoopState:
 class Models:
   """The device state: policy (with optimizer), reference params, reward model. With LoRA,
   `state` trains the adapters, `base` is the frozen base (compute dtype), which is also the
-  reference policy (no second copy) and is not in the checkpoint (see `_lora_base_dir`)."""
+  reference policy (no second copy) and is not in the checkpoint (see `lora_base_dir`)."""
   state: Optional[TrainState]
   ref_params: Any = None
   rm_state: Optional[TrainState] = None
@@ -148,16 +148,7 @@ def _record_run(exp: Experiment) -> None:
 def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   """The newest readable checkpoint's loop and device state (an unreadable newest one is moved
   aside and the one before is used); (None, empty) for a fresh run."""
-  def target(extra: dict) -> dict:
-    loop = LoopState.from_json(extra)
-    tree = {"state": experiment.abstract_state(exp, loop.phase)}
-    if loop.phase == "grpo" and _stores_reference(exp):
-      tree["ref_params"] = experiment.abstract_reference(exp, tree["state"].params)
-    if loop.rm_trained:
-      tree["rm_state"] = experiment.abstract_rm_state(exp)
-    return tree
-
-  restored = ckpt.restore_latest(target)
+  restored = ckpt.restore_latest(functools.partial(restore_target, exp))
   if restored is None:
     return None, Models(state=None)
   if restored.skipped:
@@ -175,13 +166,24 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
                       base, fingerprint)
 
 
-def _stores_reference(exp: Experiment) -> bool:
+def restore_target(exp: Experiment, extra: dict) -> dict:
+  """What a checkpoint whose loop state is `extra` holds, as abstract restore targets."""
+  loop = LoopState.from_json(extra)
+  tree = {"state": experiment.abstract_state(exp, loop.phase)}
+  if loop.phase == "grpo" and stores_reference(exp):
+    tree["ref_params"] = experiment.abstract_reference(exp, tree["state"].params)
+  if loop.rm_trained:
+    tree["rm_state"] = experiment.abstract_rm_state(exp)
+  return tree
+
+
+def stores_reference(exp: Experiment) -> bool:
   """A reference copy is kept (and checkpointed) for the KL or RFT, except with LoRA, whose
   reference is the frozen base."""
   return exp.settings.use_reference and not exp.lora
 
 
-def _lora_base_dir(exp: Experiment) -> str:
+def lora_base_dir(exp: Experiment) -> str:
   """Where a LoRA run's base lives: the HF checkpoint it started from, or (SFT warm start,
   init_from or a random init) `<workdir>/lora_base`, written once at the start of GRPO."""
   if exp.settings.model.hf_checkpoint and not exp.settings.sft_steps and not exp.settings.init_from:
@@ -190,7 +192,7 @@ def _lora_base_dir(exp: Experiment) -> str:
 
 
 def _load_lora_base(exp: Experiment, loop: LoopState):
-  path = _lora_base_dir(exp)
+  path = lora_base_dir(exp)
   if not (paths.as_path(path) / "config.json").exists():
     raise ConfigError(f"LoRA base model {path} is missing: the adapter checkpoint in "
                       f"{exp.workdir}/checkpoints needs the base it was trained on")
@@ -226,7 +228,7 @@ def save(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> Loop
 def _initial_grpo_models(exp: Experiment, params=None) -> Models:
   if exp.lora:  # fresh adapters on a frozen base (the warm start, init_from, or the checkpoint)
     base = experiment.lora_base(exp, params)
-    path = _lora_base_dir(exp)
+    path = lora_base_dir(exp)
     if path != exp.settings.model.hf_checkpoint and jax.process_index() == 0:
       host = jax.device_get(base)
       paths.write_dir(path, lambda d: models_lib.save_hf_checkpoint(d, exp.base_config, host))
@@ -234,7 +236,7 @@ def _initial_grpo_models(exp: Experiment, params=None) -> Models:
                   base_fingerprint=lora.fingerprint(exp.base_config, base))
   state = experiment.init_state(exp, "grpo", params=params)
   return Models(state, experiment.reference_copy(exp, state.params)
-                if _stores_reference(exp) else None)
+                if stores_reference(exp) else None)
 
 
 # ----------------------------------------------------------------------------- SFT warm start
@@ -337,7 +339,7 @@ def _export_lora(exp: Experiment, models: Models) -> None:
   if jax.process_index() != 0:
     return
   params = jax.device_get(lora.combine(models.base, models.state.params))
-  base = _lora_base_dir(exp)
+  base = lora_base_dir(exp)
   base_path = os.path.abspath(base) if paths.is_local(base) else base
   for name, write in (("lora_adapter", functools.partial(
       models_lib.save_peft_adapter, base_model_name_or_path=base_path)),
