@@ -71,6 +71,8 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
     g.stop_tokens = _STOP[arg]
     if arg == "qwen3-0.6b":  # no <think> block: GSM8K answers are short
       c.data.chat_template_kwargs = dict(enable_thinking=False)
+    if arg == "llama3.2-1b":  # its template prints today's date unless given one: fixed, so
+      c.data.chat_template_kwargs = dict(date_string="26 Jul 2024")  # prompts never drift
   else:
     raise ValueError(f"gsm8k config: unknown variant {arg!r}; known: {sorted(_STOP)} + smoke")
   return c
