@@ -95,7 +95,7 @@ def evaluate(exp: Experiment, params, step: int, *,
   `eval.k > 1`, pass@k / maj@k on the first `eval.pass_k_problems`, at GRPO step `step` (which
   picks the sampling keys). `params`: the policy on the mesh, any dtype (cast to compute)."""
   e = exp.settings.eval
-  params = experiment.compute_params(exp, params)
+  params = experiment.decode_params(exp, params)
   records = exp.task.eval
   n = min(len(records), e.num_problems or len(records))
   greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,

@@ -52,6 +52,7 @@ class Programs:
   rm_update: Optional[Callable]
   rm_score: Optional[Callable]
   merge: Optional[Callable]  # LoRA: (base, adapters) -> merged params in compute dtype
+  to_decode: Callable       # params -> compute dtype, decode layout (`decode_params`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Experiment:
   base_key: jax.Array
   base_config: models.ModelConfig  # model_config without LoRA: sampling, log-prob passes, SFT
   params_sh: Any                   # shardings of the full (base) params tree
+  decode_sh: Any                   # the sampler's layout of it (see `decode_params`)
 
   @property
   def lora(self) -> bool:
@@ -118,19 +120,39 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
     optimizers["rm"] = ts.make_optimizer(s.reward_model.optim)
     rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), base_key)
     state_sh["rm"] = rm_lib.rm_state_shardings(mesh, base_config, optimizers["rm"], rm_shapes)
+  decode_sh = _decode_shardings(s, mesh, base_config, params_sh, params_shapes)
   programs = _programs(s, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-                       tokenizer.pad_id)
+                       tokenizer.pad_id, decode_sh)
   return Experiment(
       settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
       train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
       model_config=model_config, host_params=host_params,
       rewards=rewards, eos_ids=eos_ids,
       optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key,
-      base_config=base_config, params_sh=params_sh)
+      base_config=base_config, params_sh=params_sh, decode_sh=decode_sh)
+
+
+def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
+  """The sampler's parameter layout (config.mesh.decode_layout): "training" = the update's
+  (fsdp-split), "replicated" = whole over the batch axes, split over "tensor" only; "auto" =
+  replicated when the compute-dtype weights take at most a quarter of a device's memory (or
+  the device does not say, as a CPU)."""
+  layout = s.decode_layout
+  if layout == "auto":
+    tensor = mesh.shape["tensor"]
+    weight_bytes = sum(math.prod(x.shape) for x in jax.tree.leaves(params_shapes)) * (
+        jnp.dtype(config.dtype).itemsize) / tensor
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    layout = "replicated" if not limit or weight_bytes <= limit / 4 else "training"
+  if layout == "training":
+    return params_sh
+  return sharding.tree_shardings(mesh, models.param_logical_axes(config), params_shapes,
+                                 rules=sharding.DECODE_RULES)
 
 
 def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-              pad_id) -> Programs:
+              pad_id, decode_sh) -> Programs:
   r, g = s.rollout, s.grpo
   train_config, model_config = model_config, lora.base_config(model_config)
   lora_on = bool(train_config.lora_rank)
@@ -173,7 +195,13 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, 
       sample_greedy=sampler(Decoding(0.0), 1),
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
       sft_update=sft_update, rm_update=rm_update, rm_score=rm_score,
-      merge=_merge_program(train_config, params_sh, state_sh["grpo"].params) if lora_on else None)
+      merge=_merge_program(train_config, params_sh, state_sh["grpo"].params) if lora_on else None,
+      to_decode=jax.jit(functools.partial(_astype, dtype=jnp.dtype(model_config.dtype)),
+                        out_shardings=decode_sh))
+
+
+def _astype(params, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 def _merge_program(config, params_sh, adapters_sh):
@@ -222,6 +250,17 @@ def policy_params(exp: Experiment, state: ts.TrainState, base=None):
   if exp.lora:
     return exp.programs.merge(base, state.params)
   return compute_params(exp, state.params)
+
+
+def decode_params(exp: Experiment, params):
+  """`params` in the compute dtype and the sampler's layout (`exp.decode_sh`): one jitted cast
+  and reshard per rollout or evaluation (an all-gather over "fsdp" when the layouts differ), so
+  the decode loop gathers no weights. `compute_params` when the layouts are equivalent."""
+  params = compute_params(exp, params)
+  if all(x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in zip(
+      jax.tree.leaves(params), jax.tree.leaves(exp.decode_sh))):
+    return params
+  return exp.programs.to_decode(params)
 
 
 def compute_params(exp: Experiment, params):

@@ -65,7 +65,7 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
   if r.paradigm.data == "teacher":
     return _teacher(exp, position)
   P, G = r.num_prompts, r.num_samples
-  params = experiment.compute_params(exp, params)  # once per rollout, not per decoded token
+  params = experiment.decode_params(exp, params)  # once per rollout, not per decoded token
   weights = np.asarray(exp.rewards.weights)
   rounds, t_sample, t_score, gen_tokens, zero_spread = [], 0.0, 0.0, 0, 0
   failed_K = np.zeros(len(exp.rewards.names), np.int64)

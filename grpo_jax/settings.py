@@ -163,6 +163,7 @@ class Settings:
   tokenizer_vocab_size: int
   model: ModelSettings
   mesh: tuple[int, int, int]  # (data, fsdp, tensor) as configured (-1: the rest)
+  decode_layout: str          # the sampler's params: "auto" | "replicated" | "training"
   sft: SFTSettings
   rollout: RolloutSettings
   grpo: GRPOSettings
@@ -289,7 +290,8 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
                                        tuple(t.strip() for t in m.lora.targets.split(",")
                                              if t.strip()),
                                        float(m.lora.dropout))),
-      mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), sft=sft, rollout=rollout, grpo=grpo,
+      mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), decode_layout=c.mesh.decode_layout,
+      sft=sft, rollout=rollout, grpo=grpo,
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep,
       wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name))
@@ -451,6 +453,10 @@ def check(s: Settings, dp: int) -> None:
                         f"{FLOAT_DTYPES}")
   _check_lora(s)
   _check_data(s)
+  if s.decode_layout not in ("auto", "replicated", "training"):
+    raise ConfigError(f"config.mesh.decode_layout = {s.decode_layout!r}: 'auto', 'replicated' "
+                      "(weights whole on every data / fsdp member while sampling) or 'training' "
+                      "(sample with the update's fsdp-split weights)")
   _check_rewards(r)
   if s.wandb.mode not in ("", "online", "offline", "disabled"):
     raise ConfigError(f"config.wandb.mode = {s.wandb.mode!r}: '' (off), online, offline or "

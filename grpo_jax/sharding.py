@@ -40,6 +40,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
 )
 
+# The sampler's layout (`mesh.decode_layout = "replicated"`): parameters whole on every member of
+# the batch axes, split over "tensor" only, so a decoded token gathers no weights; the training
+# layout's "fsdp" split would re-gather every layer at every token.
+DECODE_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, None if name == "embed" else target) for name, target in DEFAULT_RULES)
+
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:

@@ -135,7 +135,9 @@ def _record_run(exp: Experiment) -> None:
                         "optimizer_state": c.param_dtype,
                         "reference": (c.param_dtype if exp.settings.grpo.ref_ema else c.dtype)
                         if exp.settings.use_reference else None},
-          "mesh": dict(exp.mesh.shape), "devices": [str(d) for d in jax.devices()][:8],
+          "mesh": dict(exp.mesh.shape),
+          "decode_layout": "training" if exp.decode_sh is exp.params_sh else "replicated",
+          "devices": [str(d) for d in jax.devices()][:8],
           "jax": jax.__version__}
   logging.info("precision: %s", info["precision"])
   if jax.process_index() == 0:

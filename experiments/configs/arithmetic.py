@@ -44,7 +44,9 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
                                 rope_theta=10_000.0, max_position_embeddings=128),
                  # LoRA: rank 0 = full fine-tuning; targets among qkv, o, gate_up, down.
                  lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down", dropout=0.0))
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # decode_layout: the sampler's weights, "replicated" over data / fsdp (no per-token gathers),
+  # "training" (the update's fsdp split), or "auto" (replicated when they fit easily).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, decode_layout="auto")
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
 
   c.sft = dict(steps=800, batch_size=64, micro_batch_size=0,
