@@ -30,7 +30,7 @@ def main(argv):
                                     cfg.distributed.num_processes or None,
                                     None if cfg.distributed.process_id < 0
                                     else cfg.distributed.process_id)
-  from grpo_jax import settings, trainer
+  from grpo_jax import preemption, settings, trainer
   workdir = _WORKDIR.value or os.path.join("workdirs", time.strftime("%Y%m%d-%H%M%S"))
   logging.info("workdir: %s", os.path.abspath(workdir))
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
@@ -40,6 +40,10 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:  # SIGTERM / SIGINT: stopped cleanly, resumable
+    logging.warning("%s", e)
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
   print("final eval: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())), flush=True)
   print(f"metrics: {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')}", flush=True)
 

@@ -33,7 +33,7 @@ from absl import logging
 from grpo_jax import advantages, checkpointing, evaluation, experiment, iterative
 from grpo_jax import models as models_lib
 from grpo_jax import metrics as metrics_lib
-from grpo_jax import paths, rollout, settings as settings_lib, updates
+from grpo_jax import paths, preemption, rollout, settings as settings_lib, updates
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
 from grpo_jax.models import lora
@@ -108,22 +108,29 @@ def run(exp: Experiment) -> dict:
   ckpt = checkpointing.Checkpointer(str(paths.as_path(exp.workdir) / "checkpoints"),
                                     keep=s.checkpoint_keep)
   try:  # a failing run still finishes its pending asynchronous save: no checkpoint is lost
-    loop, models = resume(exp, ckpt)
-    writer = metrics_lib.MetricsWriter(exp.workdir, enabled=jax.process_index() == 0,
-                                       truncate_to=loop.metrics_lines if loop else 0,
-                                       wandb=s.wandb)
-    try:
-      if loop is None or loop.phase == "sft":
-        loop, models = sft_phase(exp, ckpt, writer, loop, models)
-      final, models = grpo_phase(exp, ckpt, writer, loop, models)
-      if exp.lora:
-        _export_lora(exp, models)
-    finally:
-      writer.close()
+    with preemption.Watcher() as watcher:  # SIGTERM / SIGINT: stop at a step, checkpoint
+      final = _phases(exp, ckpt, watcher)
   finally:
     ckpt.close()
   logging.info("compiles: update %d, sampler %d", exp.programs.policy_update._cache_size(),  # pylint: disable=protected-access
                exp.programs.sample_train._cache_size())  # pylint: disable=protected-access
+  return final
+
+
+def _phases(exp: Experiment, ckpt, watcher: preemption.Watcher) -> dict:
+  """Resume, then the SFT and GRPO phases that remain; the metrics writer closes either way."""
+  loop, models = resume(exp, ckpt)
+  writer = metrics_lib.MetricsWriter(exp.workdir, enabled=jax.process_index() == 0,
+                                     truncate_to=loop.metrics_lines if loop else 0,
+                                     wandb=exp.settings.wandb)
+  try:
+    if loop is None or loop.phase == "sft":
+      loop, models = sft_phase(exp, ckpt, writer, loop, models, watcher)
+    final, models = grpo_phase(exp, ckpt, writer, loop, models, watcher)
+    if exp.lora:
+      _export_lora(exp, models)
+  finally:
+    writer.close()
   return final
 
 
@@ -244,8 +251,8 @@ def _initial_grpo_models(exp: Experiment, params=None) -> Models:
 # ----------------------------------------------------------------------------- SFT warm start
 
 
-def sft_phase(exp: Experiment, ckpt, writer, loop: Optional[LoopState],
-              models: Models) -> tuple[LoopState, Models]:
+def sft_phase(exp: Experiment, ckpt, writer, loop: Optional[LoopState], models: Models,
+              watcher: preemption.Watcher) -> tuple[LoopState, Models]:
   """SFT on the teacher's solutions (skipped with init_from), then the GRPO start: a fresh
   optimizer, and the reference = the warm-started policy."""
   s = exp.settings
@@ -254,14 +261,15 @@ def sft_phase(exp: Experiment, ckpt, writer, loop: Optional[LoopState],
   loop = loop or LoopState("sft", 0, iterator.Position(0, 0, s.seed))
   state = models.state or experiment.init_state(exp, "sft")
   with metrics_lib.Progress(s.sft_steps, "sft", every=s.log_every) as progress:
-    loop, state = _sft_steps(exp, ckpt, writer, loop, state, progress)
+    loop, state = _sft_steps(exp, ckpt, writer, loop, state, progress, watcher)
   models = _initial_grpo_models(exp, params=state.params)
   loop = save(exp, ckpt, writer, LoopState("grpo", 0, iterator.Position(0, 0, s.seed + 1)),
               models)
   return loop, models
 
 
-def _sft_steps(exp: Experiment, ckpt, writer, loop: LoopState, state: TrainState, progress):
+def _sft_steps(exp: Experiment, ckpt, writer, loop: LoopState, state: TrainState, progress,
+               watcher: preemption.Watcher):
   s = exp.settings
   prompts, targets = exp.teacher
   t_last, step_last = time.perf_counter(), loop.step
@@ -278,26 +286,32 @@ def _sft_steps(exp: Experiment, ckpt, writer, loop: LoopState, state: TrainState
       t_last, step_last = now, step + 1
       writer.write(step + 1, "sft", figures)
       progress.update(step + 1, nll=figures["nll"], update_s=figures["update_s"])
-    if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.sft_steps:
+    stop = watcher.stop_requested(step + 1) and step + 1 < s.sft_steps
+    if stop or (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0
+                and step + 1 < s.sft_steps):
       loop = save(exp, ckpt, writer, loop, Models(state))
+    if stop:
+      raise preemption.Preempted(step + 1, ckpt.directory)
   return loop, state
 
 
 # ----------------------------------------------------------------------------- GRPO
 
 
-def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models) -> dict:
+def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models,
+               watcher: preemption.Watcher) -> tuple[dict, Models]:
   s = exp.settings
   if models.state is None:
     params = _warm_start(exp) if s.init_from else None
     models = _initial_grpo_models(exp, params=params)
   with metrics_lib.Progress(s.grpo.steps, "grpo", every=s.log_every) as progress:
-    last_eval, models = _grpo_steps(exp, ckpt, writer, loop, models, progress)
+    last_eval, models = _grpo_steps(exp, ckpt, writer, loop, models, progress, watcher)
   ckpt.wait()
   return last_eval, models
 
 
-def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, progress):
+def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, progress,
+                watcher: preemption.Watcher):
   s = exp.settings
   nan_streak, last_eval = 0, {}
   for step in range(loop.step, s.grpo.steps + 1):
@@ -329,8 +343,12 @@ def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, 
                  sample_s=figures["sample_s"], score_s=figures["score_s"],
                  update_s=figures["update_s"], tok_per_s=figures["tok_per_s"])
     progress.update(step + 1, **{k: v for k, v in shown.items() if v is not None})
-    if (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0) or step + 1 == s.grpo.steps:
+    stop = watcher.stop_requested(step + 1) and step + 1 < s.grpo.steps
+    if stop or (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0) or (
+        step + 1 == s.grpo.steps):
       loop = save(exp, ckpt, writer, loop, models)
+    if stop:
+      raise preemption.Preempted(s.sft_steps + step + 1, ckpt.directory)
   return last_eval, models
 
 
