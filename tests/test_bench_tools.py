@@ -1,0 +1,99 @@
+"""tools/bench_step.py and tools/bench_device.py at a tiny size: one run each, in this process.
+
+Each tool's last stdout line is one JSON object; checked here for its keys and sane values (not
+for speed). The accelerator peaks are checked on the device kinds JAX reports.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench_step():
+  return load_tool("bench_step")
+
+
+@pytest.fixture(scope="module")
+def bench_device():
+  return load_tool("bench_device")
+
+
+def last_json(capsys) -> dict:
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_step_tiny(bench_step, capsys):
+  P, G, N = 8, 2, 6  # P: one prompt per simulated device
+  result = bench_step.main(["--model=tiny_qwen2", f"--prompts={P}", f"--samples={G}",
+                            "--prompt_len=4", f"--new_tokens={N}", "--steps=2",
+                            "--micro_batch_size=0"])
+  assert last_json(capsys) == json.loads(json.dumps(result))
+  for key in ("gen_s", "step_s", "ref_s", "update_s", "score_s"):
+    low, high = result[f"{key}_range"]
+    assert 0 < low <= result[key] <= high, key
+  # The parts are timed one after another inside the step.
+  assert result["gen_s"] + result["ref_s"] + result["update_s"] <= result["step_s"] * 1.001
+  assert result["gen_tok_s"] == pytest.approx(P * G * N / result["gen_s"])
+  assert result["peak_rss_mb"] > 0 and result["warmup_step_s"] > result["step_s"]
+  assert result["all_completions_full"] and result["skipped"] == 0
+  assert 0.0 <= result["reward"] <= 1.0  # fraction of even ids
+  assert len(result["steps"]) == 3 and result["counted"] == 2
+  assert result["weights"].startswith("random init of tiny_qwen2")
+  assert (result["prompts"], result["samples"], result["new_tokens"]) == (P, G, N)
+
+
+def test_bench_device_tiny(bench_device, capsys):
+  result = bench_device.main(["--model=tiny_qwen2", "--layers=1", "--batches=16", "--samples=2",
+                              "--prompt_len=4", "--new_tokens=16", "--update_rows=16",
+                              "--micro_batch_size=0", "--repeats=1"])
+  assert last_json(capsys) == json.loads(json.dumps(result))
+  assert result["num_layers"] == 1 and result["dtype"] == "bfloat16"
+  (row,) = result["decode"]
+  assert row["batch"] == 16 and row["prompts"] == 8
+  assert row["gen_tok_s"] > 0 and row["call_s"] > 0 and row["decode_bytes_per_token"] > 0
+  # Decode = the N-token call minus the 1-token call: null if noise beats it (tiny, loaded CPU).
+  assert row["decode_tok_s"] is None or row["decode_tok_s"] > 0
+  assert result["decode_tok_s"] == {"16": row["decode_tok_s"]}
+  assert result["update_tok_s"] > 0 and result["ref_tok_s"] > 0 and result["update_loss_finite"]
+  assert result["update_tokens"] == 16 * (4 + 16) and result["micro_batch_size"] == 16
+  # CPU: no peak in the table, no device memory statistics.
+  assert result["platform"] == "cpu"
+  assert result["roofline_frac"] == {"16": None} and result["update_mfu"] is None
+  assert result["peak_device_bytes"] is None
+
+
+@pytest.mark.parametrize("kind, bandwidth, flops", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12, 989e12),
+    ("NVIDIA H100 PCIe", 2.0e12, 756e12),
+    ("NVIDIA H200", 4.8e12, 989e12),
+    ("NVIDIA A100-SXM4-80GB", 2.0e12, 312e12),
+    ("TPU v5 lite", 819e9, 197e12),
+    ("TPU v5p", 2.76e12, 459e12),
+    ("TPU v5", 2.76e12, 459e12),
+    ("TPU v6 lite", 1.64e12, 918e12),
+    ("cpu", None, None),
+])
+def test_device_peaks(bench_device, kind, bandwidth, flops):
+  assert bench_device.device_peaks(kind) == (bandwidth, flops)
+
+
+def test_decode_bytes_by_hand(bench_device):
+  from grpo_jax import models
+  c = models.get_config("qwen2.5-0.5b", dtype="bfloat16")
+  P, G, Tp, N = 8, 8, 64, 256
+  kv_per_token = 2 * 2 * 64 * 24 * 2  # K and V, 2 KV heads, head_dim 64, 24 layers, bf16
+  kv_tokens = sum(P * Tp + P * G * step for step in range(1, N))  # what decode step `step` reads
+  expected = (N - 1) * 1_000_000 + kv_per_token * kv_tokens
+  assert bench_device.decode_bytes(c, 1_000_000, 1, P, G, Tp, N) == pytest.approx(expected)
