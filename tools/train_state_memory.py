@@ -28,7 +28,8 @@ repo's rules leave most of the adapter state replicated (the large factors, gate
 [r, 2, mlp] and down's A [mlp, r], have no "embed" axis), so a chip holds ~1.2-1.5x the ideal.
 "fits" = state <= margin (default 70%) of the device's memory. The state ONLY: it excludes
 activations and gradients of the update, the KV cache and the sampler's compute-dtype copy of
-the weights, which need the remaining memory.
+the weights, which need the remaining memory: `python -m tools.memory_plan` plans those too,
+from the run's compiled programs (per-device bytes here come from its `device_bytes`).
 """
 
 from __future__ import annotations
@@ -44,31 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
 from grpo_jax import models, sharding  # noqa: E402
+from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.models import lora  # noqa: E402
 from grpo_jax.models.config import LORA_TARGETS, ModelConfig, PRESETS, get_config  # noqa: E402
 from grpo_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
+from tools.memory_plan import device_bytes, tree_bytes, with_shardings  # noqa: E402
 
 GIB = 2 ** 30
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
 MODES = ("full_f32", "full_bf16", "lora")
 COMPUTE_DTYPE = "bfloat16"
-# Qwen2.5-7B's published config.json (used when the preset table has no "qwen2.5-7b").
-QWEN25_7B = dict(family="qwen2", qkv_bias=True, vocab_size=152064, hidden_size=3584,
-                 intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-                 head_dim=128, tie_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6,
-                 max_position_embeddings=32768)
 
 
 def model_config(name: str) -> ModelConfig:
-  if name in PRESETS:
-    return get_config(name)
-  if name == "qwen2.5-7b":
-    return ModelConfig(**QWEN25_7B)
-  raise ValueError(f"Unknown model {name!r}; known: {sorted(set(PRESETS) | set(MODELS))}")
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model {name!r}; known: {sorted(PRESETS)}")
+  return get_config(name)
 
 
 def mode_config(config: ModelConfig, mode: str, lora_rank: int = 16) -> ModelConfig:
@@ -98,10 +93,6 @@ def abstract_state(config: ModelConfig, mode: str, lora_rank: int = 16,
   return params, trained, opt_state, reference
 
 
-def tree_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def tree_count(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -115,41 +106,20 @@ def moments_bytes(opt_state) -> int:
   return total
 
 
-@functools.lru_cache(maxsize=None)
-def _logical_axes(config: ModelConfig):
-  """Logical axis names per param leaf (they do not depend on the dtypes: cached without them)."""
-  return models.param_logical_axes(config)
-
-
-def shard_divisors(config: ModelConfig, params, fsdp: int):
-  """Per leaf of `params`: into how many pieces the repo's sharding rules cut it on a
-  (data=1, fsdp=fsdp, tensor=1) mesh (1 = replicated)."""
-  mesh = AbstractMesh((1, fsdp, 1), sharding.MESH_AXES)
-  axes = _logical_axes(config.replace(param_dtype="float32", dtype="float32"))
-
-  def divisor(names, x):
-    spec = sharding.logical_to_spec(names, x.shape, mesh)
-    return math.prod(mesh.shape[a] for s in spec if s is not None
-                     for a in ((s,) if isinstance(s, str) else s))
-
-  return jax.tree.map(divisor, axes, params, is_leaf=sharding._is_axes_leaf)
-
-
 def per_chip_bytes(config: ModelConfig, mode: str, lora_rank: int, fsdp: int,
                    state=None) -> dict:
-  """Bytes per chip of params, optimiser and reference under the repo's fsdp rules.
+  """Bytes per chip of params, optimiser and reference on a (data=1, fsdp, tensor=1) mesh,
+  placed as a run places them (`train_step.state_shardings`; `memory_plan.device_bytes`).
   `state`: `abstract_state(config, mode, lora_rank)` if already computed."""
   cfg = mode_config(config, mode, lora_rank)
-  params, _, opt_state, reference = state or abstract_state(config, mode, lora_rank)
-  div = shard_divisors(cfg, params, fsdp)
-  div_trained = lora.split(div)[0] if mode == "lora" else div
-  opt_div = optax.tree_map_params(make_optimizer(OptimConfig()), lambda _, d: d, opt_state,
-                                  div_trained, transform_non_params=lambda _: 1)
-  shard = lambda tree, d: sum(  # noqa: E731
-      math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // k
-      for x, k in zip(jax.tree.leaves(tree), jax.tree.leaves(d)))
-  return dict(params=shard(params, div), optimizer=shard(opt_state, opt_div),
-              reference=0 if reference is None else shard(reference, div))
+  params, trained, opt_state, reference = state or abstract_state(config, mode, lora_rank)
+  mesh = AbstractMesh((1, fsdp, 1), sharding.MESH_AXES)
+  optimizer = make_optimizer(OptimConfig())
+  params_sh = ts.state_shardings(mesh, cfg, optimizer, params).params
+  opt_sh = ts.state_shardings(mesh, cfg, optimizer, trained).opt_state
+  placed = lambda tree, sh: device_bytes(with_shardings(tree, sh))  # noqa: E731
+  return dict(params=placed(params, params_sh), optimizer=placed(opt_state, opt_sh),
+              reference=0 if reference is None else placed(reference, params_sh))
 
 
 def row(name: str, mode: str, lora_rank: int = 16, gpu_gib: float = 80.0,

@@ -4,9 +4,12 @@
       --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B-Instruct \
       --config.data.path=../shared/data/gsm8k --workdir=/tmp/gsm8k_qwen
 
-Variants (`:arg`): qwen2.5-0.5b, qwen2.5-1.5b, gemma3-1b, llama3.2-1b (chat template and sizes
-for that model; the checkpoint directory must hold config.json, model.safetensors[.index.json]
-and tokenizer.json or tokenizer.model), and "smoke": a tiny random model in tests.
+Variants (`:arg`): qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen3-0.6b, gemma3-1b, llama3.2-1b
+(chat template and sizes for that model; the checkpoint directory must hold config.json,
+model.safetensors[.index.json] and tokenizer.json or tokenizer.model), and "smoke": a tiny
+random model in tests. Each variant also names its preset (`model.preset`), so the config states
+the model's shape without a checkpoint: `python -m tools.memory_plan --config=...:qwen2.5-7b
+--config.mesh.fsdp=8 --config.mesh.data=1` plans its memory per device.
 
 Platforms (same command on every host; see README "Launching"):
 - one GPU / one host:      defaults (mesh data=-1: all local devices data-parallel).
@@ -21,9 +24,11 @@ Expected: DeepSeekMath-style gains need hours on accelerators; on a CPU only "sm
 import ml_collections
 
 from experiments.configs import arithmetic
+from grpo_jax.models.config import PRESETS
 
 _STOP = {  # end-of-turn tokens of each model's chat template
     "qwen2.5-0.5b": "<|im_end|>,<|endoftext|>", "qwen2.5-1.5b": "<|im_end|>,<|endoftext|>",
+    "qwen2.5-7b": "<|im_end|>,<|endoftext|>",
     "qwen3-0.6b": "<|im_end|>,<|endoftext|>", "gemma3-1b": "<end_of_turn>",
     "llama3.2-1b": "<|eot_id|>"}
 
@@ -69,6 +74,8 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
     c.log_every = 1
   elif arg in _STOP:
     g.stop_tokens = _STOP[arg]
+    # The checkpoint's config.json wins when given; the preset names the shape without one.
+    c.model.preset = arg if arg in PRESETS else ""
     if arg == "qwen3-0.6b":  # no <think> block: GSM8K answers are short
       c.data.chat_template_kwargs = dict(enable_thinking=False)
     if arg == "llama3.2-1b":  # its template prints today's date unless given one: fixed, so

@@ -173,6 +173,13 @@ PRESETS = {
     "qwen2.5-1.5b": lambda: _qwen2(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
         num_kv_heads=2, head_dim=128, rope_theta=1e6, max_position_embeddings=32768),
+    "qwen2.5-3b": lambda: _qwen2(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
+        num_kv_heads=2, head_dim=128, rope_theta=1e6, max_position_embeddings=32768),
+    "qwen2.5-7b": lambda: _qwen2(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
+        tie_embeddings=False),
     "qwen3-0.6b": lambda: _qwen3(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
         num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960),

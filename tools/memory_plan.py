@@ -1,0 +1,766 @@
+"""Per-device memory plan of a GRPO run: state bytes and the peak of every compiled program.
+
+  python -m tools.memory_plan --config=experiments/configs/gsm8k.py:qwen2.5-7b \
+      --config.mesh.fsdp=8 --config.mesh.data=1 [--num_devices=8] [--chip=h100] [--out=plan.json]
+
+No weights are allocated and no accelerator is needed. The run's own jitted programs (what
+`experiment._programs` builds: policy update, log-prob pass, samplers, the decode-layout cast)
+are lowered on abstract inputs (`jax.ShapeDtypeStruct`s with the run's shardings; shapes from
+`jax.eval_shape`) over simulated CPU devices (`--num_devices`, default the mesh's product),
+compiled, and read with `compiled.memory_analysis()`: argument, output, alias (donated) and
+temporary bytes per device. A program's peak = argument + output - alias + temp.
+
+Printed per device (GiB = 2^30 bytes; `--out` writes the same as JSON, in bytes):
+  state     params (param_dtype), optimiser state, reference copy (settings.use_reference; LoRA:
+            the frozen base), gradients (the trained leaves' size; they live in the update's
+            temp), the policy's compute-dtype copy and its decode-layout copy: from shapes and
+            shardings alone, exact.
+  programs  each compiled program, and its PHASE peak = the program's peak + what the driver
+            holds beside it without passing it (trainer.grpo_step: the train state, the reference
+            and the policy copy live through the whole step; the decode copy through the rollout).
+  chips     fits (largest phase peak <= --margin x memory) and headroom on TPU v5e / v6e / v5p,
+            H100, H200 (nominal memory; JAX on a GPU takes 75% of it unless
+            XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
+  search    with --chip: the largest grpo.micro_batch_size whose update phase fits, and the
+            largest sampling batch (prompts x samples per device) whose rollout fits.
+
+Depth (`--layers`): models of at most 4 layers are compiled whole; deeper ones at 2 and 3
+layers, every figure extrapolated linearly (identical layers each add the same weights, saved
+activations, gathered weights and KV cache). Checked on Qwen2.5-7B: the update extrapolated to
+28 layers matched its exact compile (90 s) to 0.01%. Not from 1 layer: a 1-layer sampler is
+scheduled differently (+15% at 6 layers). A sampler is the larger of two lines: at a few layers
+it peaks while prefilling the prompts, a deep one while decoding (each layer adds its
+completion KV cache), so the decode phase gets its own line, from the same sampler with 1-token
+prompts plus the prompts' ids and cache (for 7B at 32 prompts per device: 1.33 GiB per layer
+prefilling, 1.55 decoding; at 8 and 16 layers the exact compile matched the larger line to
+0.01%, where the prefill line alone was 5% low at 16). The
+search's sampler probes compile the decode phase at 2 layers and take its per-layer bytes,
+linear in the batch, from two sizes compiled at 2 and 3 layers. Gemma 3's interleaved layers
+are extrapolated from its first three (sliding) layers.
+
+What the CPU compile does not tell (read the figures with these in mind):
+- XLA:CPU computes bfloat16 matmuls and collectives in float32 and keeps float32 copies of the
+  bf16 operands; in a sampler the weights' copies are hoisted out of the decode loop. So with a
+  bfloat16 compute dtype the temp of the samplers, the log-prob pass and the decode-layout cast
+  holds up to 2 x their bf16 weights that a GPU or TPU does not need (`cpu_upcast_bound`).
+- Partitioning (GSPMD) is the same pass on every backend; fusion and scheduling differ, so
+  temporaries on a GPU / TPU can differ by some percent.
+- The reward model (iterative GRPO) and the SFT warm start are not planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from grpo_jax import experiment, models, settings as settings_lib, sharding
+from grpo_jax import train_step as ts
+from grpo_jax.models import lora
+from grpo_jax.models.hf_checkpoint import config_from_hf
+
+GIB = 2 ** 30
+# Nominal memory per device (GiB): HBM per TPU chip, a GPU's memory.
+CHIPS = {"v5e": 16.0, "v6e": 32.0, "h100": 80.0, "v5p": 95.0, "h200": 141.0}
+DEFAULT_CHIP = "h100"  # what mesh.decode_layout = "auto" is resolved for without --chip
+EXACT_MAX_LAYERS = 4   # --layers=auto compiles deeper models at DEPTHS layers
+# A 1-layer program is scheduled unlike deeper ones (a 7B sampler: +0.6 GiB in the first
+# step); from 2 layers on each layer adds the same bytes (2 -> 3 -> 6 layers: equal steps).
+DEPTHS = (2, 3)
+_EOS, _PAD = (1,), 0   # token ids: no compiled program's memory depends on their values
+SAMPLERS = ("sample_train", "sample_greedy", "sample_eval_k")
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of a pytree of arrays / ShapeDtypeStructs, whole (unsharded)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree whose leaves carry NamedShardings (on a Mesh or an
+  AbstractMesh): the sum of each leaf's shard."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` placed with `shardings` (a tree of the same structure)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def as_dtype(tree, dtype):
+  """The same abstract tree in `dtype` (the compute-dtype copies of the params)."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), tree)
+
+
+# ----------------------------------------------------------------------------- compiled memory
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+  """Per-device bytes of one compiled program (XLA's buffer assignment)."""
+  argument: int
+  output: int
+  alias: int  # outputs written into donated arguments (counted once)
+  temp: int
+  depth: str = "exact"  # or how it was extrapolated
+
+  @property
+  def peak(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+  @classmethod
+  def of(cls, compiled) -> "ProgramMemory":
+    m = compiled.memory_analysis()
+    return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+               m.temp_size_in_bytes)
+
+  def _map(self, fn, other: Optional["ProgramMemory"] = None, depth: str = "") -> "ProgramMemory":
+    fields = ("argument", "output", "alias", "temp")
+    return ProgramMemory(*(round(fn(getattr(self, f), getattr(other or self, f)))
+                           for f in fields), depth or self.depth)
+
+  def plus(self, per_layer: "ProgramMemory", layers: int, depth: str) -> "ProgramMemory":
+    """These bytes plus `layers` times `per_layer`'s."""
+    return self._map(lambda a, b: a + layers * b, per_layer, depth)
+
+  def minus(self, other: "ProgramMemory") -> "ProgramMemory":
+    return self._map(lambda a, b: a - b, other, "difference")
+
+  def scaled(self, factor: float) -> "ProgramMemory":
+    return self._map(lambda a, _: a * factor)
+
+  def lerp(self, other: "ProgramMemory", t: float) -> "ProgramMemory":
+    """(1 - t) x these bytes + t x `other`'s (t outside [0, 1] extrapolates)."""
+    return self._map(lambda a, b: a + t * (b - a), other)
+
+
+def compile_memory(jitted, *args) -> ProgramMemory:
+  return ProgramMemory.of(jitted.lower(*args).compile())
+
+
+# ----------------------------------------------------------------------------- the run's programs
+
+
+def model_config(s: settings_lib.Settings) -> models.ModelConfig:
+  """The trained model's config as `tasks.build_model` makes it, without weights or tokenizer:
+  the checkpoint's config.json, else the preset with the config's overrides (vocabulary: the
+  overrides', else tokenizer.vocab_size when a tokenizer is trained, else the preset's)."""
+  m = s.model
+  lora_fields = dict(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets)
+  if m.hf_checkpoint:
+    with open(os.path.join(m.hf_checkpoint, "config.json")) as f:
+      config = config_from_hf(json.load(f), dtype=m.param_dtype)
+    return config.replace(dtype=m.dtype, **lora_fields)
+  if not m.preset:
+    raise settings_lib.ConfigError("config.model: name config.model.preset (a models.PRESETS "
+                                   "name) or config.model.hf_checkpoint to plan memory")
+  overrides = dict(m.overrides)
+  if s.tokenizer_vocab_size:  # a tokenizer trained to this size (tasks.build_model's default)
+    overrides.setdefault("vocab_size", s.tokenizer_vocab_size)
+  return models.get_config(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, **lora_fields,
+                           **overrides)
+
+
+def with_depth(config: models.ModelConfig, layers: int) -> models.ModelConfig:
+  types = config.layer_types[:layers] if config.layer_types else None
+  return config.replace(num_layers=layers, layer_types=types)
+
+
+def resolve_decode_layout(s: settings_lib.Settings, config: models.ModelConfig, tensor: int,
+                          chip_bytes: float) -> str:
+  """config.mesh.decode_layout on a device of `chip_bytes` (experiment._decode_shardings' "auto"
+  rule: replicated when the compute-dtype weights take at most a quarter of its memory)."""
+  if s.decode_layout != "auto":
+    return s.decode_layout
+  shapes = jax.eval_shape(functools.partial(models.init_params, lora.base_config(config)),
+                          jax.random.key(0))
+  weights = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) * (
+      jnp.dtype(config.dtype).itemsize) / tensor
+  return "replicated" if weights <= chip_bytes / 4 else "training"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The run's programs and abstract buffers (shapes, dtypes, shardings; no data)."""
+  settings: settings_lib.Settings
+  config: models.ModelConfig  # the trained model (LoRA fields included)
+  mesh: Any
+  programs: experiment.Programs
+  state: ts.TrainState   # the GRPO TrainState (LoRA: adapters + their optimiser state)
+  params: Any            # base params in the compute dtype, training layout
+  decode: Any            # the same in the sampler's layout
+  reference: Any         # the reference policy (None without one; LoRA: the frozen base)
+
+
+def build_setup(s: settings_lib.Settings, config: models.ModelConfig, mesh,
+                decode_layout: str) -> Setup:
+  """`experiment.build` without data, tokenizer or weights: the same optimizers and shardings,
+  and `experiment._programs` itself, so the plan is of the programs a run compiles."""
+  key = jax.random.key(s.seed)
+  optimizers = {"sft": ts.make_optimizer(s.sft.optim), "grpo": ts.make_optimizer(s.grpo.optim)}
+  base_config = lora.base_config(config)
+  params_shapes = jax.eval_shape(functools.partial(models.init_params, base_config), key)
+  trained_shapes = (lora.split(jax.eval_shape(functools.partial(models.init_params, config),
+                                              key))[0] if config.lora_rank else params_shapes)
+  state_sh = {"sft": ts.state_shardings(mesh, base_config, optimizers["sft"], params_shapes),
+              "grpo": ts.state_shardings(mesh, config, optimizers["grpo"], trained_shapes)}
+  params_sh = state_sh["sft"].params
+  decode_sh = experiment._decode_shardings(  # pylint: disable=protected-access
+      dataclasses.replace(s, decode_layout=decode_layout), mesh, base_config, params_sh,
+      params_shapes)
+  programs = experiment._programs(  # pylint: disable=protected-access
+      s, mesh, config, optimizers, state_sh, params_sh, _EOS, _PAD, decode_sh)
+  state_shapes = jax.eval_shape(functools.partial(ts.init_train_state,
+                                                  optimizer=optimizers["grpo"]), trained_shapes)
+  params = as_dtype(with_shardings(params_shapes, params_sh), config.dtype)
+  reference = None
+  if config.lora_rank:
+    reference = params
+  elif s.use_reference:  # experiment.reference_copy: compute dtype; the master's for an EMA
+    reference = as_dtype(params, config.param_dtype) if s.grpo.ref_ema else params
+  return Setup(settings=s, config=config, mesh=mesh, programs=programs,
+               state=with_shardings(state_shapes, state_sh["grpo"]), params=params,
+               decode=as_dtype(with_shardings(params_shapes, decode_sh), config.dtype),
+               reference=reference)
+
+
+def abstract_batch(setup: Setup, rows: int, *, logprob_pass: bool = False) -> ts.TrainBatch:
+  """The TrainBatch of `rows` completions (`rollout.train_batch`, with `updates.with_logprobs`'
+  reference / old log-probs unless `logprob_pass`), rows over the batch axes."""
+  s, mesh = setup.settings, setup.mesh
+  r, g = s.rollout, s.grpo
+  T, C = r.max_prompt_length, r.max_completion_length + 1
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  passes = r.paradigm.objective == "grpo" and not logprob_pass
+  return ts.TrainBatch(
+      prompt_tokens=sds((rows, T), jnp.int32), prompt_mask=sds((rows, T), jnp.int32),
+      completion_tokens=sds((rows, C), jnp.int32), completion_mask=sds((rows, C), jnp.int32),
+      advantages=sds((rows, C) if r.paradigm.coefficient == "process" else (rows,), jnp.float32),
+      old_logprobs=sds((rows, C), jnp.float32) if passes and g.num_iterations > 1 else None,
+      ref_logprobs=sds((rows, C), jnp.float32) if passes and g.loss.beta != 0.0 else None)
+
+
+def abstract_prompts(setup: Setup, prompts: int):
+  """(ids, mask, key) of a sampler call on `prompts` left-padded prompts."""
+  ids = jax.ShapeDtypeStruct((prompts, setup.settings.rollout.max_prompt_length), jnp.int32,
+                             sharding=sharding.batch_sharding(setup.mesh, 2))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return ids, ids, jax.ShapeDtypeStruct(key.shape, key.dtype,
+                                        sharding=sharding.replicated(setup.mesh))
+
+
+def program_args(setup: Setup, program: str, size: int) -> tuple[Callable, tuple]:
+  """(jitted function, abstract arguments) of `program`; `size`: the batch's rows (update,
+  logprobs) or a sampler's prompts."""
+  p = setup.programs
+  if program == "update":
+    args = (setup.state, abstract_batch(setup, size))
+    return p.policy_update, args + ((setup.params,) if setup.config.lora_rank else ())
+  if program == "logprobs":
+    return p.logprobs, (setup.params, abstract_batch(setup, size, logprob_pass=True))
+  if program == "to_decode":
+    return p.to_decode, (setup.params,)
+  if program in SAMPLERS:
+    return getattr(p, program), (setup.decode,) + abstract_prompts(setup, size)
+  raise ValueError(f"unknown program {program!r}")
+
+
+# ----------------------------------------------------------------------------- what is held
+
+
+def state_bytes(setup: Setup) -> dict[str, int]:
+  """Per-device bytes of the buffers a GRPO step keeps on the devices (exact)."""
+  st, c = setup.state, setup.config
+  policy = 0 if (c.dtype == c.param_dtype and not c.lora_rank) else device_bytes(setup.params)
+  same_layout = all(a.sharding.is_equivalent_to(b.sharding, len(a.shape)) for a, b in zip(
+      jax.tree.leaves(setup.params), jax.tree.leaves(setup.decode)))
+  return dict(params=device_bytes(st.params), optimizer=device_bytes(st.opt_state),
+              step=device_bytes(st.step), gradients=device_bytes(st.params),
+              reference=0 if setup.reference is None else device_bytes(setup.reference),
+              policy_copy=policy, decode_copy=0 if same_layout else device_bytes(setup.decode))
+
+
+def phase_peaks(setup: Setup, b: dict[str, int], mem: dict[str, ProgramMemory]) -> dict:
+  """Per device, each program's peak plus the buffers the driver holds beside it without
+  passing them (trainer.grpo_step's lifetimes): the train state, the reference and the policy's
+  compute-dtype copy live through the whole step, the decode copy through the rollout
+  (`rollout.collect`). A program's params argument is one of those held buffers: counted
+  once, inside the program. LoRA: the base is the reference and the update's `frozen`."""
+  s = setup.settings
+  state = b["params"] + b["optimizer"] + b["step"]
+  ref, policy, decode = b["reference"], b["policy_copy"], b["decode_copy"]
+  held = state + ref + policy
+  policy_arg = policy or b["params"]  # no copy (float32 compute): the master weights themselves
+  out = {}
+  if "update" in mem:
+    out["update"] = held - state - (ref if setup.config.lora_rank else 0) + mem["update"].peak
+  if "logprobs" in mem:  # the reference pass (beta > 0) and / or the old-policy pass (mu > 1)
+    args = ([ref] if s.grpo.loss.beta != 0.0 else []) + (
+        [policy_arg] if s.grpo.num_iterations > 1 else [])
+    out["logprobs"] = held - min(args) + mem["logprobs"].peak
+  if "to_decode" in mem:
+    out["to_decode"] = held - policy_arg + mem["to_decode"].peak
+  for name in SAMPLERS:
+    if name in mem:
+      out[name] = held + decode - (decode or policy_arg) + mem[name].peak
+  return out
+
+
+def cpu_upcast_bound(setup: Setup, program: str, temp: int) -> int:
+  """At most how much of a program's CPU temp can be float32 copies of 16-bit weights: XLA:CPU
+  runs bf16 / fp16 matmuls and collectives in float32 (2 x the weights a program reads, whole
+  over "fsdp"); a GPU or TPU does not need them. 0 for the update (float32 master weights)."""
+  if jnp.dtype(setup.config.dtype).itemsize != 2 or program == "update":
+    return 0
+  whole = tree_bytes(setup.params) // setup.mesh.shape["tensor"]
+  return min(temp, 2 * whole)
+
+
+def sampler_prompts(s: settings_lib.Settings, dp: int) -> dict[str, int]:
+  """Prompts per call of each sampler that a run uses (rollout: grpo.num_prompts;
+  evaluation.evaluate: the greedy batch and the pass@k batch)."""
+  e = s.eval
+  out = {} if s.rollout.paradigm.data == "teacher" else {"sample_train": s.rollout.num_prompts}
+  if e.every or e.num_problems:
+    out["sample_greedy"] = e.batch_size
+    if e.k > 1 and e.pass_k_problems:
+      out["sample_eval_k"] = max(dp, (e.batch_size // e.k) // dp * dp)
+  return out
+
+
+def kv_tokens(s: settings_lib.Settings, program: str, prompts: int) -> int:
+  """Cached tokens of a sampler call (prompts once + every row's completion): what its memory
+  grows with, used to skip compiling samplers dominated by another."""
+  samples = {"sample_train": s.rollout.num_samples, "sample_greedy": 1,
+             "sample_eval_k": s.eval.k}[program]
+  r = s.rollout
+  return prompts * (r.max_prompt_length + samples * (r.max_completion_length + 1))
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """One variant of the run to compile: its settings, the model, the sampler's layout."""
+  settings: settings_lib.Settings
+  config: models.ModelConfig
+  decode_layout: str
+
+
+class Planner:
+  """Compiles the run's programs on abstract inputs, at full or reduced depth; every compile is
+  cached, so searches re-use the plan's."""
+
+  def __init__(self, mesh, layers: str = "auto", log: Callable[[str], None] = lambda _: None):
+    if layers not in ("auto", "exact", "extrapolate"):
+      raise ValueError(f"layers = {layers!r}: auto, exact or extrapolate")
+    self.mesh, self.layers, self.log = mesh, layers, log
+    self._setups: dict = {}
+    self._compiled: dict = {}
+    self.compiles, self.compile_s = 0, 0.0
+
+  def setup(self, probe: Probe) -> Setup:
+    if probe not in self._setups:
+      self._setups[probe] = build_setup(probe.settings, probe.config, self.mesh,
+                                        probe.decode_layout)
+    return self._setups[probe]
+
+  def exact(self, config: models.ModelConfig) -> bool:
+    return config.num_layers <= DEPTHS[1] or self.layers == "exact" or (
+        self.layers == "auto" and config.num_layers <= EXACT_MAX_LAYERS)
+
+  def compiled(self, probe: Probe, program: str, size: int, depth: int) -> ProgramMemory:
+    """`program` of `probe` with the model cut to `depth` layers."""
+    sub = dataclasses.replace(probe, config=with_depth(probe.config, depth))
+    key = (sub, program, size)
+    if key not in self._compiled:
+      fn, args = program_args(self.setup(sub), program, size)
+      t0 = time.perf_counter()
+      self._compiled[key] = compile_memory(fn, *args)
+      dt = time.perf_counter() - t0
+      self.compiles, self.compile_s = self.compiles + 1, self.compile_s + dt
+      self.log(f"  compiled {program} (size {size}, {depth} layers): {dt:.1f} s")
+    return self._compiled[key]
+
+  def per_layer(self, probe: Probe, program: str, size: int) -> ProgramMemory:
+    """Bytes one more layer adds (the step from DEPTHS[0] to DEPTHS[1] layers)."""
+    lo, hi = DEPTHS
+    return self.compiled(probe, program, size, hi).minus(
+        self.compiled(probe, program, size, lo)).scaled(1 / (hi - lo))
+
+  def memory(self, probe: Probe, program: str, size: int = 0,
+             slope_sizes: tuple[int, ...] = ()) -> ProgramMemory:
+    """`program` at the model's depth: compiled, or extrapolated linearly from DEPTHS layers.
+    With `slope_sizes` (sizes whose per-layer bytes are known or worth two compiles), one
+    compile at DEPTHS[0] and the per-layer bytes interpolated linearly in the size between
+    them (a sampler's grow by ~1 MB per prompt and layer)."""
+    L = probe.config.num_layers
+    if self.exact(probe.config):
+      return self.compiled(probe, program, size, L)
+    lo = DEPTHS[0]
+    if not slope_sizes or size in slope_sizes:
+      return self.compiled(probe, program, size, lo).plus(
+          self.per_layer(probe, program, size), L - lo, f"extrapolated from {lo} and "
+          f"{DEPTHS[1]} layers")
+    (a, b) = sorted(slope_sizes)[:2] if len(slope_sizes) > 1 else (slope_sizes[0],) * 2
+    pa, pb = self.per_layer(probe, program, a), self.per_layer(probe, program, b)
+    t = 0.0 if a == b else (size - a) / (b - a)
+    slope = pa.lerp(pb, t)
+    return self.compiled(probe, program, size, lo).plus(
+        slope, L - lo, f"{lo} layers + per-layer bytes interpolated from sizes {a}, {b}")
+
+
+  def sampler_memory(self, probe: Probe, program: str, size: int,
+                     slope_sizes: tuple[int, ...] = (), prefill: bool = True) -> ProgramMemory:
+    """A sampler at the model's depth: the larger of its two phases. At a few layers a sampler
+    peaks while prefilling (the prompts' activations), a deep one while decoding (every layer
+    adds its completion KV cache), so one line through two shallow depths misses the switch.
+    The decode phase's line is the same program's with 1-token prompts (nothing to prefill),
+    plus what the prompts themselves take (their ids and their cache in every layer).
+    `prefill=False`: the decode phase only (the search's probes: it dominates deep models)."""
+    if self.exact(probe.config):
+      return self.memory(probe, program, size)
+    short = dataclasses.replace(probe, settings=_with_prompt_length(probe.settings, 1))
+    decode = self.memory(short, program, size, slope_sizes).plus(
+        _prompt_bytes(self.setup(probe), size), 1, "decode phase: 1-token prompts, "
+        f"extrapolated from {DEPTHS[0]} and {DEPTHS[1]} layers, + the prompts' cache")
+    if not prefill:
+      return decode
+    return max((self.memory(probe, program, size, slope_sizes), decode), key=lambda m: m.peak)
+
+
+def _with_prompt_length(s: settings_lib.Settings, n: int) -> settings_lib.Settings:
+  return dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, max_prompt_length=n))
+
+
+def _prompt_bytes(setup: Setup, prompts: int) -> ProgramMemory:
+  """Per device, what prompts of the configured length take beyond 1-token ones in a sampler:
+  ids and mask (arguments) and the prefix KV cache of every layer (temp)."""
+  c, mesh = setup.config, setup.mesh
+  local = -(-prompts // sharding.data_parallel_size(mesh))  # prompts are split over the rows
+  extra = setup.settings.rollout.max_prompt_length - 1
+  kv_heads = c.num_kv_heads // mesh.shape["tensor"] if not c.num_kv_heads % mesh.shape[
+      "tensor"] else c.num_kv_heads
+  cache = c.num_layers * local * kv_heads * c.head_dim * extra * 2 * jnp.dtype(c.dtype).itemsize
+  return ProgramMemory(argument=2 * local * extra * 4, output=0, alias=0,
+                       temp=cache + local * extra)  # + the cache's valid mask (bool)
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def largest(candidates: list[int], fits: Callable[[int], bool],
+            known: Optional[dict[int, bool]] = None,
+            guess: Optional[Callable[[], Optional[int]]] = None) -> Optional[int]:
+  """The largest of the sorted `candidates` that `fits` (monotone: what is below a fitting one
+  fits), by bisection; `known`: results already probed; `guess()`: an index to probe instead of
+  the midpoint (None: the midpoint), moved inside the open bounds, every other step when it
+  does not halve them. None when none fits."""
+  known = known or {}
+  lo = max((i for i, c in enumerate(candidates) if known.get(c) is True), default=-1)
+  hi = min((i for i, c in enumerate(candidates) if known.get(c) is False),
+           default=len(candidates))
+  bisect_next = False
+  while hi - lo > 1:
+    width = hi - lo
+    i = None if guess is None or bisect_next else guess()
+    i = (lo + hi) // 2 if i is None else min(max(i, lo + 1), hi - 1)
+    if fits(candidates[i]):
+      lo = i
+    else:
+      hi = i
+    # A guided probe that did not halve a probed bracket: bisect next (past a kink, a line
+    # through probes on one side creeps toward the limit one candidate at a time).
+    bisect_next = not bisect_next and hi < len(candidates) and hi - lo > width / 2
+  return candidates[lo] if lo >= 0 else None
+
+
+def affine_guess(peaks: dict[int, int], budget: float, candidates: list[int]) -> Callable:
+  """guess() for `largest`: the index of the largest candidate under the budget on the line
+  through the two probes whose peaks are nearest it (peaks grow about linearly with rows)."""
+  def guess() -> Optional[int]:
+    if len(peaks) < 2:
+      return None
+    (x1, y1), (x2, y2) = sorted(peaks.items(), key=lambda p: abs(p[1] - budget))[:2]
+    if y2 == y1:
+      return None
+    x = x1 + (budget - y1) * (x2 - x1) / (y2 - y1)
+    return sum(1 for c in candidates if c <= x) - 1
+  return guess
+
+
+def _with_microbatches(s: settings_lib.Settings, n: int) -> settings_lib.Settings:
+  return dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, num_microbatches=n))
+
+
+def search(planner: Planner, probe: Probe, b: dict[str, int], budget: float,
+           max_prompts_per_device: int = 4096, sampling: bool = True) -> dict:
+  """The largest grpo.micro_batch_size whose update phase fits `budget`, and (`sampling`) the
+  largest number of prompts per device whose rollout phase fits (G samples each, as set)."""
+  s = probe.settings
+  dp = sharding.data_parallel_size(planner.mesh)
+  rows = s.rollout.num_prompts * s.rollout.num_samples
+  setup = planner.setup(probe)
+  out = dict(budget_bytes=int(budget))
+
+  update_peaks: dict[int, int] = {}
+
+  def update_fits(mb: int) -> bool:
+    p = dataclasses.replace(probe, settings=_with_microbatches(s, rows // mb))
+    mem = {"update": planner.memory(p, "update", rows)}
+    update_peaks[mb] = phase_peaks(planner.setup(p), b, mem)["update"]
+    return update_peaks[mb] <= budget
+
+  mbs = [m for m in range(dp, rows + 1, dp) if rows % m == 0]
+  configured = rows // s.grpo.num_microbatches
+  out["micro_batch_size"] = largest(mbs, update_fits, {configured: update_fits(configured)},
+                                    affine_guess(update_peaks, budget, mbs))
+  out["update_peak_bytes"] = dict(sorted(update_peaks.items()))
+  if not sampling or s.rollout.paradigm.data == "teacher":
+    return out
+
+  sample_peaks: dict[int, int] = {}
+  start = max(1, s.rollout.num_prompts // dp)
+
+  seeds: tuple[int, ...] = ()
+
+  def sample_fits(per_device: int) -> bool:
+    n = per_device * dp
+    mem = {"sample_train": planner.sampler_memory(probe, "sample_train", n, seeds,
+                                                  prefill=per_device == start)}
+    sample_peaks[per_device] = phase_peaks(setup, b, mem)["sample_train"]
+    return sample_peaks[per_device] <= budget
+
+  prompts = list(range(1, max_prompts_per_device + 1))
+  second = 4 * start if sample_fits(start) else max(1, start // 4)
+  seeds = (start * dp, second * dp)  # per-layer bytes compiled at these two sizes
+  sample_fits(second)
+  known = {p: sample_peaks[p] <= budget for p in (start, second)}
+  best = largest(prompts, sample_fits, known, affine_guess(sample_peaks, budget, prompts))
+  out.update(prompts_per_device=best, sample_peak_bytes=dict(sorted(sample_peaks.items())),
+             sampling_rows_per_device=best and best * s.rollout.num_samples,
+             num_prompts=best and best * dp)
+  return out
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(s: settings_lib.Settings, config: models.ModelConfig, mesh, *,
+         chip: Optional[str] = None, margin: float = 0.9, layers: str = "auto",
+         log: Callable[[str], None] = lambda _: None) -> dict:
+  """The memory plan of settings `s` and model `config` on `mesh` (JSON-able, bytes per device).
+  With `chip` (a CHIPS name): mesh.decode_layout "auto" resolved for it, and the search."""
+  t0 = time.perf_counter()
+  notes = []
+  if s.reward_model.enabled:
+    s = dataclasses.replace(s, reward_model=dataclasses.replace(s.reward_model, enabled=False))
+    notes.append("the reward model's state and programs are not planned")
+  dp = sharding.data_parallel_size(mesh)
+  target = chip or DEFAULT_CHIP
+  layout = resolve_decode_layout(s, config, mesh.shape["tensor"], CHIPS[target] * GIB)
+  planner = Planner(mesh, layers, log)
+  probe = Probe(s, config, layout)
+  setup = planner.setup(probe)
+  b = state_bytes(setup)
+  r, g = s.rollout, s.grpo
+  rows = r.num_prompts * r.num_samples
+
+  mem = {"update": planner.memory(probe, "update", rows)}
+  if r.paradigm.objective == "grpo" and (g.loss.beta != 0.0 or g.num_iterations > 1):
+    mem["logprobs"] = planner.memory(probe, "logprobs", rows)
+  if b["decode_copy"]:
+    mem["to_decode"] = planner.memory(probe, "to_decode")
+  prompts = sampler_prompts(s, dp)
+  top = max(prompts, key=lambda k: kv_tokens(s, k, prompts[k]), default=None)
+  for name, n in prompts.items():
+    if getattr(setup.programs, name) is None:
+      continue
+    if name == "sample_train" or name == top:
+      mem[name] = planner.sampler_memory(probe, name, n)
+    else:
+      notes.append(f"{name} ({n} prompts) not compiled: it caches fewer tokens than "
+                   f"{top}")
+  peaks = phase_peaks(setup, b, mem)
+  peak = max(peaks.values())
+  out = dict(
+      model=dict(name=s.model.hf_checkpoint or s.model.preset, num_layers=config.num_layers,
+                 num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(setup.params)),
+                 param_dtype=config.param_dtype, dtype=config.dtype, lora_rank=config.lora_rank,
+                 remat=config.remat),
+      mesh=dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape))),
+      decode_layout=layout, decode_layout_for=target, margin=margin,
+      batch=dict(prompts=r.num_prompts, samples=r.num_samples, rows=rows,
+                 micro_batch_size=rows // g.num_microbatches,
+                 prompt_length=r.max_prompt_length, completion_length=r.max_completion_length + 1,
+                 sampler_prompts={k: v for k, v in prompts.items() if k in mem}),
+      state_bytes=b,
+      programs={k: dict(dataclasses.asdict(m), peak=m.peak,
+                        cpu_upcast_bound=cpu_upcast_bound(setup, k, m.temp))
+                for k, m in mem.items()},
+      phase_peak_bytes=peaks, peak_bytes=peak, peak_phase=max(peaks, key=peaks.get),
+      chips={name: dict(gib=gib, fits=peak <= margin * gib * GIB,
+                        headroom_gib=(gib * GIB - peak) / GIB) for name, gib in CHIPS.items()})
+  if chip:
+    log(f"search: the largest batches that fit {chip} ({margin:.0%} of {CHIPS[chip]:g} GiB)")
+    out["search"] = dict(chip=chip, **search(planner, probe, b, margin * CHIPS[chip] * GIB))
+  out.update(notes=notes, depth=sorted({m.depth for m in mem.values()}),
+             compiles=planner.compiles, compile_s=round(planner.compile_s, 1),
+             runtime_s=round(time.perf_counter() - t0, 1))
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _gib(n: float, width: int = 8) -> str:
+  return f"{n / GIB:{width}.2f}"
+
+
+def _probes(peaks: dict) -> str:
+  return ", ".join(f"{k}: {v / GIB:.1f}" for k, v in peaks.items()) + " GiB"
+
+
+def format_plan(p: dict) -> str:
+  """The plan as text (GiB)."""
+  m, bt = p["model"], p["batch"]
+  lines = [
+      f"memory plan: {m['name']} ({m['num_params'] / 1e9:.2f}B params, {m['num_layers']} layers,"
+      f" params {m['param_dtype']}, compute {m['dtype']}"
+      + (f", LoRA r={m['lora_rank']}" if m["lora_rank"] else "")
+      + (", remat" if m["remat"] else "") + ")",
+      f"mesh {p['mesh']}; sampler layout {p['decode_layout']} (mesh.decode_layout resolved for "
+      f"{p['decode_layout_for']})",
+      f"batch {bt['prompts']} prompts x {bt['samples']} samples = {bt['rows']} rows, micro-batch "
+      f"{bt['micro_batch_size']}, prompt {bt['prompt_length']} + completion "
+      f"{bt['completion_length']} tokens",
+      "", "per device, GiB (2^30 bytes)", "  state (exact: shapes and shardings)"]
+  names = dict(params="parameters", optimizer="optimiser state", step="step counter",
+               reference="reference copy", gradients="gradients (in the update's temp)",
+               policy_copy="policy copy, compute dtype", decode_copy="policy copy, sampler layout")
+  for k, v in p["state_bytes"].items():
+    if k != "step":
+      lines.append(f"    {names[k]:34s}{_gib(v)}")
+  lines += ["", "  program        argument   output    alias     temp     peak  phase peak"
+            "  (cpu upcast <=)"]
+  for k, v in p["programs"].items():
+    lines.append(f"    {k:13s}" + "".join(_gib(v[f], 9) for f in
+                                           ("argument", "output", "alias", "temp", "peak"))
+                 + _gib(p["phase_peak_bytes"][k], 12)
+                 + (f"  ({v['cpu_upcast_bound'] / GIB:.2f})" if v["cpu_upcast_bound"] else ""))
+  lines += [f"  depth: {'; '.join(p['depth'])}",
+            "  phase peak = program peak + what the step holds beside it (state, reference, "
+            "policy copies)",
+            f"  PEAK {p['peak_bytes'] / GIB:.2f} GiB per device, in {p['peak_phase']}",
+            "", f"chips (fits: peak <= {p['margin']:.0%} of memory)"]
+  for name, c in p["chips"].items():
+    lines.append(f"    {name:5s} {c['gib']:4.0f} GiB  {'fits' if c['fits'] else 'does not fit':12s}"
+                 f"  headroom {c['headroom_gib']:7.2f} GiB")
+  if "search" in p:
+    sr = p["search"]
+    mb, pp = sr["micro_batch_size"], sr.get("prompts_per_device")
+    lines += ["", f"largest that fit {sr['chip']} ({sr['budget_bytes'] / GIB:.1f} GiB budget):",
+              f"    grpo.micro_batch_size = {mb or 'none fits'}"
+              f"   (update phase peaks: {_probes(sr['update_peak_bytes'])})"]
+    if "sample_peak_bytes" in sr:
+      lines.append(
+          "    sampling: " + (f"{pp} prompts x {bt['samples']} samples = "
+                              f"{sr['sampling_rows_per_device']} rows per device "
+                              f"(grpo.num_prompts = {sr['num_prompts']})" if pp else "none fits")
+          + f"   (rollout phase peaks per prompts/device: {_probes(sr['sample_peak_bytes'])})")
+  for note in p["notes"]:
+    lines.append(f"note: {note}")
+  lines.append("note: compiled for CPU; bf16 matmuls there keep float32 copies of their weights "
+               "('cpu upcast <=': at most that much of a temp a GPU / TPU does not need)")
+  lines.append(f"{p['compiles']} compiles ({p['compile_s']} s); plan {p['runtime_s']} s")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def simulate_devices(n: int) -> None:
+  """n CPU devices, set before JAX's backends start; fine if they started with >= n."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    if jax.device_count() < n:
+      raise app.UsageError(f"JAX started with {jax.device_count()} devices; run the plan in a "
+                           f"fresh process for {n}")
+    return
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in xla_flags:
+    xla_flags += f" --xla_force_host_platform_device_count={n}"
+  # Only LLVM's code generation is left unoptimised: buffer assignment (what memory_analysis
+  # reports) is unchanged and a compile takes about half the time.
+  if "xla_backend_optimization_level" not in xla_flags:
+    xla_flags += " --xla_backend_optimization_level=0"
+  os.environ["XLA_FLAGS"] = xla_flags.strip()
+  jax.config.update("jax_platforms", "cpu")
+
+
+def _define_flags() -> None:
+  """Defined when run as a program only (tests import this module beside other launchers)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg]; "
+                                  "--config.key=value overrides.", lock_config=True)
+  flags.DEFINE_integer("num_devices", 0, "Simulated devices (0: the mesh's product; needed "
+                       "when the mesh has a -1 axis).")
+  flags.DEFINE_enum("chip", None, list(CHIPS), "Search the largest micro-batch and sampling "
+                    f"batch that fit this chip (and resolve decode_layout=auto for it; default "
+                    f"{DEFAULT_CHIP}).")
+  flags.DEFINE_float("margin", 0.9, "Fits = peak <= margin x the chip's memory.")
+  flags.DEFINE_enum("layers", "auto", ["auto", "exact", "extrapolate"],
+                    f"exact: compile the full depth; extrapolate: {DEPTHS[0]} and {DEPTHS[1]} "
+                    f"layers; auto: exact up to {EXACT_MAX_LAYERS} layers.")
+  flags.DEFINE_string("out", "", "Also write the plan here (JSON, bytes).")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.config is None:
+    raise app.UsageError("--config=FILE[:arg] is required")
+  n = f.num_devices
+  if not n:
+    sizes = (f.config.mesh.data, f.config.mesh.fsdp, f.config.mesh.tensor)
+    if min(sizes) < 1:
+      raise app.UsageError(f"the mesh {sizes} has a -1 axis: give --num_devices")
+    n = math.prod(sizes)
+  simulate_devices(n)
+  try:
+    s = settings_lib.from_config(f.config, n)
+    config = model_config(s)
+  except (settings_lib.ConfigError, OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  mesh = sharding.make_mesh(*s.mesh, devices=jax.devices()[:n])
+  result = plan(s, config, mesh, chip=f.chip, margin=f.margin, layers=f.layers,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  print(format_plan(result), flush=True)
+  if f.out:
+    with open(f.out, "w") as fh:
+      json.dump(result, fh, indent=1)
+    print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
