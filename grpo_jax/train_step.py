@@ -101,9 +101,10 @@ def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperatu
   """Log-probs of targets from hidden states, `chunk` positions at a time, rematerialised."""
   B, C, E = hidden_BxCxE.shape
   chunk = min(chunk, C)
-  if C % chunk:
-    chunk = C  # fall back to one chunk rather than pad (shapes are static: no recompiles)
-  n = C // chunk
+  n = -(-C // chunk)
+  if n * chunk > C:  # pad to whole chunks (never the full [B, C, V] logits); padding dropped
+    hidden_BxCxE = jnp.pad(hidden_BxCxE, ((0, 0), (0, n * chunk - C), (0, 0)))
+    targets_BxC = jnp.pad(targets_BxC, ((0, 0), (0, n * chunk - C)))
 
   @jax.checkpoint
   def one(h_BxcxE, t_Bxc):
@@ -113,7 +114,7 @@ def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperatu
   h = hidden_BxCxE.reshape(B, n, chunk, E).swapaxes(0, 1)
   t = targets_BxC.reshape(B, n, chunk).swapaxes(0, 1)
   lp_nxBxc = jax.lax.map(lambda xs: one(*xs), (h, t))
-  return lp_nxBxc.swapaxes(0, 1).reshape(B, C)
+  return lp_nxBxc.swapaxes(0, 1).reshape(B, n * chunk)[:, :C]
 
 
 def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,

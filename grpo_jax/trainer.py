@@ -387,6 +387,7 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   t0 = time.perf_counter()
   batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
   batch = updates.with_logprobs(exp, policy, models.reference, batch)
+  del policy, sampler  # the compute-dtype copy is not needed by the update (the peak phase)
   state, update_figures = updates.update(exp, models.state, batch, frozen=models.base)
   figures = {**update_figures, **roll.figures, "update_s": time.perf_counter() - t0,
              "samples": rollout.samples(exp, roll, adv), "arrays": _histograms(exp, roll, adv)}
