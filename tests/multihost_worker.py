@@ -7,6 +7,7 @@ Run by the test as 2 processes x 4 CPU devices with jax.distributed on 127.0.0.1
 import argparse
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,16 @@ from grpo_jax import train_step as ts
 MODEL = models.get_config("tiny_qwen2")
 P, G, TP, C = 4, 4, 6, 8  # prompts, group size, prompt and completion lengths
 OPTIM = ts.OptimConfig(learning_rate=1e-3, eps=1e-3, max_grad_norm=1.0, weight_decay=0.01)
+LOSS = losses.LossConfig(beta=0.04, loss_type="dapo", epsilon_high=0.28)
+
+
+def subprocess_env(num_devices: int) -> dict:
+  """os.environ for a test's JAX subprocess on `num_devices` simulated CPU devices: the XLA flags
+  and compilation cache of conftest.py are kept, only the device count is replaced."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count={num_devices}")
 
 
 def make_batch(seed: int = 0) -> ts.TrainBatch:
@@ -44,6 +55,12 @@ def _host_init():
   optimizer = ts.make_optimizer(OPTIM)
   state = ts.init_train_state(init(MODEL, jax.random.key(0)), optimizer)
   return jax.device_get(state), jax.device_get(init(MODEL, jax.random.key(1)))
+
+
+def init_params():
+  """The model's params for key 0 (host NumPy, the same values `run` starts from): one compile
+  of init_params for the session."""
+  return _host_init()[0].params
 
 
 def run(mesh, loss_cfg: losses.LossConfig, num_microbatches: int = 1):
@@ -89,7 +106,7 @@ def main():
   sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
   mesh = sharding.make_mesh(2, 2, 2)
-  out = run(mesh, losses.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
+  out = run(mesh, LOSS, num_microbatches=2)
   if jax.process_index() == 0:
     np.savez(args.out, **flat({g: out[g] for g in ("ref", "metrics", "grads", "params")}))
 

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import multihost_worker as mw
 from grpo_jax.checkpoint_trees import is_prng_key
 from grpo_jax.checkpointing import Checkpointer, CheckpointError, TargetMismatchError
 
@@ -194,8 +195,7 @@ _KILLED_SAVE = textwrap.dedent("""
 
 
 def test_sigkill_during_async_save_keeps_previous(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = dict(mw.subprocess_env(1), PYTHONPATH=REPO)
   result = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == -9, result.stderr[-2000:]
@@ -253,8 +253,7 @@ def _free_port() -> int:
 
 def test_two_processes_save_and_restore_shards(tmp_path):
   """2 local processes x 2 CPU devices with jax.distributed: each writes and reads its shards."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = dict(mw.subprocess_env(2), PYTHONPATH=REPO)
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, "-c", _MULTIHOST, str(i), port, str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -85,13 +85,14 @@ def driver_run(tmp_path_factory):
   cfg.grpo.num_iterations, cfg.grpo.loss.beta = 2, 0.04
   cfg.grpo.mask_truncated_completions, cfg.grpo.max_completion_length = True, 6
   cfg.grpo.num_prompts = 8
+  cfg.model.overrides.num_layers = 1  # nothing here depends on the depth: smaller compiles
   workdir = str(tmp_path_factory.mktemp("driver"))
   rollouts, real = [], rollout.collect
   with pytest.MonkeyPatch.context() as mp:
     # Every other completion rewarded: advantages with spread, so the policy moves.
     alternate = lambda completions, **_: [float(i % 2) for i in range(len(completions))]  # noqa: E731
     mp.setattr(tasks, "reward_functions",
-               lambda r, rm: tasks.Rewards((alternate,), ("alt",), (1.0,)))
+               lambda r, rm, extra=None: tasks.Rewards((alternate,), ("alt",), (1.0,)))
     exp = experiment.build(_settings(cfg, jax.device_count()), workdir)
     mp.setattr(rollout, "collect", lambda *a, **k: (lambda out: (rollouts.append(out[0]), out)[1])(
         real(*a, **k)))

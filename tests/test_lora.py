@@ -1,6 +1,7 @@
 """LoRA: exact base logits at init, adapters the only trained state, merged == unmerged, exact
 micro-batching and meshes, an exact resume after a kill, and clear errors for bad input."""
 
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from grpo_jax.models import lora
 
 CONFIG = models.get_config("tiny_qwen2", lora_rank=4, lora_alpha=8.0)
 LOSS = losses.LossConfig(beta=0.0, loss_type="dapo")
+_forward = jax.jit(models.forward, static_argnums=1)  # one compile per config, shared
 
 
 def _tokens():
@@ -38,25 +40,30 @@ def test_fresh_adapters_give_exactly_the_base_logits():
   adapters, base = lora.split(params)
   assert adapters and all(k.endswith(("_lora_a", "_lora_b")) for layer in adapters.values()
                           for module in layer.values() for k in module)
-  want, _ = models.forward(base, lora.base_config(CONFIG), *_tokens())
-  got, _ = models.forward(params, CONFIG, *_tokens())
+  want, _ = _forward(base, lora.base_config(CONFIG), *_tokens())
+  got, _ = _forward(params, CONFIG, *_tokens())
   np.testing.assert_array_equal(got, want)
 
 
 def test_merged_equals_unmerged():
-  params = _perturbed(models.init_params(CONFIG, jax.random.key(0)))
-  unmerged, _ = models.forward(params, CONFIG, *_tokens())
+  params = _perturbed_params()
+  unmerged, _ = _forward(params, CONFIG, *_tokens())
   merged_params, merged_config = lora.merge(params, CONFIG)
   assert merged_config.lora_rank == 0 and not lora.split(merged_params)[0]
-  merged, _ = models.forward(merged_params, merged_config, *_tokens())
-  base, _ = models.forward(lora.split(params)[1], merged_config, *_tokens())
+  merged, _ = _forward(merged_params, merged_config, *_tokens())
+  base, _ = _forward(lora.split(params)[1], merged_config, *_tokens())
   np.testing.assert_allclose(merged, unmerged, atol=1e-5)
   assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters do change the model
 
 
+@functools.lru_cache(maxsize=1)
+def _perturbed_params():
+  """Fresh params with perturbed (nonzero) adapters, on the host: computed once."""
+  return jax.device_get(_perturbed(models.init_params(CONFIG, jax.random.key(0))))
+
+
 def _state_and_batch():
-  params = _perturbed(models.init_params(CONFIG, jax.random.key(0)))
-  adapters, base = lora.split(params)
+  adapters, base = lora.split(_perturbed_params())
   optimizer = ts.make_optimizer(mw.OPTIM)
   return ts.init_train_state(adapters, optimizer), base, optimizer, mw.make_batch()
 
@@ -88,12 +95,18 @@ def _update(state, base, optimizer, batch, mesh, num_microbatches):
   return jax.device_get(new.params), float(m["loss"])
 
 
+@functools.lru_cache(maxsize=1)
+def _one_device_update():
+  """The update on one device, no micro-batching: what every mesh and micro-batching must give."""
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  return _update(*_state_and_batch(), one, 1)
+
+
 @pytest.mark.parametrize("mesh_shape, num_microbatches", [((1, 1, 1), 2), ((2, 2, 2), 1),
                                                           ((8, 1, 1), 2)])
 def test_microbatches_and_meshes_match_one_device(mesh_shape, num_microbatches):
   state, base, optimizer, batch = _state_and_batch()
-  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  want, want_loss = _update(state, base, optimizer, batch, one, 1)
+  want, want_loss = _one_device_update()
   mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
   got, loss = _update(state, base, optimizer, batch, mesh, num_microbatches)
   assert loss == pytest.approx(want_loss, rel=2e-5)

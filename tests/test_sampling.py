@@ -1,6 +1,8 @@
 """Sampler: greedy parity (transformers, no-cache loop), the sampling distribution and its filters,
 EOS handling, padding invariance, log-probs == the trainer's, determinism, meshes, one compile."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,17 +33,20 @@ def _prompts(lengths, T, seed=0, vocab=CONFIG.vocab_size):
   return jnp.asarray(rng.integers(3, vocab, (len(lengths), T)) * mask), jnp.asarray(mask)
 
 
-def _naive_greedy(params, config, prompt_1xT, n):
-  """Full forward over the whole (right-padded, fixed-length) sequence each step, no cache."""
+_compute_logits = jax.jit(models.compute_logits, static_argnums=0)
+
+
+def _naive_greedy(params, config, prompt_1xT, n, width):
+  """Full forward over the whole (right-padded, fixed-length `width`) sequence each step, no
+  cache (one compile for every prompt length)."""
   T = prompt_1xT.shape[1]
-  seq = np.zeros((1, T + n), np.int32)
+  seq = np.zeros((1, width), np.int32)
   seq[:, :T] = prompt_1xT
-  fwd = jax.jit(lambda p, t, m: models.compute_logits(config, p, t, m))
   for i in range(n):
-    mask = (np.arange(T + n) < T + i).astype(np.int32)[None]
-    logits = fwd(params, jnp.asarray(seq), jnp.asarray(mask))
+    mask = (np.arange(width) < T + i).astype(np.int32)[None]
+    logits = _compute_logits(config, params, jnp.asarray(seq), jnp.asarray(mask))
     seq[0, T + i] = int(jnp.argmax(logits[0, T + i - 1]))
-  return seq[0, T:].tolist()
+  return seq[0, T:T + n].tolist()
 
 
 # ----------------------------------------------------------------------------- greedy parity
@@ -53,7 +58,7 @@ def test_greedy_equals_naive_no_cache_decode_and_padding_is_invisible():
                         max_new_tokens=12, temperature=0.0, block_size=5)
   for p in range(2):
     prompt = np.asarray(tokens[p])[np.asarray(mask[p]) == 1][None]
-    want = _naive_greedy(PARAMS, CONFIG, prompt, 12)
+    want = _naive_greedy(PARAMS, CONFIG, prompt, 12, width=5 + 12)
     np.testing.assert_array_equal(out.tokens[2 * p], want)
     np.testing.assert_array_equal(out.tokens[2 * p + 1], want)  # greedy: the group agrees
     # The same prompt without padding, alone (batch size 1): same completion.
@@ -243,6 +248,11 @@ def test_all_rows_done_exits_early_with_pads():
 # ----------------------------------------------------------------------------- log-probs
 
 
+# The trainer's teacher-forced log-probs, jitted once for all temperatures (a traced argument).
+_sequence_logprobs = jax.jit(lambda params, batch, temperature: train_step.sequence_logprobs(
+    params, batch, model_config=CONFIG, temperature=temperature))
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
                                 dict(temperature=1.3, top_p=0.9, min_p=0.05)])
 def test_logprobs_equal_trainer_teacher_forced_logprobs(kw):
@@ -254,8 +264,7 @@ def test_logprobs_equal_trainer_teacher_forced_logprobs(kw):
       prompt_tokens=jnp.repeat(tokens, G, axis=0), prompt_mask=jnp.repeat(mask, G, axis=0),
       completion_tokens=out.tokens, completion_mask=out.mask,
       advantages=jnp.zeros((tokens.shape[0] * G,)))
-  want = train_step.sequence_logprobs(PARAMS, batch, model_config=CONFIG,
-                                      temperature=kw["temperature"])
+  want = _sequence_logprobs(PARAMS, batch, kw["temperature"])
   valid = np.asarray(out.mask) == 1
   assert np.abs(np.asarray(want)[valid]).max() > 1.0  # sharp model: a meaningful comparison
   np.testing.assert_allclose(np.asarray(out.logprobs)[valid], np.asarray(want)[valid],
@@ -306,6 +315,14 @@ def test_settings_reject_bad_values():
 # ----------------------------------------------------------------------------- meshes
 
 
+@functools.lru_cache(maxsize=None)
+def _single_device_samples(settings):
+  """The unsharded sampler's output for the mesh tests' prompts (computed once per settings)."""
+  tokens, mask = _prompts([5, 3, 4, 5, 2, 5, 1, 4], 5)
+  return jax.device_get(sampling.make_sampler(CONFIG, settings)(PARAMS, tokens, mask,
+                                                                jax.random.key(4)))
+
+
 @pytest.mark.parametrize("shape", [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
 def test_mesh_gives_the_single_device_samples(shape):
   assert jax.device_count() == 8
@@ -316,7 +333,7 @@ def test_mesh_gives_the_single_device_samples(shape):
   for temperature in (0.0, 1.0):
     settings = sampling.SamplingSettings(num_samples=2, max_new_tokens=7, block_size=3,
                                          temperature=temperature, eos_ids=(5,))
-    want = sampling.make_sampler(CONFIG, settings)(PARAMS, tokens, mask, jax.random.key(4))
+    want = _single_device_samples(settings)
     got = sampling.make_sampler(CONFIG, settings, mesh)(params, tokens, mask, jax.random.key(4))
     assert got.tokens.sharding.spec[0] == sharding.BATCH_AXES
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -24,7 +24,7 @@ from grpo_jax import losses, models, sharding
 from grpo_jax import train_step as ts
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-LOSS = losses.LossConfig(beta=0.04, loss_type="dapo", epsilon_high=0.28)
+LOSS = mw.LOSS  # dapo, beta 0.04, epsilon_high 0.28
 
 
 def assert_close_tree(a, b, rtol, atol, what):
@@ -41,7 +41,7 @@ def single_device():
 
 
 def test_sequence_logprobs_match_full_logits():
-  params = models.init_params(mw.MODEL, jax.random.key(0))
+  params = mw.init_params()
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
   lp = ts.sequence_logprobs(params, batch, model_config=mw.MODEL, temperature=0.7, vocab_chunk=2)
   tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], 1)
@@ -50,6 +50,8 @@ def test_sequence_logprobs_match_full_logits():
                              mask)
   want = losses.token_logprobs(logits[:, mw.TP - 1:-1], batch.completion_tokens, temperature=0.7)
   np.testing.assert_allclose(lp, want, atol=1e-5)
+  lp3 = ts.sequence_logprobs(params, batch, model_config=mw.MODEL, temperature=0.7, vocab_chunk=3)
+  np.testing.assert_allclose(lp3, want, atol=1e-5)  # C = 8: chunks of 3, the last one padded
   # The micro-batched reference pass returns rows in their original order.
   lp4 = ts.batched_logprobs(params, batch, model_config=mw.MODEL, temperature=0.7,
                             num_microbatches=4, vocab_chunk=4)
@@ -69,7 +71,7 @@ def test_meshes_agree_with_one_device(shape, single_device):
 def test_update_step_microbatch_invariance(loss_type):
   loss_cfg = losses.LossConfig(beta=0.04, loss_type=loss_type, importance_sampling_level="token")
   optimizer = ts.make_optimizer(mw.OPTIM)
-  params = models.init_params(mw.MODEL, jax.random.key(0))
+  params = mw.init_params()
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
   batch = batch.replace(ref_logprobs=batch.old_logprobs + 0.1)
   results = []
@@ -118,10 +120,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one_device(tmp_path):
-  """2 local processes x 4 CPU devices, jax.distributed, one global (2, 2, 2) mesh."""
+def test_two_processes_agree_with_one_device(tmp_path, single_device):
+  """2 local processes x 4 CPU devices, jax.distributed, one global (2, 2, 2) mesh, 2
+  micro-batches: the same numbers as the whole batch on one device."""
   port, out = _free_port(), tmp_path / "mh.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = mw.subprocess_env(4)
   worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, f"--process_id={i}", "--num_processes=2",
                              f"--port={port}", f"--out={out}"], env=env, stdout=subprocess.PIPE,
@@ -130,9 +133,7 @@ def test_two_processes_agree_with_one_device(tmp_path):
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   got = dict(np.load(out))
-  want = mw.run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-                losses.LossConfig(beta=0.04, loss_type="dapo"), num_microbatches=2)
-  want = mw.flat({g: want[g] for g in ("ref", "metrics", "grads", "params")})
+  want = mw.flat({g: single_device[g] for g in ("ref", "metrics", "grads", "params")})
   assert got.keys() == want.keys()
   for k in want:
     tol = dict(rtol=0, atol=1e-5) if "params" in k else dict(rtol=2e-5, atol=1e-6)
@@ -141,7 +142,7 @@ def test_two_processes_agree_with_one_device(tmp_path):
 
 def test_nonfinite_loss_skips_the_update():
   optimizer = ts.make_optimizer(mw.OPTIM)
-  params = models.init_params(mw.MODEL, jax.random.key(0))
+  params = mw.init_params()
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
   batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
   state = ts.init_train_state(params, optimizer)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import multihost_worker as mw
 from experiments.configs import arithmetic as arithmetic_config
 from experiments.configs import gsm8k as gsm8k_config
 from grpo_jax import advantages, metrics, models, rollout, settings, tasks, trainer, updates
@@ -30,8 +31,7 @@ TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
 
 
 def launch(workdir, *flags, wait=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = mw.subprocess_env(1)  # conftest's XLA flags and compilation cache, 1 device
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -97,16 +97,24 @@ def _kill_when(proc, workdir, min_lines):
   return False
 
 
-@pytest.mark.parametrize("kill_after_lines", [4, 12])  # during SFT; during GRPO
-def test_resume_after_sigkill_is_exact(reference_run, tmp_path, kill_after_lines):
-  assert_kill_and_resume_is_exact(reference_run[0], tmp_path / "killed", SMOKE, kill_after_lines)
+def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
+  """Killed during SFT (4 lines), resumed, the resumed run killed during GRPO (12 lines), resumed
+  again: every segment's metrics are the uninterrupted run's."""
+  assert_kill_and_resume_is_exact(reference_run[0], tmp_path / "killed", SMOKE, 4, 12)
 
 
-def assert_kill_and_resume_is_exact(reference_workdir, workdir, flags, kill_after_lines):
-  """SIGKILL a run of `flags` after `kill_after_lines` metrics lines and a checkpoint, resume
-  it, and compare its metrics with the uninterrupted run's: bitwise (same floats, steps, order)."""
-  proc = launch(workdir, *flags, wait=False)
-  assert _kill_when(proc, workdir, kill_after_lines), "the run finished before it could be killed"
+def assert_kill_and_resume_is_exact(reference_workdir, workdir, flags, *kill_after_lines):
+  """SIGKILL a run of `flags` after `kill_after_lines[0]` metrics lines and a checkpoint, resume
+  it (SIGKILL that resumed run after `kill_after_lines[1]` lines, and so on), let the last resume
+  finish, and compare its metrics with the uninterrupted run's: bitwise (same floats, steps,
+  order). A kill point must lie past the lines the run before it left behind."""
+  assert kill_after_lines
+  for i, lines in enumerate(kill_after_lines):
+    proc = launch(workdir, *flags, wait=False)
+    killed = _kill_when(proc, workdir, lines)
+    out = proc.communicate(timeout=60)[0]
+    assert killed, f"the run finished before it could be killed after {lines} lines: {out[-3000:]}"
+    assert i == 0 or "resumed from" in out, out[-4000:]
   code, out = launch(workdir, *flags)
   assert code == 0, out[-4000:]
   assert "resumed from" in out
@@ -216,7 +224,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def _fixed_rewards(monkeypatch, fn):
   monkeypatch.setattr(tasks, "reward_functions",
-                      lambda r, rm: tasks.Rewards((fn,), ("r",), (1.0,)))
+                      lambda r, rm, extra=None: tasks.Rewards((fn,), ("r",), (1.0,)))
 
 
 def _record_updates(monkeypatch, seen):
