@@ -24,7 +24,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax import losses, sharding
 from grpo_jax import models
@@ -118,11 +118,13 @@ def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperatu
 
 
 def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,
-                      vocab_chunk: int = 32) -> jax.Array:
+                      vocab_chunk: int = 32, rows=None) -> jax.Array:
   """Teacher-forced log-probs of the completion tokens, [B, C] float32.
 
   The sequence is prompt (left-padded) + completion; positions count real tokens only, so they
   match the sampler's. The hidden state at position P - 1 + c predicts completion token c.
+  `rows`: the batch axes' sharding, held on the tokens and hidden states: with fsdp-split
+  weights GSPMD would otherwise compute every row of a micro-batch on every device.
   """
   prompt_len = batch.prompt_tokens.shape[1]
   tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)
@@ -130,8 +132,15 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
   comp_valid = jnp.ones_like(batch.completion_mask)
   attn = jnp.concatenate([batch.prompt_mask, comp_valid], axis=1).astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0)
+  if rows is not None and tokens.shape[0] % sharding.data_parallel_size(rows.mesh):
+    rows = None  # a micro-batch smaller than the data-parallel size: leave it to GSPMD
+  if rows is not None:
+    tokens, positions, attn = (jax.lax.with_sharding_constraint(x, rows)
+                               for x in (tokens, positions, attn))
   hidden, _ = models.forward(params, model_config, tokens, positions, attn, None,
                              return_hidden=True)
+  if rows is not None:
+    hidden = jax.lax.with_sharding_constraint(hidden, rows)
   hidden_BxCxE = hidden[:, prompt_len - 1:-1]
   return _chunked_logprobs(params, model_config, hidden_BxCxE, batch.completion_tokens,
                            temperature, vocab_chunk)
@@ -141,25 +150,26 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
 
 
 def _loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.LossConfig,
-                vocab_chunk: int, frozen=None):
+                vocab_chunk: int, frozen=None, rows=None):
   batch: TrainBatch = mb["batch"]
   if frozen is not None:  # LoRA: the trained adapters beside the frozen base
     params = lora.combine(frozen, params)
   logprobs = sequence_logprobs(params, batch, model_config=model_config,
-                               temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk)
+                               temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk,
+                               rows=rows)
   return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
                            mb["weights"], old_logprobs=batch.old_logprobs,
                            ref_logprobs=batch.ref_logprobs)
 
 
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,
-                   num_microbatches: int = 1, vocab_chunk: int = 32, frozen=None):
+                   num_microbatches: int = 1, vocab_chunk: int = 32, frozen=None, rows=None):
   """(loss, metrics, grads) of the whole batch, accumulated exactly over micro-batches.
   `frozen`: params that take part in the forward pass but get no gradient (LoRA's base)."""
   weights = losses.loss_weights(batch.completion_mask, loss_type=loss_cfg.loss_type,
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
-                            vocab_chunk=vocab_chunk, frozen=frozen)
+                            vocab_chunk=vocab_chunk, frozen=frozen, rows=rows)
   loss, sums, grads = losses.accumulate_gradients(
       terms, params, {"batch": batch, "weights": weights}, num_microbatches)
   metrics = losses.finalize_metrics(sums)
@@ -169,7 +179,7 @@ def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.
 
 def update_step(state: TrainState, batch: TrainBatch, frozen=None, *, model_config, optimizer,
                 loss_cfg: losses.LossConfig, num_microbatches: int = 1,
-                vocab_chunk: int = 32) -> tuple[TrainState, dict]:
+                vocab_chunk: int = 32, rows=None) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`: GRPO loss, exact accumulated gradients, optax update.
 
   With LoRA, `state.params` are the adapters and `frozen` the base model: the optimiser (and its
@@ -179,7 +189,7 @@ def update_step(state: TrainState, batch: TrainBatch, frozen=None, *, model_conf
   """
   loss, metrics, grads = loss_and_grads(state.params, batch, model_config=model_config,
                                         loss_cfg=loss_cfg, num_microbatches=num_microbatches,
-                                        vocab_chunk=vocab_chunk, frozen=frozen)
+                                        vocab_chunk=vocab_chunk, frozen=frozen, rows=rows)
   return apply_gradients(state, loss, grads, metrics, optimizer)
 
 
@@ -196,15 +206,15 @@ def apply_gradients(state: TrainState, loss, grads, metrics: dict,
 
 
 def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,
-                     num_microbatches: int = 1, vocab_chunk: int = 32) -> jax.Array:
+                     num_microbatches: int = 1, vocab_chunk: int = 32, rows=None) -> jax.Array:
   """`sequence_logprobs` over micro-batches of rows (`lax.map`): the reference / old pass."""
   if num_microbatches == 1:
     return sequence_logprobs(params, batch, model_config=model_config, temperature=temperature,
-                             vocab_chunk=vocab_chunk)
+                             vocab_chunk=vocab_chunk, rows=rows)
   micro = losses.split_microbatches(batch, num_microbatches)
   lp_MxbxC = jax.lax.map(lambda mb: sequence_logprobs(
-      params, mb, model_config=model_config, temperature=temperature, vocab_chunk=vocab_chunk),
-                         micro)
+      params, mb, model_config=model_config, temperature=temperature, vocab_chunk=vocab_chunk,
+      rows=rows), micro)
   # Undo the strided split: row r of the batch is row r // M of micro-batch r % M.
   return lp_MxbxC.swapaxes(0, 1).reshape(-1, lp_MxbxC.shape[-1])
 
@@ -235,6 +245,11 @@ def init_sharded_state(mesh: Mesh, model_config, optimizer, rng, rules=sharding.
   return jax.jit(init, out_shardings=state_sh)(rng), state_sh
 
 
+def _rows(mesh: Mesh) -> NamedSharding:
+  """Rows over the batch axes, the rest whole: what every micro-batch's activations keep."""
+  return NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+
+
 def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
                    loss_cfg: losses.LossConfig, num_microbatches: int = 1, vocab_chunk: int = 32,
                    frozen_sh=None):
@@ -243,7 +258,7 @@ def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
   shardings) the function takes `(state, batch, frozen)`."""
   fn = functools.partial(update_step, model_config=model_config, optimizer=optimizer,
                          loss_cfg=loss_cfg, num_microbatches=num_microbatches,
-                         vocab_chunk=vocab_chunk)
+                         vocab_chunk=vocab_chunk, rows=_rows(mesh))
   batch_sh = sharding.batch_sharding(mesh)  # a prefix: applies to every leaf's leading axis
   in_sh = (state_sh, batch_sh) if frozen_sh is None else (state_sh, batch_sh, frozen_sh)
   return jax.jit(fn, in_shardings=in_sh,
@@ -254,6 +269,7 @@ def make_logprob_fn(mesh: Mesh, params_sh, *, model_config, temperature: float =
                     num_microbatches: int = 1, vocab_chunk: int = 32):
   """`batched_logprobs` jitted over `mesh` (reference and old-policy passes)."""
   fn = functools.partial(batched_logprobs, model_config=model_config, temperature=temperature,
-                         num_microbatches=num_microbatches, vocab_chunk=vocab_chunk)
+                         num_microbatches=num_microbatches, vocab_chunk=vocab_chunk,
+                         rows=_rows(mesh))
   return jax.jit(fn, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh, 2))
