@@ -300,7 +300,8 @@ def state_bytes(setup: Setup) -> dict[str, int]:
 def phase_peaks(setup: Setup, b: dict[str, int], mem: dict[str, ProgramMemory]) -> dict:
   """Per device, each program's peak plus the buffers the driver holds beside it without
   passing them (trainer.grpo_step's lifetimes): the train state, the reference and the policy's
-  compute-dtype copy live through the whole step, the decode copy through the rollout
+  compute-dtype copy live through the rollout and the log-prob passes (dropped before the
+  update), the decode copy through the rollout
   (`rollout.collect`). A program's params argument is one of those held buffers: counted
   once, inside the program. LoRA: the base is the reference and the update's `frozen`."""
   s = setup.settings
@@ -310,7 +311,9 @@ def phase_peaks(setup: Setup, b: dict[str, int], mem: dict[str, ProgramMemory]) 
   policy_arg = policy or b["params"]  # no copy (float32 compute): the master weights themselves
   out = {}
   if "update" in mem:
-    out["update"] = held - state - (ref if setup.config.lora_rank else 0) + mem["update"].peak
+    # grpo_step drops the policy copy before the update (the peak phase)
+    out["update"] = (held - state - policy - (ref if setup.config.lora_rank else 0)
+                     + mem["update"].peak)
   if "logprobs" in mem:  # the reference pass (beta > 0) and / or the old-policy pass (mu > 1)
     args = ([ref] if s.grpo.loss.beta != 0.0 else []) + (
         [policy_arg] if s.grpo.num_iterations > 1 else [])
