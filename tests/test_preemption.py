@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import multihost_worker as mw
 from grpo_jax import metrics, preemption
 
 
@@ -41,11 +42,8 @@ TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
 
 
 def _launch(workdir, wait=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=re.sub(
-      r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-      + " --xla_force_host_platform_device_count=1")
   proc = subprocess.Popen([sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
-                           *FLAGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           *FLAGS], cwd=ROOT, env=mw.subprocess_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if not wait:
     return proc
