@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Every accelerator benchmark of BENCHMARKS.md in one call, one JSON line each.
+
+  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --out=$OUT      # a lent GPU (one call)
+  python tools/device_benchmarks.py --small --out=/tmp/dev              # CPU: the same runs, tiny
+
+A lent GPU comes with minutes, not hours: this runs the benchmarks in priority order, each in
+its own process under its own time limit, and appends one line per benchmark to
+`<out>/results.jsonl` as soon as it ends ({"bench", "rc", "wall_s", "argv", "result": the tool's
+last JSON line or null}); the tools' whole output goes to `<out>/log.txt`. A benchmark that times
+out or fails leaves its line (rc != 0) and the next one runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+
+# (name, arguments, time limit in seconds): the order is the priority.
+FULL = (
+    ("bench_device_0.5b", ["bench_device.py", "--model=qwen2.5-0.5b"], 170),
+    ("bench_step_spec_bf16", ["bench_step.py", "--dtype=bfloat16"], 70),
+    ("bench_step_spec_f32", ["bench_step.py", "--dtype=float32"], 60),
+    ("bench_step_0.5b_bf16", ["bench_step.py", "--model=qwen2.5-0.5b", "--dtype=bfloat16",
+                              "--prompts=64", "--new_tokens=256", "--prompt_len=64",
+                              "--micro_batch_size=16", "--steps=3"], 160),
+    ("bench_update_spec", ["bench_update.py", "--skip_torch", "--modes=float32,bf16,lora16",
+                           "--repeats=10"], 100),
+)
+SMALL = (
+    ("bench_device_tiny", ["bench_device.py", "--model=tiny_qwen2", "--batches=8,16",
+                           "--prompt_len=8", "--new_tokens=8", "--update_rows=8",
+                           "--micro_batch_size=4", "--repeats=1"], 300),
+    ("bench_step_tiny", ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2",
+                         "--prompt_len=8", "--new_tokens=8", "--steps=1",
+                         "--dtype=bfloat16"], 300),
+    ("bench_update_tiny", ["bench_update.py", "--skip_torch", "--model=tiny_qwen2",
+                           "--modes=bf16", "--repeats=1"], 300),
+)
+
+
+def last_json(text: str):
+  for line in reversed(text.strip().splitlines()):
+    try:
+      return json.loads(line)
+    except ValueError:
+      continue
+  return None
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.environ.get("OUT", "device_out"))
+  parser.add_argument("--small", action="store_true", help="tiny sizes: a check of this script")
+  parser.add_argument("--only", default="", help="comma list of benchmark names")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  runs = SMALL if args.small else FULL
+  if args.only:
+    runs = [r for r in runs if r[0] in args.only.split(",")]
+  lines = []
+  for name, bench_argv, limit in runs:
+    cmd = [sys.executable, os.path.join(TOOLS, bench_argv[0]), *bench_argv[1:]]
+    start = time.time()
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+      rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+      rc = 124
+      stdout = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+      stderr = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    line = {"bench": name, "rc": rc, "wall_s": round(time.time() - start, 1),
+            "argv": bench_argv, "result": last_json(stdout)}
+    lines.append(line)
+    with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+      f.write(json.dumps(line) + "\n")
+    with open(os.path.join(args.out, "log.txt"), "a") as f:
+      f.write(f"===== {name} rc={rc} {line['wall_s']} s\n{stdout[-20000:]}\n{stderr[-20000:]}\n")
+    print(json.dumps(line), flush=True)
+  return lines
+
+
+if __name__ == "__main__":
+  main()
