@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards as rewards_lib
-from grpo_jax import experiment, sharding
+from grpo_jax import experiment, rollout, sharding
 from grpo_jax.experiment import Experiment, Stream
 from grpo_jax.rollout import to_host
 
@@ -47,6 +47,7 @@ class EvalResult(NamedTuple):
   num_problems: int               # problems behind the greedy figures
   pass_k_problems: int            # problems behind pass@k / maj@k (0: none)
   samples: list                   # the first greedy completions, for samples.jsonl
+  episodes: dict = {}             # tools: greedy episodes' eval/tool_calls, eval/turns, ...
 
   def figures(self) -> dict:
     out = {"eval/accuracy": self.accuracy, "eval/accuracy_strict": self.accuracy_strict,
@@ -59,6 +60,7 @@ class EvalResult(NamedTuple):
       out[f"eval/maj_at_{self.k}"] = self.maj_at_k
       out[f"eval/strict_pass_at_{self.k}"] = self.pass_at_k_strict
       out[f"eval/strict_maj_at_{self.k}"] = self.maj_at_k_strict
+    out.update(self.episodes)
     return out
 
 
@@ -69,15 +71,23 @@ def answer_key(text: str, *, strict: bool = False):
 
 
 def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int, key,
-                    progress: Optional[ProgressFn] = None, what: str = ""):
+                    progress: Optional[ProgressFn] = None, what: str = "",
+                    episode_figures: Optional[list] = None):
   """Completions of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b)."""
   ids, mask = exp.eval_prompts.ids_NxL, exp.eval_prompts.mask_NxL
   starts = range(0, num, batch_size)
   texts = []
   for b, start in enumerate(starts):
     rows = np.arange(start, start + batch_size) % num  # fixed shape: the last batch wraps
-    out = sampler(params, *exp.shard(ids[rows], mask[rows]), jax.random.fold_in(key, b))
-    decoded = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
+    if exp.env is not None:  # tool-integrated: the episodes' whole text
+      ep = rollout.episodes(exp, sampler, params, ids[rows], mask[rows],
+                            jax.random.fold_in(key, b), [exp.task.eval[i] for i in rows])
+      decoded = list(ep.texts)
+      if episode_figures is not None:
+        episode_figures.append(ep.figures)
+    else:
+      out = sampler(params, *exp.shard(ids[rows], mask[rows]), jax.random.fold_in(key, b))
+      decoded = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
     per_prompt = len(decoded) // batch_size
     texts += decoded[:min(batch_size, num - start) * per_prompt]
     if progress is not None:
@@ -98,8 +108,10 @@ def evaluate(exp: Experiment, params, step: int, *,
   params = experiment.decode_params(exp, params)
   records = exp.task.eval
   n = min(len(records), e.num_problems or len(records))
+  episode_figures = []
   greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,
-                           exp.key(Stream.EVAL_GREEDY, step), progress, "greedy")
+                           exp.key(Stream.EVAL_GREEDY, step), progress, "greedy",
+                           episode_figures)
   answers = [r["final_answer"] for r in records[:n]]
   correct = _correct(greedy, answers, strict=False)
   flawed = np.asarray([bool(r.get("has_flawed_verb", False)) for r in records[:n]])
@@ -124,7 +136,9 @@ def evaluate(exp: Experiment, params, step: int, *,
       accuracy_flawed_verb=float(correct[flawed].mean()) if split else None,
       accuracy_other=float(correct[~flawed].mean()) if split else None,
       k=e.k, pass_at_k=pass_k, pass_at_k_strict=pass_k_strict, maj_at_k=maj_k,
-      maj_at_k_strict=maj_k_strict, num_problems=n, pass_k_problems=m, samples=samples)
+      maj_at_k_strict=maj_k_strict, num_problems=n, pass_k_problems=m, samples=samples,
+      episodes={k.replace("episode/", "eval/"): v for k, v in
+                rollout._mean_figures(episode_figures).items() if not k.endswith("_s")})
 
 
 def _at_k(groups: list[list[str]], answers: list[str], strict: bool) -> tuple[float, float]:

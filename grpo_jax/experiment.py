@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from grpo_jax import losses, models, sampling, sharding, tasks
+from grpo_jax import losses, models, multiturn, sampling, sharding, tasks
 from grpo_jax import train_step as ts
 from grpo_jax.models import lora
 from grpo_jax.rewards import reward_model as rm_lib
@@ -45,7 +45,8 @@ class Programs:
   """The jitted device functions, each compiled once per run (shapes are fixed)."""
   policy_update: Callable   # (TrainState, TrainBatch) -> (TrainState, metrics); the paradigm's
   logprobs: Callable        # (params, TrainBatch) -> [B, C]: reference / old-policy passes
-  sample_train: Callable    # (params, ids, mask, key) -> SampleOutput, G per prompt
+  sample_train: Callable    # (params, ids, mask, key) -> SampleOutput, G per prompt; with
+                            # config.tools a multiturn.Programs (start / decode / inject)
   sample_greedy: Callable
   sample_eval_k: Optional[Callable]
   sft_update: Optional[Callable]
@@ -76,6 +77,7 @@ class Experiment:
   base_config: models.ModelConfig  # model_config without LoRA: sampling, log-prob passes, SFT
   params_sh: Any                   # shardings of the full (base) params tree
   decode_sh: Any                   # the sampler's layout of it (see `decode_params`)
+  env: Any = None                  # multiturn.Environment with config.tools (else None)
 
   @property
   def lora(self) -> bool:
@@ -93,10 +95,11 @@ class Experiment:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None
-          ) -> Experiment:
+def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None,
+          env=None) -> Experiment:
   mesh = sharding.make_mesh(*s.mesh)
   task = tasks.load_task(s)
+  env = tasks.make_env(s, env)
   rewards = tasks.reward_functions(s.rollout, s.reward_model, reward_fns)
   tasks.check_rewards(rewards, task, s.rollout)  # your reward functions fail here, not mid-run
   tokenizer = tasks.build_tokenizer(s, workdir, task)
@@ -104,7 +107,7 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
   teacher = None
   if s.sft_steps or s.rollout.paradigm.data == "teacher":
     teacher = (encode(task.sft), tasks.encode_targets(tokenizer, task.sft,
-                                                      s.rollout.max_completion_length + 1))
+                                                      s.rollout.max_completion_length + 1, env))
   model_config, host_params = tasks.build_model(s, tokenizer)
   eos_ids = (tokenizer.eos_id,) + tasks.stop_token_ids(tokenizer, s.rollout.stop_tokens)
   base_key = jax.random.key(s.seed)
@@ -121,15 +124,16 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
     rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), base_key)
     state_sh["rm"] = rm_lib.rm_state_shardings(mesh, base_config, optimizers["rm"], rm_shapes)
   decode_sh = _decode_shardings(s, mesh, base_config, params_sh, params_shapes)
+  stop_seqs = multiturn.stop_sequences(tokenizer, env.stop_strings) if env is not None else None
   programs = _programs(s, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-                       tokenizer.pad_id, decode_sh)
+                       tokenizer.pad_id, decode_sh, stop_seqs)
   return Experiment(
       settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
       train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
       model_config=model_config, host_params=host_params,
       rewards=rewards, eos_ids=eos_ids,
       optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key,
-      base_config=base_config, params_sh=params_sh, decode_sh=decode_sh)
+      base_config=base_config, params_sh=params_sh, decode_sh=decode_sh, env=env)
 
 
 def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
@@ -152,7 +156,7 @@ def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
 
 
 def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-              pad_id, decode_sh) -> Programs:
+              pad_id, decode_sh, stop_seqs=None) -> Programs:
   r, g = s.rollout, s.grpo
   train_config, model_config = model_config, lora.base_config(model_config)
   lora_on = bool(train_config.lora_rank)
@@ -179,6 +183,12 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, 
         num_samples=num_samples, max_new_tokens=r.max_completion_length + 1,
         temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
         eos_ids=eos_ids, pad_id=pad_id)
+    if stop_seqs is not None:  # tools: the multi-turn programs (multiturn.Programs)
+      t = s.tools
+      return multiturn.make_programs(model_config, multiturn.TurnSettings(
+          sampling=settings, stop_seqs=stop_seqs, max_turns=t.max_turns,
+          slots=t.slots or 2 * settings.max_new_tokens,
+          max_observation_tokens=t.max_observation_tokens))
     return sampling.make_sampler(model_config, settings, mesh)
 
   e = s.eval

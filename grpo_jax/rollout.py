@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import experiment, tasks
+from grpo_jax import experiment, multiturn, tasks
 from grpo_jax import rewards as rewards_lib
 from grpo_jax.data import arithmetic, iterator
 from grpo_jax.experiment import Experiment, Stream
@@ -91,6 +91,8 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
                                              and exp.settings.reward_model.kind == "prm"):
     steps = step_rewards(exp, roll, rm_params)
   figures = _figures(roll, exp.rewards, steps, P, G)
+  if exp.env is not None:  # turns, tool calls by status, env-token fraction, tool vs decode time
+    figures.update(_mean_figures([d["figures"] for d in rounds]))
   if exp.settings.rollout.reward_errors == "zero":
     figures.update({f"reward_errors/{name}": int(n) for name, n in zip(exp.rewards.names,
                                                                         failed_K)})
@@ -101,13 +103,26 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
 
 def _sample(exp: Experiment, params, idx, key) -> dict:
   ids, mask = exp.train_prompts.ids_NxL[idx], exp.train_prompts.mask_NxL[idx]
-  out = exp.programs.sample_train(params, *exp.shard(ids, mask), key)
   G = exp.settings.rollout.num_samples
+  records = [exp.task.train[i] for i in idx]
+  if exp.env is not None:
+    ep = episodes(exp, exp.programs.sample_train, params, ids, mask, key, records)
+    return dict(records=records, ids=np.repeat(ids, G, 0), pmask=np.repeat(mask, G, 0),
+                tokens=ep.tokens_BxC, mask=ep.policy_mask_BxC, truncated=ep.truncated_B,
+                texts=list(ep.texts), episodes=ep, figures=ep.figures)
+  out = exp.programs.sample_train(params, *exp.shard(ids, mask), key)
   tokens, cmask = to_host(out.tokens), to_host(out.mask)
   return dict(records=[exp.task.train[i] for i in idx], ids=np.repeat(ids, G, 0),
               pmask=np.repeat(mask, G, 0), tokens=tokens, mask=cmask,
               truncated=to_host(out.truncated).astype(bool),
               texts=exp.tokenizer.decode_batch(tokens, cmask))
+
+
+def episodes(exp: Experiment, programs, params, ids, mask, key, records):
+  """Multi-turn episodes of the prompts `ids` with the run's environment (config.tools)."""
+  t = exp.settings.tools
+  return multiturn.rollout(programs, params, *exp.shard(ids, mask), key, exp.env, records,
+                           exp.tokenizer, max_workers=t.max_workers, to_host=to_host)
 
 
 def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
@@ -116,7 +131,8 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
   texts, cmask, truncated = drawn["texts"], drawn["mask"], drawn["truncated"]
   prompts_P = [exp.task.prompt(rec) for rec in drawn["records"]]
   columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask,
-                                 completion_lengths(cmask, truncated), r.num_samples)
+                                 completion_lengths(cmask, truncated), r.num_samples,
+                                 drawn.get("episodes"))
   fns = exp.rewards.fns
   failed_K = np.zeros(len(exp.rewards.names), bool)
   if fns:
@@ -137,6 +153,13 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
   verified_N = np.asarray(rewards_lib.exact_answer_reward(texts, columns["final_answer"]),
                           np.float32)
   return dict(scores=scores_KxN, verified=verified_N, failed=failed_K)
+
+
+def _mean_figures(rows: list[dict]) -> dict:
+  """Episode figures of the sampling rounds: times summed, the rest averaged."""
+  keys = dict.fromkeys(k for row in rows for k in row)
+  return {k: (sum(row.get(k, 0.0) for row in rows) if k.endswith("_s")
+              else float(np.mean([row.get(k, 0.0) for row in rows]))) for k in keys}
 
 
 def completion_lengths(mask_NxC, truncated_N) -> np.ndarray:

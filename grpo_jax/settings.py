@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Any, Optional
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -47,6 +49,7 @@ class DataSettings:
   num_train: int            # 0: all
   num_eval: int
   flaw_p: float             # arithmetic: the flawed teacher's error rate
+  tool_p: float             # tool_arithmetic: how often the teacher uses the Python tool
   path: str                 # records: file, directory of splits, or "hf:name[:config]"
   train_split: str
   eval_split: str           # "" with a single file: the last num_eval records are held out
@@ -153,6 +156,25 @@ class RewardModelSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolSettings:
+  """Tool-integrated (multi-turn) rollouts; env "" = single-turn sampling."""
+  env: str                    # "" | "python" | "module:factory" | "path/file.py:factory"
+  max_turns: int              # policy turns per episode
+  max_observation_tokens: int
+  slots: int                  # the episode timeline's capacity (0: 2 x the token budget)
+  max_workers: int            # environment steps run concurrently
+  timeout_s: float            # the Python tool's limits per call
+  memory_mb: int
+  stop_strings: tuple[str, ...]
+  code_pattern: str
+  observation_template: str
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.env)
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
   seed: int
   init_from: str
@@ -172,6 +194,7 @@ class Settings:
   checkpoint_every: int
   checkpoint_keep: int
   wandb: WandbSettings
+  tools: ToolSettings = None  # None only in hand-built Settings: tools off
 
   @property
   def sft_steps(self) -> int:
@@ -294,11 +317,63 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       sft=sft, rollout=rollout, grpo=grpo,
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep,
-      wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name))
+      wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name),
+      tools=_tools(cfg))
   check(out, dp)
   for warning in precision_warnings(out):
     logging.warning("%s", warning)
   return out
+
+
+TOOLS_OFF = dict(env="", max_turns=3, max_observation_tokens=48, slots=0, max_workers=4,
+                 timeout_s=5.0, memory_mb=512, stop_strings="```output",
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
+
+
+def _tools(cfg) -> ToolSettings:
+  """config.tools (absent in configs written before tools existed: off)."""
+  node = cfg.get("tools") if hasattr(cfg, "get") else None
+  t = _Fields(node if node is not None else TOOLS_OFF, "tools.")
+  return ToolSettings(
+      env=t.env, max_turns=t.max_turns, max_observation_tokens=t.max_observation_tokens,
+      slots=t.slots, max_workers=t.max_workers, timeout_s=float(t.timeout_s),
+      memory_mb=t.memory_mb,
+      stop_strings=tuple(x for x in t.stop_strings.split(",") if x.strip()),
+      code_pattern=t.code_pattern, observation_template=t.observation_template)
+
+
+def _check_tools(s: Settings, dp: int) -> None:
+  t = s.tools
+  if t is None or not t.enabled:
+    return
+  for name in ("max_turns", "max_observation_tokens", "max_workers", "memory_mb"):
+    if getattr(t, name) < 1:
+      raise ConfigError(f"config.tools.{name} = {getattr(t, name)} must be >= 1")
+  if t.timeout_s <= 0:
+    raise ConfigError(f"config.tools.timeout_s = {t.timeout_s} must be > 0")
+  if t.slots and t.slots < s.rollout.max_completion_length + 1:
+    raise ConfigError(f"config.tools.slots = {t.slots} must be 0 or >= the episode's token "
+                      f"budget config.grpo.max_completion_length + 1 = "
+                      f"{s.rollout.max_completion_length + 1}")
+  if not t.stop_strings:
+    raise ConfigError("config.tools.stop_strings: at least one string ends a tool call")
+  if "{output}" not in t.observation_template:
+    raise ConfigError(f"config.tools.observation_template = {t.observation_template!r} has no "
+                      "{output}")
+  try:
+    re.compile(t.code_pattern)
+  except re.error as e:
+    raise ConfigError(f"config.tools.code_pattern = {t.code_pattern!r}: {e}") from None
+  if s.reward_model.enabled or s.rollout.paradigm.coefficient == "process":
+    raise ConfigError("config.tools: tool-integrated rollouts with a learned reward model or "
+                      "process supervision are not supported (step boundaries and the RM read "
+                      "single-turn completions)")
+  if s.rollout.dynamic_sampling:
+    raise ConfigError("config.tools with config.grpo.dynamic_sampling = True is not supported")
+  if jax.process_count() > 1:
+    raise ConfigError("config.tools: multi-turn rollouts run on one process (the tools run on "
+                      "the host that samples); this run has "
+                      f"{jax.process_count()} processes")
 
 
 def _data(d: _Fields) -> DataSettings:
@@ -307,6 +382,7 @@ def _data(d: _Fields) -> DataSettings:
                             marker=f.marker, cleanup=f.cleanup)
   return DataSettings(
       task=d.task, seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, flaw_p=d.flaw_p,
+      tool_p=float(d.tool_p),
       path=d.path, train_split=d.train_split, eval_split=d.eval_split, fields=fields,
       prompt_template=d.prompt_template, chat_template=d.chat_template,
       system_prompt=d.system_prompt,
@@ -315,8 +391,8 @@ def _data(d: _Fields) -> DataSettings:
 
 def _check_data(s: Settings) -> None:
   d = s.data
-  if d.task not in ("arithmetic", "records"):
-    raise ConfigError(f"config.data.task = {d.task!r}: 'arithmetic' (generated) or 'records' "
+  if d.task not in ("arithmetic", "tool_arithmetic", "records"):
+    raise ConfigError(f"config.data.task = {d.task!r}: 'arithmetic', 'tool_arithmetic' (generated) or 'records' "
                       "(a jsonl / json / parquet file or directory, or hf:<dataset name>)")
   if d.task == "records" and not d.path:
     raise ConfigError("config.data.path: the records task needs a file, a directory of "
@@ -458,6 +534,7 @@ def check(s: Settings, dp: int) -> None:
                       "(weights whole on every data / fsdp member while sampling) or 'training' "
                       "(sample with the update's fsdp-split weights)")
   _check_rewards(r)
+  _check_tools(s, dp)
   if s.wandb.mode not in ("", "online", "offline", "disabled"):
     raise ConfigError(f"config.wandb.mode = {s.wandb.mode!r}: '' (off), online, offline or "
                       "disabled")

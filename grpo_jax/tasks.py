@@ -20,7 +20,7 @@ from absl import logging
 from grpo_jax import models, paths
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import tokenizer as tokenizer_lib
-from grpo_jax.data import arithmetic, chat, prompts
+from grpo_jax.data import arithmetic, chat, prompts, tool_arithmetic
 from grpo_jax.data import records as records_lib
 from grpo_jax.settings import ConfigError, RewardModelSettings, RolloutSettings, Settings
 
@@ -61,6 +61,9 @@ def load_task(s: Settings) -> Task:
   d = s.data
   if d.task == "arithmetic":
     train, heldout = arithmetic.make_splits(d.num_train, d.num_eval, d.seed, flaw_p=d.flaw_p)
+  elif d.task == "tool_arithmetic":
+    train, heldout = tool_arithmetic.make_splits(d.num_train, d.num_eval, d.seed,
+                                                 tool_p=d.tool_p)
   else:
     train, heldout = _load_records(d)
   if not train or not heldout:
@@ -196,14 +199,48 @@ def encode_prompts(tokenizer, task: Task, records: Sequence[dict], r: RolloutSet
   return Prompts(out.ids_NxL, out.mask_NxL, out.num_truncated)
 
 
-def encode_targets(tokenizer, records: Sequence[dict], max_len: int) -> Targets:
+def encode_targets(tokenizer, records: Sequence[dict], max_len: int, env=None) -> Targets:
+  """Teacher solutions + EOS. With an environment that splits solutions into policy and
+  observation parts (`teacher_segments`, e.g. the Python tool's), each part is encoded on its own
+  (as a rollout encodes observations) and observations get mask 0: no loss on the tool's text."""
   ids = np.full((len(records), max_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(records), max_len), np.int32)
+  split = getattr(env, "teacher_segments", None)
   for i, rec in enumerate(records):
-    seq = (tokenizer.encode(" " + rec["answer"]) + [tokenizer.eos_id])[:max_len]
+    parts = split(rec["answer"]) if split else [(rec["answer"], False)]
+    seq, weight = [], []
+    for n, (text, is_obs) in enumerate(parts):
+      enc = tokenizer.encode((" " if n == 0 else "") + text)
+      seq += enc
+      weight += [0 if is_obs else 1] * len(enc)
+    seq, weight = (seq + [tokenizer.eos_id])[:max_len], (weight + [1])[:max_len]
     ids[i, :len(seq)] = seq
-    mask[i, :len(seq)] = 1
+    mask[i, :len(seq)] = weight
   return Targets(ids, mask)
+
+
+def make_env(s: Settings, env=None):
+  """The episode environment of config.tools (None: single-turn sampling): `env` given from
+  Python, the sandboxed Python tool ("python"), or "module:factory" / "file.py:factory" called
+  with the ToolSettings."""
+  t = s.tools
+  if env is not None:
+    return env
+  if t is None or not t.enabled:
+    return None
+  if t.env == "python":
+    from grpo_jax import python_tool
+    return python_tool.PythonTool(
+        stop_strings=t.stop_strings, code_pattern=t.code_pattern,
+        observation_template=t.observation_template, timeout_s=t.timeout_s,
+        memory_mb=t.memory_mb)
+  factory = load_reward_fn(t.env, "config.tools.env")
+  made = factory(t)
+  for name in ("reset", "step", "stop_strings"):
+    if not hasattr(made, name):
+      raise ConfigError(f"config.tools.env = {t.env!r} returned {type(made).__name__}, which has "
+                        f"no {name!r} (see grpo_jax/multiturn.py Environment)")
+  return made
 
 
 def stop_token_ids(tokenizer, stop_tokens: str) -> tuple[int, ...]:
@@ -292,16 +329,23 @@ def load_reward_fn(spec: str, field: str) -> Callable:
 
 
 def reward_columns(records: Sequence[dict], prompts_P: Sequence[str], tokens_NxC, mask_NxC,
-                   lengths_N, group_size: int) -> dict[str, list]:
+                   lengths_N, group_size: int, episodes=None) -> dict[str, list]:
   """What a reward function receives besides `completions`, one value per completion: every
   column of the record, `prompts` (the prompt text), `completion_ids` (token ids up to and
-  including the EOS) and `completion_length` (tokens before the EOS)."""
+  including the EOS) and `completion_length` (tokens before the EOS); with tools, `episodes`
+  (per completion: its turns, each {"text", "observation", "info"}, the tool calls and the
+  environment's reward)."""
   keys = dict.fromkeys(k for rec in records for k in rec)  # in order; json rows may differ
   columns = rewards_lib.expand_columns({k: [rec.get(k) for rec in records] for k in keys},
                                        group_size)
   columns["prompts"] = rewards_lib.expand_columns({"p": list(prompts_P)}, group_size)["p"]
   columns["completion_ids"] = [row[m > 0].tolist() for row, m in zip(tokens_NxC, mask_NxC)]
   columns["completion_length"] = np.asarray(lengths_N).tolist()
+  if episodes is not None:
+    columns["episodes"] = [
+        {"turns": [dataclasses.asdict(t) for t in row], "env_reward": float(r),
+         "tool_calls": sum(t.observation is not None for t in row)}
+        for row, r in zip(episodes.turns, episodes.env_reward_B)]
   return columns
 
 

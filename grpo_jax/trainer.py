@@ -80,16 +80,17 @@ class Models:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str,
-          reward_fns: Optional[Mapping[str, Callable]] = None) -> dict:
+          reward_fns: Optional[Mapping[str, Callable]] = None, env=None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the last eval figures.
 
   `reward_fns`: your reward functions by name, `fn(completions=..., prompts=..., **columns)`
   (the weight is config.grpo.rewards.<name>, 1.0 if absent); config.grpo.reward_fns names them
-  by import path instead. Pass them again to resume.
+  by import path instead. `env`: a `multiturn.Environment` for tool-integrated rollouts (with
+  config.tools.env set; "python" builds the sandboxed Python tool). Pass both again to resume.
   """
   s = settings_lib.from_config(cfg, jax.device_count())
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  exp = experiment.build(s, workdir, reward_fns)  # every input error is raised here
+  exp = experiment.build(s, workdir, reward_fns, env)  # every input error is raised here
   if jax.process_index() == 0:
     (paths.as_path(workdir) / "config.json").write_text(cfg.to_json_best_effort(indent=2))
   return run(exp)
@@ -112,8 +113,9 @@ def run(exp: Experiment) -> dict:
       final = _phases(exp, ckpt, watcher)
   finally:
     ckpt.close()
+  sampler = exp.programs.sample_train
   logging.info("compiles: update %d, sampler %d", exp.programs.policy_update._cache_size(),  # pylint: disable=protected-access
-               exp.programs.sample_train._cache_size())  # pylint: disable=protected-access
+               (sampler.decode if exp.env is not None else sampler)._cache_size())  # pylint: disable=protected-access
   return final
 
 
@@ -340,6 +342,7 @@ def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, 
     shown = dict(reward=figures.get("reward"), nll=figures.get("nll"),
                  acc=last_eval.get("eval/accuracy"), kl=figures.get("kl"),
                  clip=figures.get("clip_frac"), len=figures.get("completion_length"),
+                 tools=figures.get("episode/tool_calls"), tool_s=figures.get("episode/tool_s"),
                  sample_s=figures["sample_s"], score_s=figures["score_s"],
                  update_s=figures["update_s"], tok_per_s=figures["tok_per_s"])
     progress.update(step + 1, **{k: v for k, v in shown.items() if v is not None})

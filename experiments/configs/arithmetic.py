@@ -28,7 +28,8 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # The problems and their prompts. task "records" reads your own data instead (a jsonl / json /
   # parquet file or directory of splits, or "hf:<dataset>"): see experiments/configs/gsm8k.py
   # and README "Your own reward and data". Reward functions receive every column of a record.
-  c.data = dict(task="arithmetic", seed=0, num_train=20_000, num_eval=500, flaw_p=0.6, path="",
+  c.data = dict(task="arithmetic", seed=0, num_train=20_000, num_eval=500, flaw_p=0.6, tool_p=0.5,
+                path="",
                 train_split="train", eval_split="test",
                 fields=dict(question="question", answer="answer", final_answer="answer",
                             marker="####", cleanup=""),
@@ -88,6 +89,12 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
                 temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, log_samples=4)
   c.checkpoint = dict(every=100, keep=2)
   c.wandb = dict(project="", entity="", mode="", name="")  # mode: online / offline ("" = off)
+  # Tool-integrated (multi-turn) rollouts: env "" = off, "python" = the sandboxed Python tool
+  # (grpo_jax/python_tool.py, Qwen2.5-Math's ```python / ```output format), or "module:factory"
+  # returning your multiturn.Environment. See experiments/configs/tool_arithmetic.py.
+  c.tools = dict(env="", max_turns=3, max_observation_tokens=48, slots=0, max_workers=4,
+                 timeout_s=5.0, memory_mb=512, stop_strings="```output",
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
 
   variants = set(arg.split(","))
   if variants - {"local", "smoke", "lora"}:

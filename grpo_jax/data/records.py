@@ -26,7 +26,7 @@ from typing import Iterator
 from grpo_jax import paths
 
 FORMATS = (".jsonl", ".json", ".parquet")
-RESERVED = ("prompts", "completions", "completion_ids", "completion_length")  # reward arguments
+RESERVED = ("prompts", "completions", "completion_ids", "completion_length", "episodes")  # reward arguments
 
 
 @dataclasses.dataclass(frozen=True)
