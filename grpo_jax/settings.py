@@ -129,6 +129,7 @@ class GRPOSettings:
   ref_ema: float
   loss: losses.LossConfig
   optim: OptimConfig
+  length_bucket: int = 0  # update / log-prob passes cut to the needed width, multiples of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +286,7 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       steps=g.steps, num_iterations=g.num_iterations,
       num_microbatches=_microbatches(P * G, g.micro_batch_size, dp, "grpo.micro_batch_size"),
       ref_reset_every=g.ref_reset_every, ref_ema=float(g.ref_ema), loss=loss,
-      optim=_optim(g.optim, "grpo.optim"))
+      optim=_optim(g.optim, "grpo.optim"), length_bucket=g.length_bucket)
   s = c.sft
   sft = SFTSettings(steps=s.steps, batch_size=s.batch_size,
                     num_microbatches=(_microbatches(s.batch_size, s.micro_batch_size, dp,
@@ -494,6 +495,9 @@ def check(s: Settings, dp: int) -> None:
                            ("num_iterations", g.num_iterations, 1)):
     if value < low:
       raise ConfigError(f"config.grpo.{name} = {value} must be positive")
+  if g.length_bucket < 0:
+    raise ConfigError(f"config.grpo.length_bucket = {g.length_bucket} must be >= 0 (0: always "
+                      "the whole completion budget)")
   if s.sft.steps < 0:
     raise ConfigError(f"config.sft.steps = {s.sft.steps} must be >= 0")
   if r.num_prompts % dp:

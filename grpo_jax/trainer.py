@@ -88,12 +88,43 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
   by import path instead. `env`: a `multiturn.Environment` for tool-integrated rollouts (with
   config.tools.env set; "python" builds the sandboxed Python tool). Pass both again to resume.
   """
+  enable_compile_cache()
   s = settings_lib.from_config(cfg, jax.device_count())
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   exp = experiment.build(s, workdir, reward_fns, env)  # every input error is raised here
   if jax.process_index() == 0:
     (paths.as_path(workdir) / "config.json").write_text(cfg.to_json_best_effort(indent=2))
   return run(exp)
+
+
+def compile_cache_dir() -> Optional[str]:
+  """Where compiled programs are kept across launches: $GRPO_JAX_COMPILE_CACHE ("off" / "0":
+  none), else JAX's own setting (JAX_COMPILATION_CACHE_DIR), else
+  $XDG_CACHE_HOME/grpo_jax/xla (~/.cache/grpo_jax/xla)."""
+  setting = os.environ.get("GRPO_JAX_COMPILE_CACHE", "")
+  if setting.lower() in ("off", "0", "false", "none"):
+    return None
+  if setting:
+    return setting
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "grpo_jax", "xla")
+
+
+def enable_compile_cache() -> Optional[str]:
+  """The persistent compilation cache, on by default: a second launch of the same config loads
+  its programs instead of compiling them (every program, however quick to compile)."""
+  directory = compile_cache_dir()
+  if directory is None:
+    return None
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
 
 
 def run(exp: Experiment) -> dict:
@@ -280,6 +311,8 @@ def _sft_steps(exp: Experiment, ckpt, writer, loop: LoopState, state: TrainState
     loop = dataclasses.replace(loop, step=step + 1, position=position)
     batch = TrainBatch(prompts.ids_NxL[idx], prompts.mask_NxL[idx], targets.ids_NxC[idx],
                        targets.mask_NxC[idx], np.ones(len(idx), np.float32))
+    batch = updates.trim(batch, updates.bucket_width(batch.completion_mask,
+                                                     updates.length_step(exp)))
     state, m = exp.programs.sft_update(state, exp.shard(batch)[0])
     if (step + 1) % s.log_every == 0 or step + 1 == s.sft_steps:
       figures = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for queued steps

@@ -17,12 +17,40 @@ from grpo_jax.experiment import Experiment
 from grpo_jax.train_step import TrainBatch, TrainState
 
 
+def bucket_width(mask_BxC, step: int) -> int:
+  """The completion width a batch needs: its last real (mask 1) column + 1, rounded up to a
+  multiple of `step` (a few widths, so a few compilations), at most C; step 0: C."""
+  mask_BxC = np.asarray(mask_BxC)
+  C = mask_BxC.shape[1]
+  if not step:
+    return C
+  cols = np.flatnonzero(mask_BxC.any(axis=0))
+  needed = int(cols[-1]) + 1 if cols.size else 1
+  return min(C, -(-needed // step) * step)
+
+
+def trim(batch: TrainBatch, width: int) -> TrainBatch:
+  """The batch cut to its first `width` completion columns. Exact: the columns cut hold no loss
+  (mask 0) and come after every kept token, which a causal model never lets them influence;
+  the loss's constants (dr_grpo's length) come from the config, not from the width."""
+  if width == batch.completion_tokens.shape[1]:
+    return batch
+  cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
+  adv = batch.advantages
+  return batch.replace(completion_tokens=cut(batch.completion_tokens),
+                       completion_mask=cut(batch.completion_mask),
+                       advantages=adv[:, :width] if np.ndim(adv) == 2 else adv,
+                       old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
+
+
 def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> TrainBatch:
-  """`batch` on the mesh, with the reference policy's log-probs when the KL is on (beta > 0)
-  and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones, detached).
-  `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the sampler
-  decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
+  """`batch` on the mesh, cut to the completion width it needs (`bucket_width`: rows shorter
+  than the budget cost less), with the reference policy's log-probs when the KL is on
+  (beta > 0) and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones,
+  detached). `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the
+  sampler decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
   s = exp.settings
+  batch = trim(batch, bucket_width(batch.completion_mask, length_step(exp)))
   batch = exp.shard(batch)[0]
   if s.rollout.paradigm.objective != "grpo":
     return batch
@@ -31,6 +59,12 @@ def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch)
   ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
   old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
   return batch.replace(ref_logprobs=ref, old_logprobs=old)
+
+
+def length_step(exp: Experiment) -> int:
+  """Width step of `bucket_width` (config.grpo.length_bucket; 0 = always the whole budget):
+  multiples of it up to C = max_completion_length + 1."""
+  return exp.settings.grpo.length_bucket
 
 
 def update(exp: Experiment, state: TrainState, batch: TrainBatch,

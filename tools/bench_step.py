@@ -133,6 +133,10 @@ def make_config(args, data_path: str, tokenizer_dir: str, weights_dir: str):
            temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, advantage_scale="group",
            num_iterations=1, micro_batch_size=args.micro_batch_size,
            mask_truncated_completions=False, dynamic_sampling=False)
+  # Variable lengths: `--stop_ids` ids (from FIRST_ID) end a completion, each drawn with
+  # probability ~1/vocab per step under near-uniform random weights.
+  g.stop_tokens = ",".join(str(FIRST_ID + i) for i in range(args.stop_ids))
+  g.length_bucket = args.length_bucket
   g.rewards.exact_answer = 0.0
   g.rewards.even = 1.0
   g.loss.update(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.04, kl_estimator="k3",
@@ -168,6 +172,7 @@ def timed_step(exp, state, ref, position, step: int):
                advantages_s=t2 - t1, ref_s=t3 - t2, update_s=t4 - t3)
   full = roll.mask_NxC.shape[1] == r.max_completion_length + 1 and bool(roll.mask_NxC.all())
   checks = dict(reward=f["reward"], completion_length=f["completion_length"],
+                lengths=roll.mask_NxC.sum(1).tolist(), width=int(batch.completion_mask.shape[1]),
                 truncated_fraction=f["truncated_fraction"], loss=figures.get("loss"),
                 kl=figures.get("kl"), skipped=figures.get("skipped"), full_length=full)
   return state, ref, position, times, checks
@@ -201,7 +206,8 @@ def bench(args) -> dict:
       steps.append(dict(times, **checks))
       print(f"[bench_step] step {step} ({'warm-up' if step < args.warmup else 'counted'}): "
             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in steps[-1].items()), file=sys.stderr, flush=True)
+                       for k, v in steps[-1].items() if k != "lengths"),
+            file=sys.stderr, flush=True)
     num_params = exp.num_params()
     counted = steps[args.warmup:]
     result = {"impl": "grpo_jax"}
@@ -209,8 +215,13 @@ def bench(args) -> dict:
       values = [st[key] for st in counted]
       result[key] = statistics.median(values)
       result[f"{key}_range"] = [min(values), max(values)]
+    lengths = np.concatenate([st["lengths"] for st in counted])
     result.update(
-        gen_tok_s=P * G * N / result["gen_s"], peak_rss_mb=peak_rss_mb(),
+        gen_tok_s=float(np.median([sum(st["lengths"]) / st["gen_s"] for st in counted])),
+        completion_length={"mean": float(lengths.mean()),
+                           **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
+        update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
+        length_bucket=args.length_bucket, peak_rss_mb=peak_rss_mb(),
         warmup_step_s=steps[0]["step_s"] if args.warmup else None, setup_s=setup_s,
         all_completions_full=all(st["full_length"] for st in steps),
         reward=statistics.mean(st["reward"] for st in counted),
@@ -244,6 +255,12 @@ def parse_args(argv=None):
   parser.add_argument("--new_tokens", type=int, default=128, help="exact completion length")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype (master weights and Adam stay float32)")
+  parser.add_argument("--stop_ids", type=int, default=0,
+                      help="variable lengths: this many ids end a completion (0: every row is "
+                      "--new_tokens long, the SPEC workload); 64 of 4096 spreads them over "
+                      "~16..128")
+  parser.add_argument("--length_bucket", type=int, default=16,
+                      help="config.grpo.length_bucket (0: update and passes on the whole budget)")
   parser.add_argument("--micro_batch_size", type=int, default=8,
                       help="rows per micro-batch of the update and log-prob passes (0: all)")
   args = parser.parse_args(argv)

@@ -55,6 +55,7 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   g.max_prompt_length, g.max_completion_length = 256, 512
   g.rewards.update(dict(exact_answer=1.0, format=0.1))
   g.micro_batch_size = 16
+  g.length_bucket = 64  # C = 513: at most 9 widths (compilations) of the update and passes
   g.loss.beta = 0.04
   g.optim = dict(learning_rate=1e-6, warmup_steps=10, decay_steps=500, end_lr_factor=0.1,
                  weight_decay=0.0, max_grad_norm=1.0)
