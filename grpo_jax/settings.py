@@ -196,6 +196,7 @@ class Settings:
   checkpoint_keep: int
   wandb: WandbSettings
   tools: ToolSettings = None  # None only in hand-built Settings: tools off
+  profile_steps: Optional[tuple[int, int]] = None  # jax.profiler trace of these GRPO steps
 
   @property
   def sft_steps(self) -> int:
@@ -319,7 +320,7 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep,
       wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name),
-      tools=_tools(cfg))
+      tools=_tools(cfg), profile_steps=_profile_steps(cfg))
   check(out, dp)
   for warning in precision_warnings(out):
     logging.warning("%s", warning)
@@ -341,6 +342,22 @@ def _tools(cfg) -> ToolSettings:
       memory_mb=t.memory_mb,
       stop_strings=tuple(x for x in t.stop_strings.split(",") if x.strip()),
       code_pattern=t.code_pattern, observation_template=t.observation_template)
+
+
+def _profile_steps(cfg) -> Optional[tuple[int, int]]:
+  """config.profile_steps: "" (off), "N" or "first-last" (GRPO steps, 1-based)."""
+  text = str(cfg.get("profile_steps", "") if hasattr(cfg, "get") else "").strip()
+  if not text:
+    return None
+  try:
+    first, _, last = text.partition("-")
+    steps = (int(first), int(last or first))
+  except ValueError:
+    raise ConfigError(f"config.profile_steps = {text!r}: 'N' or 'first-last' (GRPO steps, "
+                      "1-based), '' = off") from None
+  if not 1 <= steps[0] <= steps[1]:
+    raise ConfigError(f"config.profile_steps = {text!r}: need 1 <= first <= last")
+  return steps
 
 
 def _check_tools(s: Settings, dp: int) -> None:

@@ -18,6 +18,7 @@ killed run resumes to exactly the metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -345,6 +346,26 @@ def grpo_phase(exp: Experiment, ckpt, writer, loop: LoopState, models: Models,
   return last_eval, models
 
 
+@contextlib.contextmanager
+def _profiled(exp: Experiment, step: int):
+  """A jax.profiler trace of GRPO steps config.profile_steps = "first-last" (1-based), written
+  to <workdir>/profile (TensorBoard's profile plugin or Perfetto read it)."""
+  steps = exp.settings.profile_steps
+  if not steps or not steps[0] <= step <= steps[1]:
+    yield
+    return
+  if step == steps[0]:
+    jax.profiler.start_trace(str(paths.as_path(exp.workdir) / "profile"))
+  try:
+    with jax.profiler.StepTraceAnnotation("grpo_step", step_num=step):
+      yield
+  finally:
+    if step == steps[1]:
+      jax.effects_barrier()
+      jax.profiler.stop_trace()
+      logging.info("profile of GRPO steps %d-%d: %s/profile", steps[0], steps[1], exp.workdir)
+
+
 def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, progress,
                 watcher: preemption.Watcher):
   s = exp.settings
@@ -357,7 +378,8 @@ def _grpo_steps(exp: Experiment, ckpt, writer, loop: LoopState, models: Models, 
       break
     if iterative.iteration_due(exp, step):
       models = _outer_iteration(exp, writer, models, step)
-    loop, models, figures = grpo_step(exp, loop, models, step)
+    with _profiled(exp, step + 1):
+      loop, models, figures = grpo_step(exp, loop, models, step)
     nan_streak = nan_streak + 1 if figures["skipped"] else 0
     if nan_streak >= s.max_nonfinite_streak:
       raise FloatingPointError(f"{nan_streak} consecutive GRPO steps had a non-finite loss or "

@@ -30,8 +30,9 @@ GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
 
 
-def launch(workdir, *flags, wait=True):
+def launch(workdir, *flags, wait=True, env_extra=None):
   env = mw.subprocess_env(1)  # conftest's XLA flags and compilation cache, 1 device
+  env.update(env_extra or {})
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

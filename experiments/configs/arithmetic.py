@@ -23,6 +23,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ""  # a workdir whose last checkpoint warm-starts the policy (skips SFT)
   c.log_every = 10
+  c.profile_steps = ""  # "N" or "first-last": a jax.profiler trace of those GRPO steps
   c.max_nonfinite_streak = 3
 
   # The problems and their prompts. task "records" reads your own data instead (a jsonl / json /
