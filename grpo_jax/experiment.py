@@ -54,6 +54,9 @@ class Programs:
   rm_score: Optional[Callable]
   merge: Optional[Callable]  # LoRA: (base, adapters) -> merged params in compute dtype
   to_decode: Callable       # params -> compute dtype, decode layout (`decode_params`)
+  # grpo.length_bucket with micro-batches: the update and passes as pieces, each micro-batch
+  # (rows of similar length) at its own width (train_step.bucketed_update)
+  bucketed: Optional[ts.BucketedPrograms] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +202,13 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, 
                                          optimizer=optimizers["rm"], kind=kind)
     rm_score = rm_lib.make_rm_scorer(mesh, state_sh["rm"].params, model_config=model_config,
                                      kind=kind)
+  bucketed = None
+  if g.length_bucket and g.num_microbatches > 1:
+    bucketed = ts.make_bucketed_programs(
+        mesh, state_sh["grpo"], params_sh, model_config=train_config, optimizer=optimizers["grpo"],
+        loss_cfg=loss_cfg, frozen_sh=params_sh if lora_on else None, base_config=model_config)
   return Programs(
+      bucketed=bucketed,
       policy_update=policy_update, logprobs=logprobs,
       sample_train=sampler(r.decoding, r.num_samples),
       sample_greedy=sampler(Decoding(0.0), 1),

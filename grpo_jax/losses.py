@@ -207,18 +207,20 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
       advantages[:, None] if advantages.ndim == 1 else advantages, logprobs.shape
   ).astype(jnp.float32)
 
-  log_ratio_BxT = logprobs - old_logprobs
+  log_ratio_BxT = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
   if importance_sampling_level == "sequence":  # GSPO: length-normalised sequence ratio
     seq_len_B = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     log_ratio_B = jnp.sum(log_ratio_BxT * mask, axis=1) / seq_len_B
     log_ratio_BxT = jnp.broadcast_to(log_ratio_B[:, None], logprobs.shape)
-  ratio = jnp.exp(log_ratio_BxT)
+  valid = mask > 0  # masked positions may hold anything (NaN * 0 weight would still be NaN)
+  ratio = jnp.where(valid, jnp.exp(log_ratio_BxT), 1.0)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-  per_token = -jnp.minimum(ratio * adv_BxT, clipped * adv_BxT)
+  per_token = jnp.where(valid, -jnp.minimum(ratio * adv_BxT, clipped * adv_BxT), 0.0)
 
   sums = {}
   if ref_logprobs is not None:
-    kl = kl_penalty(logprobs, ref_logprobs.astype(jnp.float32), kl_estimator)
+    kl = jnp.where(valid, kl_penalty(logprobs, ref_logprobs.astype(jnp.float32), kl_estimator),
+                   0.0)
     if beta != 0.0:
       per_token = per_token + beta * kl
     sums["kl"] = jnp.sum(kl * weights.token_BxT)
@@ -250,6 +252,7 @@ def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[ja
   mask = mask.astype(jnp.float32)
   adv_BxT = jnp.broadcast_to(advantages[:, None] if advantages.ndim == 1 else advantages,
                              logprobs.shape).astype(jnp.float32)
+  logprobs = jnp.where(mask > 0, logprobs, 0.0)
   loss = -jnp.sum(adv_BxT * logprobs * weights.loss_BxT)
   nll = -jnp.sum(logprobs * weights.token_BxT)
   sums = dict(nll=nll, completion_length=jnp.sum(jnp.sum(mask, 1) * weights.seq_B))

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -127,6 +128,12 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
   weights GSPMD would otherwise compute every row of a micro-batch on every device.
   """
   prompt_len = batch.prompt_tokens.shape[1]
+  # A tokenizer's pad id may lie outside the model's vocabulary (padding after the EOS): an
+  # out-of-range id would embed to NaN (jnp.take fills) and leak NaN into masked positions.
+  V = model_config.vocab_size
+  in_vocab = lambda t: jnp.where((t >= 0) & (t < V), t, 0)  # noqa: E731
+  batch = batch.replace(prompt_tokens=in_vocab(batch.prompt_tokens),
+                        completion_tokens=in_vocab(batch.completion_tokens))
   tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)
   # Completion tokens after EOS are padding: they attend to nothing that matters and are masked.
   comp_valid = jnp.ones_like(batch.completion_mask)
@@ -273,3 +280,115 @@ def make_logprob_fn(mesh: Mesh, params_sh, *, model_config, temperature: float =
                          rows=_rows(mesh))
   return jax.jit(fn, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh, 2))
+
+
+# ----------------------------------------------------------------------------- variable lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketedPrograms:
+  """The update as separate jitted pieces, so that each micro-batch runs at its own width:
+  `grads(params, micro_batch, weights[, frozen]) -> (loss, sums, grads)`, `add` (sums two
+  such triples), `apply(state, loss, sums, grads) -> (state, metrics)`, `logprobs(params,
+  micro_batch) -> [b, w]`. Each compiles once per width (a few: widths are bucketed)."""
+  grads: Any
+  add: Any
+  apply: Any
+  logprobs: Any
+  loss_cfg: losses.LossConfig  # the objective they compute (its weights: `bucketed_update`)
+
+
+def make_bucketed_programs(mesh: Mesh, state_sh: TrainState, params_sh, *, model_config,
+                           optimizer, loss_cfg: losses.LossConfig, vocab_chunk: int = 32,
+                           frozen_sh=None, base_config=None) -> BucketedPrograms:
+  """`BucketedPrograms` over `mesh` (micro-batch rows over the batch axes). `params_sh`: the
+  log-prob pass's params (the full model, `base_config`); `state_sh.params`: the trained ones
+  (LoRA: the adapters, beside `frozen_sh`)."""
+  rows, rep = _rows(mesh), sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def grads(params, batch, weights, frozen=None):
+    terms = functools.partial(_loss_terms, model_config=model_config, loss_cfg=loss_cfg,
+                              vocab_chunk=vocab_chunk, frozen=frozen, rows=rows)
+    (loss, sums), g = jax.value_and_grad(terms, has_aux=True)(
+        params, {"batch": batch, "weights": weights})
+    return loss, sums, g
+
+  def apply(state, loss, sums, g):
+    metrics = losses.finalize_metrics(sums)
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(g))
+    return apply_gradients(state, loss, g, metrics, optimizer)
+
+  in_sh = (state_sh.params, batch_sh, batch_sh) + (() if frozen_sh is None else (frozen_sh,))
+  triple_sh = (rep, rep, state_sh.params)
+  logprobs = functools.partial(sequence_logprobs, model_config=base_config or model_config,
+                               temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk,
+                               rows=rows)
+  return BucketedPrograms(
+      grads=jax.jit(grads, in_shardings=in_sh, out_shardings=triple_sh),
+      add=jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=triple_sh,
+                  donate_argnums=0),
+      apply=jax.jit(apply, in_shardings=(state_sh, rep, rep, state_sh.params),
+                    out_shardings=(state_sh, rep), donate_argnums=0),
+      logprobs=jax.jit(logprobs, in_shardings=(params_sh, batch_sh),
+                       out_shardings=sharding.batch_sharding(mesh, 2)),
+      loss_cfg=loss_cfg)
+
+
+def bucket_width(needed: int, step: int, limit: int) -> int:
+  """`needed` columns rounded up to a multiple of `step`, at most `limit` (step 0: limit)."""
+  return limit if not step else min(limit, -(-max(needed, 1) // step) * step)
+
+
+def microbatch_plan(mask_BxC, micro_batch_size: int, step: int) -> list[tuple[Any, int]]:
+  """Rows sorted by length (the last mask-1 column), cut into micro-batches of
+  `micro_batch_size` rows, each with the width it needs (`bucket_width`): [(rows, width)]."""
+  mask_BxC = np.asarray(mask_BxC)
+  B, C = mask_BxC.shape
+  needed_B = np.where(mask_BxC.any(1), C - np.argmax(mask_BxC[:, ::-1] > 0, axis=1), 1)
+  order = np.argsort(-needed_B, kind="stable")
+  return [(order[i:i + micro_batch_size],
+           bucket_width(int(needed_B[order[i:i + micro_batch_size]].max()), step, C))
+          for i in range(0, B, micro_batch_size)]
+
+
+def _rows_of(batch: TrainBatch, rows, width: int) -> TrainBatch:
+  cut = lambda x: None if x is None else x[rows, :width]  # noqa: E731
+  adv = batch.advantages
+  return TrainBatch(prompt_tokens=batch.prompt_tokens[rows], prompt_mask=batch.prompt_mask[rows],
+                    completion_tokens=cut(batch.completion_tokens),
+                    completion_mask=cut(batch.completion_mask),
+                    advantages=adv[rows, :width] if adv.ndim == 2 else adv[rows],
+                    old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
+
+
+def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh):
+  """[B, C] log-probs (NumPy) of a host batch, each micro-batch of `plan` at its own width;
+  0 past a micro-batch's width (where its rows have no tokens)."""
+  out = np.zeros(batch.completion_tokens.shape, np.float32)
+  parts = [(rows, width, programs.logprobs(params, sharding.shard_batch(
+      (_rows_of(batch, rows, width),), mesh)[0])) for rows, width in plan]
+  for rows, width, lp in parts:  # all dispatched before the first is read
+    out[rows, :width] = np.asarray(jax.device_get(lp))
+  return out
+
+
+def bucketed_update(programs: BucketedPrograms, state: TrainState, batch: TrainBatch, plan,
+                    mesh, *, frozen=None):
+  """One optimizer step on a host batch whose micro-batches run at their own widths; the loss
+  weights come from the whole padded batch, so the step is `update_step`'s (tested)."""
+  loss_cfg = programs.loss_cfg
+  weights = jax.device_get(losses.loss_weights(
+      batch.completion_mask, loss_type=loss_cfg.loss_type,
+      max_completion_length=loss_cfg.max_completion_length))
+  total = None
+  for rows, width in plan:
+    mb = _rows_of(batch, rows, width)
+    w = losses.LossWeights(loss_BxT=np.asarray(weights.loss_BxT)[rows, :width],
+                           token_BxT=np.asarray(weights.token_BxT)[rows, :width],
+                           seq_B=np.asarray(weights.seq_B)[rows])
+    mb, w = sharding.shard_batch((mb, w), mesh)
+    args = (state.params, mb, w) if frozen is None else (state.params, mb, w, frozen)
+    triple = programs.grads(*args)
+    total = triple if total is None else programs.add(total, triple)
+  return programs.apply(state, *total)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from grpo_jax import experiment
+from grpo_jax import train_step as ts
 from grpo_jax.experiment import Experiment
 from grpo_jax.train_step import TrainBatch, TrainState
 
@@ -50,12 +51,35 @@ def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch)
   detached). `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the
   sampler decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
   s = exp.settings
+  if exp.programs.bucketed is not None:  # micro-batches of similar lengths, each its width
+    return _bucketed_logprobs(exp, policy_params, ref_params, batch)
   batch = trim(batch, bucket_width(batch.completion_mask, length_step(exp)))
   batch = exp.shard(batch)[0]
   if s.rollout.paradigm.objective != "grpo":
     return batch
   # Both passes get compute-dtype params and the same batch structure: one compile.
   logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
+  ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
+  old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
+  return batch.replace(ref_logprobs=ref, old_logprobs=old)
+
+
+def plan(exp: Experiment, batch: TrainBatch):
+  """The micro-batches of a host batch: rows sorted by length, each micro-batch's width."""
+  mbs = batch.completion_mask.shape[0] // exp.settings.grpo.num_microbatches
+  return ts.microbatch_plan(batch.completion_mask, mbs, length_step(exp))
+
+
+def _bucketed_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch):
+  """`with_logprobs` on a host batch whose micro-batches run at their own widths; the batch
+  stays on the host (`update` places each micro-batch)."""
+  s = exp.settings
+  batch = jax.tree.map(np.asarray, batch)
+  if s.rollout.paradigm.objective != "grpo":
+    return batch
+  p = plan(exp, batch)
+  logprobs = lambda params: ts.bucketed_logprobs(  # noqa: E731
+      exp.programs.bucketed, experiment.compute_params(exp, params), batch, p, exp.mesh)
   ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
   old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
   return batch.replace(ref_logprobs=ref, old_logprobs=old)
@@ -76,9 +100,14 @@ def update(exp: Experiment, state: TrainState, batch: TrainBatch,
   mu > 1, and `skipped`, the number of steps a non-finite loss or gradient skipped."""
   mu = exp.settings.grpo.num_iterations if exp.settings.rollout.paradigm.objective == "grpo" else 1
   metrics = []
+  bucketed = exp.programs.bucketed
   for _ in range(mu):
-    state, m = (exp.programs.policy_update(state, batch) if frozen is None
-                else exp.programs.policy_update(state, batch, frozen))
+    if bucketed is not None:
+      state, m = ts.bucketed_update(bucketed, state, batch, plan(exp, batch), exp.mesh,
+                                    frozen=frozen)
+    else:
+      state, m = (exp.programs.policy_update(state, batch) if frozen is None
+                  else exp.programs.policy_update(state, batch, frozen))
     metrics.append(m)
   return state, aggregate(jax.device_get(metrics))
 

@@ -82,3 +82,94 @@ def test_trimmed_update_equals_the_padded_one_on_a_mesh(loss_type, level, micro,
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7),
                delta(p_short), delta(p_full))
   assert float(m_full["grad_norm"]) > 0
+
+
+def test_microbatch_plan_sorts_rows_and_sizes_each_micro_batch():
+  mask = np.zeros((8, 40), np.int32)
+  for row, n in enumerate([3, 40, 5, 17, 0, 33, 9, 16]):
+    mask[row, :n] = 1
+  plan = train_step.microbatch_plan(mask, 2, 16)
+  assert [sorted(rows.tolist()) for rows, _ in plan] == [[1, 5], [3, 7], [2, 6], [0, 4]]
+  assert [w for _, w in plan] == [40, 32, 16, 16]
+  assert sorted(np.concatenate([r for r, _ in plan]).tolist()) == list(range(8))
+
+
+@pytest.mark.parametrize("loss_type, level, micro, process, lora_rank", [
+    ("grpo", "token", 4, False, 0), ("dapo", "token", 2, False, 0), ("dr_grpo", "token", 4, False, 0),
+    ("grpo", "sequence", 2, False, 0), ("dapo", "token", 4, True, 0), ("grpo", "token", 2, False, 4),
+])
+def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level, micro, process,
+                                                              lora_rank):
+  """Micro-batches of similar lengths, each at its own width (separate jitted pieces), give the
+  fused padded update's loss, metrics and step, and the padded log-prob pass; LoRA too."""
+  from grpo_jax.models import lora
+  config = models.get_config("tiny_llama").replace(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+      num_kv_heads=2, head_dim=16, max_position_embeddings=64, lora_rank=lora_rank,
+      lora_alpha=8.0)
+  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])  # params split too
+  optimizer = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1.0, eps=1.0,
+                                                               max_grad_norm=None))
+  full_params = jax.device_get(models.init_params(config, jax.random.key(0)))
+  if lora_rank:  # adapters trained, base frozen; B = 0 at init: perturb it so grads reach A
+    trained, frozen = lora.split(full_params)
+    trained = jax.tree.map(lambda x: x + 0.01, trained)
+  else:
+    trained, frozen = full_params, None
+  base_config = lora.base_config(config)
+  base = frozen if lora_rank else full_params
+  state_sh = train_step.state_shardings(mesh, config, optimizer, trained)
+  params_sh = train_step.state_shardings(mesh, base_config, optimizer, base).params
+  frozen_sh = params_sh if lora_rank else None
+  loss_cfg = losses.LossConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                               epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C)
+  fused = train_step.make_update_fn(mesh, state_sh, model_config=config, optimizer=optimizer,
+                                    loss_cfg=loss_cfg, num_microbatches=micro, frozen_sh=frozen_sh)
+  logprobs = train_step.make_logprob_fn(mesh, params_sh, model_config=base_config,
+                                        num_microbatches=micro)
+  programs = train_step.make_bucketed_programs(
+      mesh, state_sh, params_sh, model_config=config, optimizer=optimizer, loss_cfg=loss_cfg,
+      frozen_sh=frozen_sh, base_config=base_config)
+  batch = _batch(2, process)
+  plan = train_step.microbatch_plan(batch.completion_mask, B // micro, 4)
+  assert len({w for _, w in plan}) > 1  # micro-batches really differ in width
+  ref_params = jax.tree.map(lambda x: x * 0.9, base)
+  placed = sharding.shard_batch((batch,), mesh)[0]
+  ref_full = np.asarray(logprobs(jax.device_put(ref_params, params_sh), placed))
+  ref_bucketed = train_step.bucketed_logprobs(programs, jax.device_put(ref_params, params_sh),
+                                              batch, plan, mesh)
+  m = batch.completion_mask > 0
+  np.testing.assert_allclose(ref_bucketed[m], ref_full[m], atol=2e-6)
+  batch = batch.replace(ref_logprobs=ref_full * m, old_logprobs=ref_full * m * 1.01)
+  put_frozen = (lambda: (jax.device_put(frozen, frozen_sh),)) if lora_rank else (lambda: ())
+  state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
+  s_fused, m_fused = fused(state, sharding.shard_batch((batch,), mesh)[0], *put_frozen())
+  state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
+  s_buck, m_buck = train_step.bucketed_update(programs, state, batch, plan, mesh,
+                                              frozen=put_frozen()[0] if lora_rank else None)
+  m_fused, m_buck = jax.device_get((m_fused, m_buck))
+  for name in m_fused:
+    np.testing.assert_allclose(m_buck[name], m_fused[name], rtol=5e-5, atol=1e-7, err_msg=name)
+  delta = lambda s: jax.tree.map(lambda a, b: a - b, jax.device_get(s.params), trained)  # noqa: E731
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7),
+               delta(s_buck), delta(s_fused))
+  assert float(m_fused["grad_norm"]) > 0
+
+
+def test_pad_ids_outside_the_vocabulary_do_not_poison_the_loss():
+  """A tokenizer whose pad id is >= the model's vocabulary (bench_step's): the padding after
+  each EOS used to embed to NaN and turn every loss into NaN (every step skipped)."""
+  config = models.get_config("tiny_llama").replace(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+      num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+  params = models.init_params(config, jax.random.key(0))
+  batch = _batch(3)
+  batch = batch.replace(completion_tokens=np.where(batch.completion_mask > 0,
+                                                   batch.completion_tokens, 64 + 1))
+  ref = train_step.sequence_logprobs(params, batch, model_config=config)
+  loss_cfg = losses.LossConfig(beta=0.04, max_completion_length=C)
+  loss, metrics, grads = train_step.loss_and_grads(
+      params, batch.replace(ref_logprobs=ref), model_config=config, loss_cfg=loss_cfg,
+      num_microbatches=2)
+  assert np.isfinite(float(loss)) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["grad_norm"]) > 0

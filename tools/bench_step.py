@@ -180,8 +180,10 @@ def timed_step(exp, state, ref, position, step: int):
 
 def bench(args) -> dict:
   import jax
-  from grpo_jax import experiment, settings as settings_lib
+  from grpo_jax import experiment, settings as settings_lib, trainer
   from grpo_jax.data import iterator
+
+  cache_dir = trainer.enable_compile_cache()  # as a launch does (GRPO_JAX_COMPILE_CACHE=off: none)
 
   P, G, N = args.prompts, args.samples, args.new_tokens
   with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
@@ -221,7 +223,7 @@ def bench(args) -> dict:
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
-        length_bucket=args.length_bucket, peak_rss_mb=peak_rss_mb(),
+        length_bucket=args.length_bucket, compile_cache=cache_dir, peak_rss_mb=peak_rss_mb(),
         warmup_step_s=steps[0]["step_s"] if args.warmup else None, setup_s=setup_s,
         all_completions_full=all(st["full_length"] for st in steps),
         reward=statistics.mean(st["reward"] for st in counted),
