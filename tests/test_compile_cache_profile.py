@@ -5,7 +5,7 @@ import os
 
 from experiments.configs import arithmetic as arithmetic_config
 from grpo_jax import settings, trainer
-from tests import test_trainer
+import test_trainer  # tests/ is on sys.path (pytest rootdir-less import mode), as multihost_worker
 
 
 def test_compile_cache_dir_settings(monkeypatch):

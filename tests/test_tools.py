@@ -15,7 +15,7 @@ from grpo_jax import metrics, python_tool, sandbox, settings, tasks
 from grpo_jax.data import tool_arithmetic
 from grpo_jax.multiturn import EnvStep
 from grpo_jax.tokenizer import train_sentencepiece
-from tests import test_trainer
+import test_trainer  # tests/ is on sys.path (pytest rootdir-less import mode), as multihost_worker
 
 TIMING = test_trainer.TIMING + ("episode/tool_s", "episode/decode_s")
 TOOL_SMOKE = ["--config=experiments/configs/tool_arithmetic.py:smoke"]
