@@ -144,7 +144,8 @@ def test_nonfinite_loss_skips_the_update():
   optimizer = ts.make_optimizer(mw.OPTIM)
   params = mw.init_params()
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
-  batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
+  row = int(np.argmax(np.asarray(batch.completion_mask).sum(1) > 0))  # a row with tokens: an
+  batch = batch.replace(advantages=batch.advantages.at[row].set(jnp.nan))  # empty one adds 0
   state = ts.init_train_state(params, optimizer)
   new, metrics = jax.jit(lambda s, b: ts.update_step(
       s, b, model_config=mw.MODEL, optimizer=optimizer, loss_cfg=losses.LossConfig()))(state, batch)

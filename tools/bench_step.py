@@ -219,7 +219,7 @@ def bench(args) -> dict:
       result[f"{key}_range"] = [min(values), max(values)]
     lengths = np.concatenate([st["lengths"] for st in counted])
     result.update(
-        gen_tok_s=float(np.median([sum(st["lengths"]) / st["gen_s"] for st in counted])),
+        gen_tok_s=float(np.mean([sum(st["lengths"]) for st in counted])) / result["gen_s"],
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
