@@ -52,7 +52,7 @@ from jax import lax
 
 from grpo_jax import models
 from grpo_jax.models import KVCache, ModelConfig
-from grpo_jax.sampling import SamplingSettings, sample_tokens
+from grpo_jax.sampling import SamplingSettings, prefill, sample_tokens
 
 HOLE, POLICY, ENV = 0, 1, 2  # kind of a timeline slot
 
@@ -193,15 +193,10 @@ def start(params, prompt_tokens_PxT, prompt_mask_PxT, rng, *, config: ModelConfi
           settings: TurnSettings) -> tuple[KVCache, TurnState]:
   """Prefills each prompt once (shared by its G rows) and draws every row's first token."""
   s = settings.sampling
-  P, T = prompt_tokens_PxT.shape
+  P = prompt_tokens_PxT.shape[0]
   G, S = s.num_samples, settings.slots
   B = P * G
-  prompt_mask_PxT = prompt_mask_PxT.astype(jnp.int32)
-  positions_PxT = jnp.maximum(jnp.cumsum(prompt_mask_PxT, axis=1) - 1, 0)
-  prefix = models.init_cache(config, P, T)
-  hidden_PxTxE, prefix = models.forward(params, config, prompt_tokens_PxT, positions_PxT,
-                                        prompt_mask_PxT, prefix, return_hidden=True)
-  logits_PxV = models.unembed(params, config, hidden_PxTxE[:, -1:])[:, 0]
+  prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
   tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, G, axis=0),
                                        jax.random.fold_in(rng, 0), s)
   state = TurnState(
@@ -212,7 +207,7 @@ def start(params, prompt_tokens_PxT, prompt_mask_PxT, rng, *, config: ModelConfi
       recent_BxL=jnp.full((B, settings.stop_len), -1, jnp.int32),
       tokens_BxS=jnp.full((B, S), s.pad_id, jnp.int32),
       kind_BxS=jnp.zeros((B, S), jnp.int8), logprobs_BxS=jnp.zeros((B, S), jnp.float32),
-      prompt_len_B=jnp.repeat(jnp.sum(prompt_mask_PxT, axis=1), G).astype(jnp.int32),
+      prompt_len_B=jnp.repeat(prompt_len_P, G).astype(jnp.int32),
       cache=models.init_cache(config, B, S), rng=rng)
   return prefix, _record(state, tokens_B, logprobs_B, jnp.ones((B,), bool), settings)
 

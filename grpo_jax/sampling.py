@@ -251,21 +251,26 @@ def _block_ends(settings: SamplingSettings) -> list[int]:
   return [e for e in ends if e > 0]
 
 
-def sample_with_settings(params: Params, config: ModelConfig, settings: SamplingSettings,
-                         prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput:
-  """`sample` with its static settings in one object (traceable; see `make_sampler`)."""
+def prefill(params: Params, config: ModelConfig, prompt_tokens_PxT, prompt_mask_PxT):
+  """Each left-padded prompt through the model once: (its KV cache, the last position's
+  logits [P, V] (only that position is unembedded), the prompt lengths [P] int32)."""
   P, T = prompt_tokens_PxT.shape
-  G, N = settings.num_samples, settings.max_new_tokens
-  B = P * G
   prompt_mask_PxT = prompt_mask_PxT.astype(jnp.int32)
-  prompt_len_P = jnp.sum(prompt_mask_PxT, axis=1)
   positions_PxT = jnp.maximum(jnp.cumsum(prompt_mask_PxT, axis=1) - 1, 0)
-
-  # Prefill once per prompt; only the last (real: left padding) position is unembedded.
   prefix = models.init_cache(config, P, T)
   hidden_PxTxE, prefix = models.forward(params, config, prompt_tokens_PxT, positions_PxT,
                                         prompt_mask_PxT, prefix, return_hidden=True)
   logits_PxV = models.unembed(params, config, hidden_PxTxE[:, -1:])[:, 0]
+  return prefix, logits_PxV, jnp.sum(prompt_mask_PxT, axis=1)
+
+
+def sample_with_settings(params: Params, config: ModelConfig, settings: SamplingSettings,
+                         prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput:
+  """`sample` with its static settings in one object (traceable; see `make_sampler`)."""
+  P = prompt_tokens_PxT.shape[0]
+  G, N = settings.num_samples, settings.max_new_tokens
+  B = P * G
+  prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
   tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, G, axis=0),
                                        jax.random.fold_in(rng, 0), settings)
   state = SamplingState(
