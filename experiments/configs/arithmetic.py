@@ -70,10 +70,11 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
       reward_fns={}, reward_timeout_s=0.0, reward_errors="raise",  # or "zero": score 0, count
       advantage_scale="group", num_iterations=1,
       micro_batch_size=0, mask_truncated_completions=False,
-      # The update and log-prob passes run on the completion width the batch needs (its
-      # longest completion), rounded up to a multiple of length_bucket (a few compilations);
-      # exact. 0: always the whole budget.
-      length_bucket=16,
+      # length_bucket > 0: the update and log-prob passes run each micro-batch (rows of
+      # similar length) at the width it needs, rounded up to a multiple of it (a few
+      # compilations; the step of the padded batch up to float rounding). 0 (here: the offline
+      # default keeps its metrics bit for bit): always the whole budget. gsm8k.py: 64.
+      length_bucket=0,
       dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
       ref_reset_every=0, ref_ema=0.0,
       loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",
