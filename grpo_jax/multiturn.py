@@ -52,7 +52,7 @@ from jax import lax
 
 from grpo_jax import models
 from grpo_jax.models import KVCache, ModelConfig
-from grpo_jax.sampling import SamplingSettings, prefill, sample_tokens
+from grpo_jax.sampling import SamplingSettings, is_eos, prefill, sample_tokens
 
 HOLE, POLICY, ENV = 0, 1, 2  # kind of a timeline slot
 
@@ -160,10 +160,7 @@ def _record(state: TurnState, tokens_B, logprobs_B, drew_B, settings: TurnSettin
   table, used = _stop_table(settings)
   match_BxM = jnp.all((recent_BxL[:, None, :] == table[None]) | ~used[None], axis=-1)
   stop_B = drew_B & jnp.any(match_BxM, axis=-1)
-  eos_B = jnp.zeros_like(drew_B)
-  for eos in s.eos_ids:
-    eos_B = eos_B | (tokens_B == eos)
-  eos_B = eos_B & drew_B
+  eos_B = is_eos(tokens_B, s.eos_ids) & drew_B
   count_B = state.count_B + drew_B
   full_B = drew_B & ~eos_B & ~stop_B & (count_B >= s.max_new_tokens)
   return state.replace(

@@ -1,6 +1,6 @@
 """Rollout: P prompts -> G completions each -> reward rows [K, P, G] (-> step rewards), on the host.
 
-    roll, position = rollout.collect(exp, params, position, step)
+    roll, position = rollout.collect(exp, params, position, step, start=...)
     adv = advantages.coefficients(paradigm.coefficient, roll.scores_KxPxG, weights, ...)
     batch = rollout.train_batch(roll, adv, mask_truncated=...)
 
@@ -9,13 +9,18 @@ policy), samples with the jitted sampler (`fold_in(Stream.ROLLOUT key, step)`, t
 round), decodes, and scores every row with the reward functions (text) and the learned ORM
 (tokens). DAPO dynamic sampling is a selection over groups: draw up to 1 + max_resample_rounds
 rounds of P prompts, keep groups whose weighted rewards differ, fill up with zero-spread ones.
+
+Host and device overlap: `start(token_batch)` is called as soon as a step's tokens are on the
+host, before their texts are decoded and scored (when no selection follows: no dynamic
+sampling); the trainer dispatches its log-prob passes there, which need only tokens, so the
+device runs them while the host decodes and scores. What `start` returns is `Rollout.started`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -56,11 +61,17 @@ class Rollout:
   records: tuple[dict, ...]  # P problems
   steps: Optional[StepRewards]
   figures: dict              # host-side figures: rewards, rounds, timing
+  started: Any = None        # what `collect`'s `start` returned for this rollout's tokens
 
 
 def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_params=None,
-            stream: Stream = Stream.ROLLOUT) -> tuple[Rollout, iterator.Position]:
-  """One rollout of the paradigm's data source, and the iterator's next position."""
+            stream: Stream = Stream.ROLLOUT,
+            start: Optional[Callable[[TrainBatch], Any]] = None) -> tuple[Rollout, iterator.Position]:
+  """One rollout of the paradigm's data source, and the iterator's next position.
+
+  `start`: called with `train_batch`'s batch less its advantages (zeros) as soon as the tokens
+  are on the host, before texts and rewards, when every drawn row is kept (no dynamic
+  sampling); its result is the rollout's `started`. Teacher data never calls it."""
   r = exp.settings.rollout
   if r.paradigm.data == "teacher":
     return _teacher(exp, position)
@@ -69,11 +80,14 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
   weights = np.asarray(exp.rewards.weights)
   rounds, t_sample, t_score, gen_tokens, zero_spread = [], 0.0, 0.0, 0, 0
   failed_K = np.zeros(len(exp.rewards.names), np.int64)
+  started = None
   for k in range(1 + (r.max_resample_rounds if r.dynamic_sampling else 0)):
     idx, position = iterator.next_indices(position, len(exp.task.train), P)
     t0 = time.perf_counter()
     drawn = _sample(exp, params, idx, jax.random.fold_in(exp.key(stream, step), k))
-    t1 = time.perf_counter()
+    if start is not None and not r.dynamic_sampling:  # device work queued before host work
+      started = start(_token_batch(drawn, r.mask_truncated_completions))
+    t1 = time.perf_counter()  # sample_s: draw, tokens to the host, passes queued
     drawn.update(_score(exp, drawn, rm_params))
     t_score += time.perf_counter() - t1
     failed_K += drawn["failed"]
@@ -98,7 +112,15 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
                                                                         failed_K)})
   figures.update(zero_spread_fraction=zero_spread / P, sample_rounds=len(rounds),
                  sample_s=t_sample, score_s=t_score, tok_per_s=gen_tokens / max(t_sample, 1e-9))
-  return dataclasses.replace(roll, steps=steps, figures=figures), position
+  return dataclasses.replace(roll, steps=steps, figures=figures, started=started), position
+
+
+def _token_batch(drawn: dict, mask_truncated: bool) -> TrainBatch:
+  """`train_batch` of one round's rows, advantages not known yet (zeros)."""
+  mask = drawn["mask"] * (~drawn["truncated"][:, None]) if mask_truncated else drawn["mask"]
+  return TrainBatch(prompt_tokens=drawn["ids"], prompt_mask=drawn["pmask"],
+                    completion_tokens=drawn["tokens"], completion_mask=mask,
+                    advantages=np.zeros(len(mask), np.float32))
 
 
 def _sample(exp: Experiment, params, idx, key) -> dict:
@@ -114,8 +136,7 @@ def _sample(exp: Experiment, params, idx, key) -> dict:
   tokens, cmask = to_host(out.tokens), to_host(out.mask)
   return dict(records=[exp.task.train[i] for i in idx], ids=np.repeat(ids, G, 0),
               pmask=np.repeat(mask, G, 0), tokens=tokens, mask=cmask,
-              truncated=to_host(out.truncated).astype(bool),
-              texts=exp.tokenizer.decode_batch(tokens, cmask))
+              truncated=to_host(out.truncated).astype(bool))  # texts: decoded by `_score`
 
 
 def episodes(exp: Experiment, programs, params, ids, mask, key, records):
@@ -126,9 +147,11 @@ def episodes(exp: Experiment, programs, params, ids, mask, key, records):
 
 
 def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
-  """Reward rows [K, N] (rule functions on text, then the ORM on tokens) and the verifier."""
+  """Texts (unless multi-turn episodes brought theirs), reward rows [K, N] (rule functions on
+  text, then the ORM on tokens) and the verifier."""
   r = exp.settings.rollout
-  texts, cmask, truncated = drawn["texts"], drawn["mask"], drawn["truncated"]
+  cmask, truncated = drawn["mask"], drawn["truncated"]
+  texts = drawn.get("texts") or exp.tokenizer.decode_batch(drawn["tokens"], cmask)
   prompts_P = [exp.task.prompt(rec) for rec in drawn["records"]]
   columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask,
                                  completion_lengths(cmask, truncated), r.num_samples,
@@ -152,7 +175,7 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
     scores_KxN = np.concatenate([scores_KxN, rm_N[None].astype(np.float32)], 0)
   verified_N = np.asarray(rewards_lib.exact_answer_reward(texts, columns["final_answer"]),
                           np.float32)
-  return dict(scores=scores_KxN, verified=verified_N, failed=failed_K)
+  return dict(texts=texts, scores=scores_KxN, verified=verified_N, failed=failed_K)
 
 
 def _mean_figures(rows: list[dict]) -> dict:

@@ -219,9 +219,7 @@ def _record(state: SamplingState, tokens_B, logprobs_B, settings: SamplingSettin
   done_B = state.done_B
   tokens_B = jnp.where(done_B, settings.pad_id, tokens_B)
   logprobs_B = jnp.where(done_B, 0.0, logprobs_B)
-  is_eos_B = jnp.zeros_like(done_B)
-  for eos in settings.eos_ids:
-    is_eos_B = is_eos_B | (tokens_B == eos)
+  is_eos_B = is_eos(tokens_B, settings.eos_ids)
   return state.replace(
       step=state.step + 1,
       last_token_B=tokens_B,
@@ -306,11 +304,25 @@ def sample_with_settings(params: Params, config: ModelConfig, settings: Sampling
                       truncated=~state.done_B)
 
 
+def is_eos(tokens, eos_ids: tuple[int, ...]) -> jax.Array:
+  """Whether each token is one of `eos_ids` (bool, tokens' shape). A few ids: one compare each;
+  many (a benchmark's 1500 stop ids, long stop lists): one lookup in a constant table, since
+  a chain of thousands of compares in the decode loop took minutes to compile on a GPU."""
+  if len(eos_ids) <= 8:
+    out = jnp.zeros(jnp.shape(tokens), jnp.bool_)
+    for eos in eos_ids:
+      out = out | (tokens == eos)
+    return out
+  top = max(eos_ids)
+  table = np.zeros(top + 1, np.bool_)
+  table[list(eos_ids)] = True
+  inside = (tokens >= 0) & (tokens <= top)
+  return inside & jnp.asarray(table)[jnp.clip(tokens, 0, top)]
+
+
 def _completion_mask(tokens_BxN, settings: SamplingSettings) -> jax.Array:
   """1 up to and including the first EOS, int32 [B, N]."""
-  is_eos_BxN = jnp.zeros(tokens_BxN.shape, jnp.bool_)
-  for eos in settings.eos_ids:
-    is_eos_BxN = is_eos_BxN | (tokens_BxN == eos)
+  is_eos_BxN = is_eos(tokens_BxN, settings.eos_ids)
   eos_before_BxN = jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN
   return (eos_before_BxN == 0).astype(jnp.int32)
 

@@ -365,10 +365,20 @@ def _rows_of(batch: TrainBatch, rows, width: int) -> TrainBatch:
 def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh):
   """[B, C] log-probs (NumPy) of a host batch, each micro-batch of `plan` at its own width;
   0 past a micro-batch's width (where its rows have no tokens)."""
-  out = np.zeros(batch.completion_tokens.shape, np.float32)
-  parts = [(rows, width, programs.logprobs(params, sharding.shard_batch(
+  return gather_logprobs(dispatch_logprobs(programs, params, batch, plan, mesh),
+                         batch.completion_tokens.shape)
+
+
+def dispatch_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh) -> list:
+  """`bucketed_logprobs` dispatched, not awaited: [(rows, width, device log-probs)]."""
+  return [(rows, width, programs.logprobs(params, sharding.shard_batch(
       (_rows_of(batch, rows, width),), mesh)[0])) for rows, width in plan]
-  for rows, width, lp in parts:  # all dispatched before the first is read
+
+
+def gather_logprobs(parts: list, shape) -> np.ndarray:
+  """The [B, C] NumPy log-probs of `dispatch_logprobs`'s parts (waits for them)."""
+  out = np.zeros(shape, np.float32)
+  for rows, width, lp in parts:
     out[rows, :width] = np.asarray(jax.device_get(lp))
   return out
 

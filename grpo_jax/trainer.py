@@ -10,6 +10,9 @@ does one job:
     batch = updates.with_logprobs(exp, policy, reference, rollout.train_batch(roll, adv, ...))
     state, figures = updates.update(exp, state, batch)                         # mu steps
 
+(`grpo_step` spells it with host / device overlap: the log-prob passes start before the host
+decodes and scores, the update before the step's host bookkeeping.)
+
 Host state is typed and checkpointed with the device state: `LoopState` (phase, step, data
 position, metrics-file length) in the checkpoint's JSON, the reward model's replay data
 (`iterative.RMData`) as its host item. Every draw is `fold_in(named stream key, step)`, so a
@@ -430,27 +433,42 @@ def _export_lora(exp: Experiment, models: Models) -> None:
 
 def grpo_step(exp: Experiment, loop: LoopState, models: Models,
               step: int) -> tuple[LoopState, Models, dict]:
-  """rollout -> advantages -> log-prob passes -> update; the reference follows the policy."""
+  """rollout -> advantages -> log-prob passes -> update; the reference follows the policy.
+
+  Host and device overlap: the log-prob passes are queued as soon as the tokens are on the host
+  (`collect(start=...)`), so they run while the host decodes and scores; the update is queued
+  before the step's host bookkeeping, and its metrics are read last. `wait_s`: how long the
+  host then waited for the device; `step_s`: the whole step."""
   s = exp.settings
   r = s.rollout
+  t_step = time.perf_counter()
   # The policy in the compute dtype (LoRA merged), made once: the sampler and the old pass use it.
   policy = experiment.policy_params(exp, models.state, models.base)
   sampler = models.reference if r.paradigm.data == "frozen_policy" else policy
+  start = functools.partial(updates.start_logprobs, exp, policy, models.reference)
   roll, position = rollout.collect(exp, sampler, loop.position, step,
-                                   iterative.rm_params(models.rm_state))
+                                   iterative.rm_params(models.rm_state), start=start)
   adv = advantages.coefficients(r.paradigm.coefficient, roll.scores_KxPxG, exp.rewards.weights,
                                 scale=r.advantage_scale,
                                 steps=roll.steps[:3] if roll.steps else None,
                                 num_tokens=roll.tokens_NxC.shape[1])
   t0 = time.perf_counter()
-  batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
-  batch = updates.with_logprobs(exp, policy, models.reference, batch)
-  del policy, sampler  # the compute-dtype copy is not needed by the update (the peak phase)
-  state, update_figures = updates.update(exp, models.state, batch, frozen=models.base)
-  figures = {**update_figures, **roll.figures, "update_s": time.perf_counter() - t0,
-             "samples": rollout.samples(exp, roll, adv), "arrays": _histograms(exp, roll, adv)}
+  started = roll.started or start(  # teacher data / dynamic sampling: the rows are known now
+      rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions))
+  batch = updates.finish(exp, started, adv)
+  del policy, sampler, start, started  # the compute-dtype copy is not needed by the update
+  roll = dataclasses.replace(roll, started=None)
+  state, metrics = updates.dispatch_update(exp, models.state, batch, frozen=models.base)
+  del batch
+  # Host work while the device updates.
+  figures = {**roll.figures, "samples": rollout.samples(exp, roll, adv),
+             "arrays": _histograms(exp, roll, adv)}
   rm_data = (models.rm_data.add(rollout.rm_examples(exp, roll)) if s.reward_model.enabled
              else models.rm_data)
+  t_wait = time.perf_counter()
+  figures = {**updates.aggregate(jax.device_get(metrics)), **figures}  # the rollout's lengths win
+  now = time.perf_counter()
+  figures.update(update_s=now - t0, wait_s=now - t_wait, step_s=now - t_step)
   models = dataclasses.replace(
       models, state=state, rm_data=rm_data,
       ref_params=updates.next_reference(exp, models.ref_params, state.params, step + 1))

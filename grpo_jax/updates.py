@@ -4,10 +4,16 @@
     state, figures = updates.update(exp, state, batch, frozen)     # mu optimizer steps
     ref_params = updates.next_reference(exp, ref_params, state.params, step)
 
+or, overlapping host work (the trainer's step): `started = updates.start_logprobs(...)` as soon
+as the tokens exist, `batch = updates.finish(exp, started, advantages)` once rewards are scored,
+`updates.dispatch_update` then the step's host bookkeeping, then its metrics.
+
 The batch moves to the mesh once; the passes and updates are the jitted `exp.programs`.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -49,40 +55,62 @@ def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch)
   than the budget cost less), with the reference policy's log-probs when the KL is on
   (beta > 0) and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones,
   detached). `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the
-  sampler decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass."""
+  sampler decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass.
+  With length buckets (`exp.programs.bucketed`) the batch stays on the host and each
+  micro-batch runs at its own width (`update` places them)."""
+  return finish(exp, start_logprobs(exp, policy_params, ref_params, batch), batch.advantages)
+
+
+class Started(NamedTuple):
+  """`with_logprobs`'s passes, dispatched and not awaited (`start_logprobs`)."""
+  batch: TrainBatch  # on the mesh and trimmed (bucketed: on the host, whole)
+  ref: Any           # device log-probs, or the bucketed parts (`ts.dispatch_logprobs`), or None
+  old: Any
+
+
+def start_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> Started:
+  """`with_logprobs`'s device work, queued and not awaited: the passes read only tokens, so
+  the trainer starts them before the host decodes texts and scores rewards
+  (`rollout.collect(start=...)`), and the advantages come later (`finish`)."""
   s = exp.settings
-  if exp.programs.bucketed is not None:  # micro-batches of similar lengths, each its width
-    return _bucketed_logprobs(exp, policy_params, ref_params, batch)
-  batch = trim(batch, bucket_width(batch.completion_mask, length_step(exp)))
-  batch = exp.shard(batch)[0]
+  bucketed = exp.programs.bucketed
+  if bucketed is not None:
+    batch = jax.tree.map(np.asarray, batch)
+  else:
+    batch = exp.shard(trim(batch, bucket_width(batch.completion_mask, length_step(exp))))[0]
   if s.rollout.paradigm.objective != "grpo":
-    return batch
-  # Both passes get compute-dtype params and the same batch structure: one compile.
-  logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
+    return Started(batch, None, None)
+  if bucketed is not None:
+    p = plan(exp, batch)
+    logprobs = lambda params: ts.dispatch_logprobs(  # noqa: E731
+        bucketed, experiment.compute_params(exp, params), batch, p, exp.mesh)
+  else:  # both passes get compute-dtype params and the same batch structure: one compile
+    logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
   ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
   old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
-  return batch.replace(ref_logprobs=ref, old_logprobs=old)
+  return Started(batch, ref, old)
+
+
+def finish(exp: Experiment, started: Started, advantages) -> TrainBatch:
+  """The update's batch: `start_logprobs`'s with its `advantages` ([N] or [N, C]) and
+  log-probs (bucketed: gathered to the host, which waits for those passes only)."""
+  batch = started.batch
+  if exp.programs.bucketed is not None:
+    shape = batch.completion_tokens.shape
+    get = lambda parts: None if parts is None else ts.gather_logprobs(parts, shape)  # noqa: E731
+    return batch.replace(advantages=np.asarray(advantages, np.float32),
+                         ref_logprobs=get(started.ref), old_logprobs=get(started.old))
+  advantages = np.asarray(advantages, np.float32)
+  if advantages.ndim == 2:  # per-token (process supervision): the batch's width
+    advantages = advantages[:, :batch.completion_tokens.shape[1]]
+  return batch.replace(advantages=exp.shard(advantages)[0], ref_logprobs=started.ref,
+                       old_logprobs=started.old)
 
 
 def plan(exp: Experiment, batch: TrainBatch):
   """The micro-batches of a host batch: rows sorted by length, each micro-batch's width."""
   mbs = batch.completion_mask.shape[0] // exp.settings.grpo.num_microbatches
   return ts.microbatch_plan(batch.completion_mask, mbs, length_step(exp))
-
-
-def _bucketed_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch):
-  """`with_logprobs` on a host batch whose micro-batches run at their own widths; the batch
-  stays on the host (`update` places each micro-batch)."""
-  s = exp.settings
-  batch = jax.tree.map(np.asarray, batch)
-  if s.rollout.paradigm.objective != "grpo":
-    return batch
-  p = plan(exp, batch)
-  logprobs = lambda params: ts.bucketed_logprobs(  # noqa: E731
-      exp.programs.bucketed, experiment.compute_params(exp, params), batch, p, exp.mesh)
-  ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
-  old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
-  return batch.replace(ref_logprobs=ref, old_logprobs=old)
 
 
 def length_step(exp: Experiment) -> int:
@@ -98,6 +126,13 @@ def update(exp: Experiment, state: TrainState, batch: TrainBatch,
 
   Figures: each metric's mean over the mu steps, with `<name>/first` and `<name>/last` when
   mu > 1, and `skipped`, the number of steps a non-finite loss or gradient skipped."""
+  state, metrics = dispatch_update(exp, state, batch, frozen)
+  return state, aggregate(jax.device_get(metrics))
+
+
+def dispatch_update(exp: Experiment, state: TrainState, batch: TrainBatch, frozen=None):
+  """`update`, queued and not awaited: (state, the mu steps' device metrics). The trainer does
+  its host work for the step before reading them (`aggregate(jax.device_get(metrics))`)."""
   mu = exp.settings.grpo.num_iterations if exp.settings.rollout.paradigm.objective == "grpo" else 1
   metrics = []
   bucketed = exp.programs.bucketed
@@ -109,7 +144,7 @@ def update(exp: Experiment, state: TrainState, batch: TrainBatch,
       state, m = (exp.programs.policy_update(state, batch) if frozen is None
                   else exp.programs.policy_update(state, batch, frozen))
     metrics.append(m)
-  return state, aggregate(jax.device_get(metrics))
+  return state, metrics
 
 
 def aggregate(metrics: list[dict]) -> dict:

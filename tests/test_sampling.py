@@ -339,3 +339,17 @@ def test_mesh_gives_the_single_device_samples(shape):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.mask, want.mask)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_ids", [1, 3, 8, 9, 1500])
+def test_is_eos_matches_numpy_isin_for_short_and_long_stop_lists(num_ids):
+  """Up to 8 ids: one compare each; more: a constant lookup table (a chain of 1500 compares in
+  the decode loop took minutes to compile on a GPU). Ids out of the table's range, negative
+  pads included, are never EOS."""
+  rng = np.random.default_rng(num_ids)
+  tokens = rng.integers(-3, 5000, size=(16, 40))
+  eos_ids = tuple(int(i) for i in rng.choice(np.arange(4, 4000), num_ids, replace=False))
+  tokens[0, :num_ids] = eos_ids[:40]  # every row of the test sees some EOS
+  got = np.asarray(sampling.is_eos(jnp.asarray(tokens), eos_ids))
+  np.testing.assert_array_equal(got, np.isin(tokens, eos_ids))
+  assert got.any()

@@ -33,7 +33,11 @@ one (each timer waits for its device work):
     state, figures = updates.update(exp, state, batch)          # update_s
     ref = updates.next_reference(exp, ref, state.params, step + 1)
 
-(`grpo_step` also builds the logged samples and histograms; they are not timed here.) gen_s is
+(`grpo_step` also builds the logged samples and histograms; they are not timed here.) With
+`--driver=trainer` each step is `trainer.grpo_step` itself, which overlaps: its log-prob passes
+are queued before the host decodes and scores, its update before the samples and histograms;
+then ref_s is not separable (update_s = ref pass + update) and wait_s is the time the host
+waited for the update's metrics after its own work. gen_s is
 the rollout's `sample_s`: the jitted sampler, the copy to the host and the decode to text (TRL's
 `_generate`: tokenise, `generate`, decode). step_s is the wall time of all of the above.
 
@@ -178,6 +182,26 @@ def timed_step(exp, state, ref, position, step: int):
   return state, ref, position, times, checks
 
 
+def trainer_step(exp, state, ref, position, step: int):
+  """One `trainer.grpo_step`, as a run does it (log-prob passes overlapped with the host's text
+  decoding and scoring, the update with its bookkeeping): its own timeline figures."""
+  from grpo_jax import trainer
+  loop = trainer.LoopState("grpo", step, position)
+  t0 = time.perf_counter()
+  loop, models, f = trainer.grpo_step(exp, loop, trainer.Models(state, ref), step)
+  state, ref = models.state, models.ref_params
+  import jax
+  jax.block_until_ready((state, ref))
+  times = dict(step_s=time.perf_counter() - t0, rollout_s=f["sample_s"] + f["score_s"],
+               gen_s=f["sample_s"], score_s=f["score_s"], advantages_s=None,
+               ref_s=None, update_s=f["update_s"], wait_s=f["wait_s"])
+  checks = dict(reward=f["reward"], completion_length=f["completion_length"],
+                lengths=[], width=-1, truncated_fraction=f["truncated_fraction"],
+                loss=f.get("loss"), kl=f.get("kl"), skipped=f.get("skipped"),
+                full_length=f["completion_length"] == exp.settings.rollout.max_completion_length + 1)
+  return state, ref, loop.position, times, checks
+
+
 def bench(args) -> dict:
   import jax
   from grpo_jax import experiment, settings as settings_lib, trainer
@@ -204,7 +228,8 @@ def bench(args) -> dict:
     position = iterator.Position(0, 0, s.seed + 1)  # as trainer.sft_phase starts GRPO
     steps = []
     for step in range(args.warmup + args.steps):
-      state, ref, position, times, checks = timed_step(exp, state, ref, position, step)
+      run_step = trainer_step if args.driver == "trainer" else timed_step
+      state, ref, position, times, checks = run_step(exp, state, ref, position, step)
       steps.append(dict(times, **checks))
       print(f"[bench_step] step {step} ({'warm-up' if step < args.warmup else 'counted'}): "
             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
@@ -213,13 +238,19 @@ def bench(args) -> dict:
     num_params = exp.num_params()
     counted = steps[args.warmup:]
     result = {"impl": "grpo_jax"}
-    for key in ("gen_s", "step_s", "ref_s", "update_s", "score_s", "rollout_s", "advantages_s"):
+    keys = ("gen_s", "step_s", "ref_s", "update_s", "score_s", "rollout_s", "advantages_s")
+    for key in keys + (("wait_s",) if args.driver == "trainer" else ()):
       values = [st[key] for st in counted]
+      if None in values:  # not separable under --driver=trainer
+        result[key] = result[f"{key}_range"] = None
+        continue
       result[key] = statistics.median(values)
       result[f"{key}_range"] = [min(values), max(values)]
-    lengths = np.concatenate([st["lengths"] for st in counted])
+    lengths = np.concatenate([st["lengths"] for st in counted]) if args.driver == "phases" \
+        else np.asarray([st["completion_length"] for st in counted])  # trainer: means only
     result.update(
-        gen_tok_s=float(np.mean([sum(st["lengths"]) for st in counted])) / result["gen_s"],
+        gen_tok_s=float(np.mean([st["completion_length"] for st in counted])) * P * G
+        / result["gen_s"], driver=args.driver,
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
@@ -263,6 +294,11 @@ def parse_args(argv=None):
                       "~16..128")
   parser.add_argument("--length_bucket", type=int, default=16,
                       help="config.grpo.length_bucket (0: update and passes on the whole budget)")
+  parser.add_argument("--driver", default="phases", choices=("phases", "trainer"),
+                      help="phases: the step's calls one by one, each timed to the end of its "
+                      "device work (gen / ref / update); trainer: trainer.grpo_step itself, with "
+                      "its host / device overlap (step_s, gen_s, score_s, update_s = ref pass + "
+                      "update, wait_s)")
   parser.add_argument("--micro_batch_size", type=int, default=8,
                       help="rows per micro-batch of the update and log-prob passes (0: all)")
   args = parser.parse_args(argv)
@@ -274,7 +310,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   result = bench(parse_args(argv))
   print(f"[bench_step] medians of {result['counted']} steps: step_s={result['step_s']:.3f} "
-        f"gen_s={result['gen_s']:.3f} ref_s={result['ref_s']:.3f} "
+        f"gen_s={result['gen_s']:.3f} ref_s={result['ref_s'] or float('nan'):.3f} "
         f"update_s={result['update_s']:.3f} gen_tok_s={result['gen_tok_s']:.0f} "
         f"peak_rss_mb={result['peak_rss_mb']:.0f}", file=sys.stderr, flush=True)
   print(json.dumps(result), flush=True)

@@ -3,6 +3,7 @@
 
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --out=$OUT      # a lent GPU (one call)
   python tools/device_benchmarks.py --small --out=/tmp/dev              # CPU: the same runs, tiny
+  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=varlen --out=$OUT   # #15's figures
 
 A lent GPU comes with minutes, not hours: this runs the benchmarks in priority order, each in
 its own process under its own time limit, and appends one line per benchmark to
@@ -33,6 +34,30 @@ FULL = (
     ("bench_update_spec", ["bench_update.py", "--skip_torch", "--modes=float32,bf16,lora16",
                            "--repeats=10"], 100),
 )
+# #15 (speed on variable-length batches), 0.5B shape in bf16: lengths spread by stop ids (1500
+# of 151936 ids end a completion: ~1/100 per token under random weights), padded (length_bucket
+# 0) then bucketed (64); the trainer's overlapped step against the phase-timed one; the SPEC
+# workload's variable-length variant. The compile cache (~/.cache/grpo_jax) is shared by the runs.
+_B05 = ["bench_step.py", "--model=qwen2.5-0.5b", "--dtype=bfloat16", "--prompts=64",
+        "--new_tokens=256", "--prompt_len=64", "--micro_batch_size=16"]
+VARLEN = (
+    ("step_0.5b_varlen_padded", _B05 + ["--stop_ids=1500", "--length_bucket=0", "--steps=3"], 200),
+    ("step_0.5b_varlen_bucketed", _B05 + ["--stop_ids=1500", "--length_bucket=64", "--steps=3"],
+     220),
+    ("step_spec_varlen_padded", ["bench_step.py", "--dtype=bfloat16", "--stop_ids=64",
+                                 "--length_bucket=0"], 45),
+    ("step_spec_varlen_bucketed", ["bench_step.py", "--dtype=bfloat16", "--stop_ids=64",
+                                   "--length_bucket=16"], 45),
+    ("step_spec_fixed_phases", ["bench_step.py", "--dtype=bfloat16"], 40),
+    ("step_spec_fixed_trainer", ["bench_step.py", "--dtype=bfloat16", "--driver=trainer"], 40),
+)
+_TINY = ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2", "--prompt_len=8",
+         "--new_tokens=16", "--steps=1", "--dtype=bfloat16", "--micro_batch_size=4"]
+SMALL_VARLEN = (
+    ("step_tiny_varlen_padded", _TINY + ["--stop_ids=64", "--length_bucket=0"], 300),
+    ("step_tiny_varlen_bucketed", _TINY + ["--stop_ids=64", "--length_bucket=4"], 300),
+    ("step_tiny_trainer", _TINY + ["--driver=trainer"], 300),
+)
 SMALL = (
     ("bench_device_tiny", ["bench_device.py", "--model=tiny_qwen2", "--batches=8,16",
                            "--prompt_len=8", "--new_tokens=8", "--update_rows=8",
@@ -59,9 +84,12 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default=os.environ.get("OUT", "device_out"))
   parser.add_argument("--small", action="store_true", help="tiny sizes: a check of this script")
   parser.add_argument("--only", default="", help="comma list of benchmark names")
+  parser.add_argument("--set", default="all", choices=("all", "varlen"),
+                      help="all: the accelerator figures of #11 / #13; varlen: #15's")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  runs = SMALL if args.small else FULL
+  runs = {("all", False): FULL, ("all", True): SMALL, ("varlen", False): VARLEN,
+          ("varlen", True): SMALL_VARLEN}[args.set, args.small]
   if args.only:
     runs = [r for r in runs if r[0] in args.only.split(",")]
   lines = []
