@@ -63,9 +63,10 @@ def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch)
 
 class Started(NamedTuple):
   """`with_logprobs`'s passes, dispatched and not awaited (`start_logprobs`)."""
-  batch: TrainBatch  # on the mesh and trimmed (bucketed: on the host, whole)
+  batch: TrainBatch  # on the mesh and trimmed (length-bucketed: on the host, whole)
   ref: Any           # device log-probs, or the bucketed parts (`ts.dispatch_logprobs`), or None
   old: Any
+  bucketed: bool = False
 
 
 def start_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> Started:
@@ -73,29 +74,27 @@ def start_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch
   the trainer starts them before the host decodes texts and scores rewards
   (`rollout.collect(start=...)`), and the advantages come later (`finish`)."""
   s = exp.settings
-  bucketed = exp.programs.bucketed
-  if bucketed is not None:
-    batch = jax.tree.map(np.asarray, batch)
-  else:
+  batch = jax.tree.map(np.asarray, batch)
+  buckets = bucketed_plan(exp, batch)
+  if buckets is None:
     batch = exp.shard(trim(batch, bucket_width(batch.completion_mask, length_step(exp))))[0]
   if s.rollout.paradigm.objective != "grpo":
-    return Started(batch, None, None)
-  if bucketed is not None:
-    p = plan(exp, batch)
+    return Started(batch, None, None, buckets is not None)
+  if buckets is not None:
     logprobs = lambda params: ts.dispatch_logprobs(  # noqa: E731
-        bucketed, experiment.compute_params(exp, params), batch, p, exp.mesh)
+        exp.programs.bucketed, experiment.compute_params(exp, params), batch, buckets, exp.mesh)
   else:  # both passes get compute-dtype params and the same batch structure: one compile
     logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
   ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
   old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
-  return Started(batch, ref, old)
+  return Started(batch, ref, old, buckets is not None)
 
 
 def finish(exp: Experiment, started: Started, advantages) -> TrainBatch:
   """The update's batch: `start_logprobs`'s with its `advantages` ([N] or [N, C]) and
   log-probs (bucketed: gathered to the host, which waits for those passes only)."""
   batch = started.batch
-  if exp.programs.bucketed is not None:
+  if started.bucketed:
     shape = batch.completion_tokens.shape
     get = lambda parts: None if parts is None else ts.gather_logprobs(parts, shape)  # noqa: E731
     return batch.replace(advantages=np.asarray(advantages, np.float32),
@@ -105,6 +104,17 @@ def finish(exp: Experiment, started: Started, advantages) -> TrainBatch:
     advantages = advantages[:, :batch.completion_tokens.shape[1]]
   return batch.replace(advantages=exp.shard(advantages)[0], ref_logprobs=started.ref,
                        old_logprobs=started.old)
+
+
+def bucketed_plan(exp: Experiment, batch: TrainBatch):
+  """The length-bucketed micro-batches of a host batch (`plan`), or None for the fused padded
+  programs at the batch's width: without length buckets, and when every micro-batch would
+  have the same width (fixed-length completions: one scanned program instead of a dispatch
+  per micro-batch, which on a GPU cost the SPEC step 1.9x)."""
+  if exp.programs.bucketed is None or not isinstance(batch.completion_mask, np.ndarray):
+    return None
+  p = plan(exp, batch)
+  return p if len({width for _, width in p}) > 1 else None
 
 
 def plan(exp: Experiment, batch: TrainBatch):
@@ -135,10 +145,12 @@ def dispatch_update(exp: Experiment, state: TrainState, batch: TrainBatch, froze
   its host work for the step before reading them (`aggregate(jax.device_get(metrics))`)."""
   mu = exp.settings.grpo.num_iterations if exp.settings.rollout.paradigm.objective == "grpo" else 1
   metrics = []
-  bucketed = exp.programs.bucketed
+  buckets = bucketed_plan(exp, batch)  # a host batch (`finish` of a bucketed `start_logprobs`)
+  if buckets is None and isinstance(batch.completion_mask, np.ndarray):
+    batch = exp.shard(trim(batch, bucket_width(batch.completion_mask, length_step(exp))))[0]
   for _ in range(mu):
-    if bucketed is not None:
-      state, m = ts.bucketed_update(bucketed, state, batch, plan(exp, batch), exp.mesh,
+    if buckets is not None:
+      state, m = ts.bucketed_update(exp.programs.bucketed, state, batch, buckets, exp.mesh,
                                     frozen=frozen)
     else:
       state, m = (exp.programs.policy_update(state, batch) if frozen is None

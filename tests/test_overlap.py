@@ -100,3 +100,37 @@ def test_step_overlaps_host_work_and_updates_on_the_unoverlapped_batch(tmp_path,
   for r in rows:
     assert 0 <= r["wait_s"] <= r["update_s"] <= r["step_s"]
     assert r["sample_s"] + r["score_s"] <= r["step_s"]
+
+
+def test_fixed_length_batches_take_the_fused_programs_even_with_length_buckets(tmp_path):
+  """With length buckets on, a batch whose micro-batches would all have one width (fixed-length
+  completions) runs the fused padded programs (one scanned call, not a dispatch per
+  micro-batch); a batch of varied lengths runs the bucketed ones (which equal the fused ones:
+  tests/test_length_buckets.py)."""
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.length_bucket, cfg.grpo.micro_batch_size, cfg.grpo.loss.beta = 8, 8, 0.04
+  cfg.grpo.num_prompts = 8
+  cfg.model.overrides.num_layers = 1
+  exp = experiment.build(settings.from_config(cfg, jax.device_count()), str(tmp_path))
+  N, C = 32, exp.settings.rollout.max_completion_length + 1
+  rng = np.random.default_rng(0)
+  prompts = exp.train_prompts
+  lengths = {"fixed": np.full(N, C), "varied": rng.integers(1, C + 1, N)}
+  for name, length in lengths.items():
+    mask = (np.arange(C)[None] < length[:, None]).astype(np.int32)
+    batch = updates.TrainBatch(
+        prompt_tokens=prompts.ids_NxL[:N], prompt_mask=prompts.mask_NxL[:N],
+        completion_tokens=rng.integers(3, 50, (N, C)).astype(np.int32) * mask,
+        completion_mask=mask, advantages=rng.normal(size=N).astype(np.float32))
+    plan = updates.bucketed_plan(exp, batch)
+    assert (plan is None) == (name == "fixed")
+    state = experiment.init_state(exp, "grpo")
+    ref = experiment.reference_copy(exp, state.params)
+    policy = experiment.policy_params(exp, state)
+    step = updates.with_logprobs(exp, policy, ref, batch)
+    assert isinstance(step.completion_mask, np.ndarray) == (name == "varied")  # host: bucketed
+    _, figures = updates.update(exp, state, step)
+    bucketed_calls = exp.programs.bucketed.grads._cache_size()  # pylint: disable=protected-access
+    assert (bucketed_calls > 0) == (name == "varied")
+    assert np.isfinite(figures["loss"]) and figures["grad_norm"] > 0
+  assert exp.programs.policy_update._cache_size() == 1  # pylint: disable=protected-access
