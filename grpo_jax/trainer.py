@@ -22,6 +22,7 @@ killed run resumes to exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -92,6 +93,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
   by import path instead. `env`: a `multiturn.Environment` for tool-integrated rollouts (with
   config.tools.env set; "python" builds the sandboxed Python tool). Pass both again to resume.
   """
+  limit_malloc_arenas()
   enable_compile_cache()
   s = settings_lib.from_config(cfg, jax.device_count())
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
@@ -129,6 +131,23 @@ def enable_compile_cache() -> Optional[str]:
   if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return directory
+
+
+def limit_malloc_arenas() -> Optional[int]:
+  """At most $GRPO_JAX_MALLOC_ARENAS (default 2; "0": untouched) glibc malloc arenas. XLA's CPU
+  threads otherwise each grow their own arena, which keeps freed buffers: bench_step's SPEC
+  step peaked at 0.75-0.76 GB with glibc's default (0.98 GB in one probe) and 0.73 GB with 2
+  arenas, at the same step time (BENCHMARKS.md). A no-op without glibc (macOS) and for a
+  process that set MALLOC_ARENA_MAX itself."""
+  arenas = int(os.environ.get("GRPO_JAX_MALLOC_ARENAS") or 2)
+  if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+    return None
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+  M_ARENA_MAX = -8  # glibc's malloc.h
+  return arenas if libc.mallopt(M_ARENA_MAX, arenas) == 1 else None
 
 
 def run(exp: Experiment) -> dict:

@@ -44,3 +44,42 @@ def test_profile_steps_write_a_trace(tmp_path):
     assert "config.profile_steps" in str(e)
   else:
     raise AssertionError("a reversed range must be a ConfigError")
+
+
+_ARENA_PROBE = r"""
+import ctypes, os, re, sys, tempfile, threading
+from grpo_jax import trainer
+print("limit", trainer.limit_malloc_arenas())
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.fopen.restype = ctypes.c_void_p, ctypes.c_void_p
+barrier = threading.Barrier(8)
+def work():  # eight threads allocating at once: glibc gives each a new arena up to its limit
+  ptrs = [libc.malloc(4096) for _ in range(200)]
+  barrier.wait()
+  for p in ptrs:
+    libc.free(ctypes.c_void_p(p))
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+print("heaps", len(re.findall(r"<heap nr=", open(path).read())))
+"""
+
+
+def test_malloc_arenas_are_limited_by_default():
+  """glibc's malloc_info counts the heaps (arenas) after eight threads allocate at once: two
+  with the default limit (GRPO_JAX_MALLOC_ARENAS unset), more with "0" (glibc's own)."""
+  import subprocess
+  import sys
+  heaps = {}
+  for setting in ("", "0"):
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX",)}
+    env["GRPO_JAX_MALLOC_ARENAS"] = setting
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    heaps[setting] = int(out.split("heaps")[-1])
+    assert ("limit 2" in out) == (setting == ""), out
+  assert heaps[""] <= 2 < heaps["0"], heaps

@@ -207,6 +207,7 @@ def bench(args) -> dict:
   from grpo_jax import experiment, settings as settings_lib, trainer
   from grpo_jax.data import iterator
 
+  arenas = trainer.limit_malloc_arenas()  # as a launch does (GRPO_JAX_MALLOC_ARENAS=0: glibc's)
   cache_dir = trainer.enable_compile_cache()  # as a launch does (GRPO_JAX_COMPILE_CACHE=off: none)
 
   P, G, N = args.prompts, args.samples, args.new_tokens
@@ -254,7 +255,8 @@ def bench(args) -> dict:
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
-        length_bucket=args.length_bucket, compile_cache=cache_dir, peak_rss_mb=peak_rss_mb(),
+        length_bucket=args.length_bucket, compile_cache=cache_dir, malloc_arenas=arenas,
+        peak_rss_mb=peak_rss_mb(),
         warmup_step_s=steps[0]["step_s"] if args.warmup else None, setup_s=setup_s,
         all_completions_full=all(st["full_length"] for st in steps),
         reward=statistics.mean(st["reward"] for st in counted),
