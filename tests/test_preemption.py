@@ -38,7 +38,7 @@ def test_preempted_names_the_step_and_the_checkpoints():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=experiments/configs/arithmetic.py:smoke", "--config.grpo.steps=5",
          "--config.eval.every=0", "--config.checkpoint.every=0"]  # no periodic checkpoints
-TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
+TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s", "step_s", "wait_s")
 
 
 def _launch(workdir, wait=True):

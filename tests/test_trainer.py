@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config=experiments/configs/arithmetic.py:smoke"]
 GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 # Figures that measure time, not what the run computed.
-TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s")
+TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s", "step_s", "wait_s")
 
 
 def launch(workdir, *flags, wait=True, env_extra=None):
@@ -229,8 +229,9 @@ def _fixed_rewards(monkeypatch, fn):
 
 
 def _record_updates(monkeypatch, seen):
-  real = updates.update
-  monkeypatch.setattr(updates, "update", lambda exp, state, batch, frozen=None: (
+  """Every batch an update step gets (the trainer's step queues it with dispatch_update)."""
+  real = updates.dispatch_update
+  monkeypatch.setattr(updates, "dispatch_update", lambda exp, state, batch, frozen=None: (
       seen.append(jax.device_get(batch)), real(exp, state, batch, frozen))[1])
 
 
