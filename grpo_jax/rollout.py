@@ -117,10 +117,8 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
 
 def _token_batch(drawn: dict, mask_truncated: bool) -> TrainBatch:
   """`train_batch` of one round's rows, advantages not known yet (zeros)."""
-  mask = drawn["mask"] * (~drawn["truncated"][:, None]) if mask_truncated else drawn["mask"]
-  return TrainBatch(prompt_tokens=drawn["ids"], prompt_mask=drawn["pmask"],
-                    completion_tokens=drawn["tokens"], completion_mask=mask,
-                    advantages=np.zeros(len(mask), np.float32))
+  return _batch(drawn["ids"], drawn["pmask"], drawn["tokens"], drawn["mask"],
+                drawn["truncated"], np.zeros(len(drawn["mask"])), mask_truncated)
 
 
 def _sample(exp: Experiment, params, idx, key) -> dict:
@@ -266,10 +264,14 @@ def _teacher(exp: Experiment, position) -> tuple[Rollout, iterator.Position]:
 def train_batch(roll: Rollout, advantages, *, mask_truncated: bool) -> TrainBatch:
   """The update's batch: `advantages` [N] or [N, C]; with `mask_truncated` the completions
   that hit the budget get no loss (DAPO's over-long filtering)."""
-  mask = roll.mask_NxC * (~roll.truncated_N[:, None]) if mask_truncated else roll.mask_NxC
-  return TrainBatch(prompt_tokens=roll.prompt_ids_NxL, prompt_mask=roll.prompt_mask_NxL,
-                    completion_tokens=roll.tokens_NxC, completion_mask=mask,
-                    advantages=np.asarray(advantages, np.float32))
+  return _batch(roll.prompt_ids_NxL, roll.prompt_mask_NxL, roll.tokens_NxC, roll.mask_NxC,
+                roll.truncated_N, advantages, mask_truncated)
+
+
+def _batch(ids, pmask, tokens, mask, truncated, advantages, mask_truncated: bool) -> TrainBatch:
+  mask = mask * (~truncated[:, None]) if mask_truncated else mask
+  return TrainBatch(prompt_tokens=ids, prompt_mask=pmask, completion_tokens=tokens,
+                    completion_mask=mask, advantages=np.asarray(advantages, np.float32))
 
 
 def samples(exp: Experiment, roll: Rollout, advantages, num: int = 2) -> list[dict]:

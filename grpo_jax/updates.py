@@ -28,12 +28,8 @@ def bucket_width(mask_BxC, step: int) -> int:
   """The completion width a batch needs: its last real (mask 1) column + 1, rounded up to a
   multiple of `step` (a few widths, so a few compilations), at most C; step 0: C."""
   mask_BxC = np.asarray(mask_BxC)
-  C = mask_BxC.shape[1]
-  if not step:
-    return C
   cols = np.flatnonzero(mask_BxC.any(axis=0))
-  needed = int(cols[-1]) + 1 if cols.size else 1
-  return min(C, -(-needed // step) * step)
+  return ts.bucket_width(int(cols[-1]) + 1 if cols.size else 1, step, mask_BxC.shape[1])
 
 
 def trim(batch: TrainBatch, width: int) -> TrainBatch:

@@ -185,12 +185,12 @@ def timed_step(exp, state, ref, position, step: int):
 def trainer_step(exp, state, ref, position, step: int):
   """One `trainer.grpo_step`, as a run does it (log-prob passes overlapped with the host's text
   decoding and scoring, the update with its bookkeeping): its own timeline figures."""
+  import jax
   from grpo_jax import trainer
   loop = trainer.LoopState("grpo", step, position)
   t0 = time.perf_counter()
   loop, models, f = trainer.grpo_step(exp, loop, trainer.Models(state, ref), step)
   state, ref = models.state, models.ref_params
-  import jax
   jax.block_until_ready((state, ref))
   times = dict(step_s=time.perf_counter() - t0, rollout_s=f["sample_s"] + f["score_s"],
                gen_s=f["sample_s"], score_s=f["score_s"], advantages_s=None,
