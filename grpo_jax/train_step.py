@@ -16,6 +16,7 @@ Sharding: `make_update_fn` / `make_logprob_fn` jit these with explicit in/out sh
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any, Optional
@@ -290,12 +291,15 @@ class BucketedPrograms:
   """The update as separate jitted pieces, so that each micro-batch runs at its own width:
   `grads(params, micro_batch, weights[, frozen]) -> (loss, sums, grads)`, `add` (sums two
   such triples), `apply(state, loss, sums, grads) -> (state, metrics)`, `logprobs(params,
-  micro_batch) -> [b, w]`. Each compiles once per width (a few: widths are bucketed)."""
+  micro_batch) -> [b, w]`. Each compiles once per width (a few: widths are bucketed); a step
+  that meets several new widths compiles them concurrently (`compile_new`)."""
   grads: Any
   add: Any
   apply: Any
   logprobs: Any
   loss_cfg: losses.LossConfig  # the objective they compute (its weights: `bucketed_update`)
+  # (program name, micro-batch shapes) already compiled in this process: a host-side cache
+  compiled: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
 
 def make_bucketed_programs(mesh: Mesh, state_sh: TrainState, params_sh, *, model_config,
@@ -369,10 +373,28 @@ def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, pla
                          batch.completion_tokens.shape)
 
 
+def compile_new(programs: BucketedPrograms, name: str, calls: list[tuple]) -> None:
+  """Compiles `programs.<name>` ahead of time for the argument tuples in `calls` whose
+  micro-batch shapes it has not met yet, all at once in threads (XLA compiles release the GIL:
+  a first step meeting 4 widths waits for about one compile on a many-core host, not 4); the
+  jitted program's calls then reuse these executables (its in-memory cache)."""
+  fn, new = getattr(programs, name), {}
+  for args in calls:
+    key = (name,) + tuple(np.shape(x) for x in jax.tree.leaves(args[1:]))
+    if key not in programs.compiled:
+      new.setdefault(key, args)
+  if len(new) > 1:
+    with concurrent.futures.ThreadPoolExecutor(len(new)) as pool:
+      list(pool.map(lambda a: fn.lower(*a).compile(), new.values()))
+  programs.compiled.update(new)
+
+
 def dispatch_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh) -> list:
   """`bucketed_logprobs` dispatched, not awaited: [(rows, width, device log-probs)]."""
-  return [(rows, width, programs.logprobs(params, sharding.shard_batch(
-      (_rows_of(batch, rows, width),), mesh)[0])) for rows, width in plan]
+  parts = [(rows, width, sharding.shard_batch((_rows_of(batch, rows, width),), mesh)[0])
+           for rows, width in plan]
+  compile_new(programs, "logprobs", [(params, mb) for _, _, mb in parts])
+  return [(rows, width, programs.logprobs(params, mb)) for rows, width, mb in parts]
 
 
 def gather_logprobs(parts: list, shape) -> np.ndarray:
@@ -391,14 +413,17 @@ def bucketed_update(programs: BucketedPrograms, state: TrainState, batch: TrainB
   weights = jax.device_get(losses.loss_weights(
       batch.completion_mask, loss_type=loss_cfg.loss_type,
       max_completion_length=loss_cfg.max_completion_length))
-  total = None
+  calls = []
   for rows, width in plan:
     mb = _rows_of(batch, rows, width)
     w = losses.LossWeights(loss_BxT=np.asarray(weights.loss_BxT)[rows, :width],
                            token_BxT=np.asarray(weights.token_BxT)[rows, :width],
                            seq_B=np.asarray(weights.seq_B)[rows])
     mb, w = sharding.shard_batch((mb, w), mesh)
-    args = (state.params, mb, w) if frozen is None else (state.params, mb, w, frozen)
+    calls.append((state.params, mb, w) if frozen is None else (state.params, mb, w, frozen))
+  compile_new(programs, "grads", calls)
+  total = None
+  for args in calls:
     triple = programs.grads(*args)
     total = triple if total is None else programs.add(total, triple)
   return programs.apply(state, *total)

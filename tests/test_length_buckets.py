@@ -173,3 +173,55 @@ def test_pad_ids_outside_the_vocabulary_do_not_poison_the_loss():
       num_microbatches=2)
   assert np.isfinite(float(loss)) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["grad_norm"]) > 0
+
+
+def test_new_widths_compile_ahead_and_together_and_the_calls_reuse_them():
+  """`compile_new`: a step's new micro-batch shapes are compiled ahead in threads, once; the
+  jitted programs' calls then compile nothing (each width's executable is reused)."""
+  import logging
+  config = models.get_config("tiny_llama").replace(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+      num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+  mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])
+  optimizer = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-3))
+  params = jax.device_get(models.init_params(config, jax.random.key(1)))
+  state_sh = train_step.state_shardings(mesh, config, optimizer, params)
+  programs = train_step.make_bucketed_programs(
+      mesh, state_sh, state_sh.params, model_config=config, optimizer=optimizer,
+      loss_cfg=losses.LossConfig(max_completion_length=C))
+  batch = _batch(2)
+  plan = train_step.microbatch_plan(batch.completion_mask, 4, 4)
+  widths = {w for _, w in plan}
+  assert len(widths) >= 3
+  compiled, calls = [], []
+
+  class Log(logging.Handler):
+    def emit(self, record):
+      if "Finished XLA compilation" in record.getMessage() and "jit(" in record.getMessage():
+        compiled.append(record.getMessage())
+
+  real_compile_new = train_step.compile_new
+
+  def spy(programs, name, args_list):
+    real_compile_new(programs, name, args_list)
+    calls.append((name, len(compiled)))  # compiles done ahead, before any call
+
+  handler = Log()
+  logging.getLogger("jax").addHandler(handler)
+  placed = jax.device_put(params, state_sh.params)
+  jax.config.update("jax_log_compiles", True)  # global: a context is thread-local
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(train_step, "compile_new", spy)
+      first = train_step.bucketed_logprobs(programs, placed, batch, plan, mesh)
+      after_first = len(compiled)
+      again = train_step.bucketed_logprobs(programs, placed, batch, plan, mesh)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+  ahead = [m for m in compiled[:calls[0][1]] if "sequence_logprobs" in m]
+  assert len(ahead) == len(widths), compiled  # one per width, all before the first call
+  assert not [m for m in compiled[calls[0][1]:] if "sequence_logprobs" in m]  # calls reuse them
+  assert len(compiled) == after_first  # the second step compiles nothing
+  assert {k[0] for k in programs.compiled} == {"logprobs"} and len(programs.compiled) == len(widths)
+  np.testing.assert_array_equal(first, again)
