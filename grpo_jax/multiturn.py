@@ -214,6 +214,7 @@ def decode(params, prefix: KVCache, state: TurnState, *, config: ModelConfig,
   """Decodes while any row is active and the timeline has room: feeds the pending tokens,
   draws the next one for the active rows."""
   S = settings.slots
+  tables = models.rope_tables(config, prefix.max_len + S + 1)  # positions < prompt + slots
 
   def step_fn(state: TurnState) -> TurnState:
     feed_B = state.pending_B
@@ -221,7 +222,7 @@ def decode(params, prefix: KVCache, state: TurnState, *, config: ModelConfig,
     cache = state.cache.replace(index=state.index)
     logits_Bx1xV, cache = models.forward(
         params, config, state.tokens_BxS[:, state.index][:, None], pos_Bx1,
-        feed_B[:, None].astype(jnp.int32), cache, prefix=prefix)
+        feed_B[:, None].astype(jnp.int32), cache, prefix=prefix, rope_tables=tables)
     tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
                                          jax.random.fold_in(state.rng, state.draws),
                                          settings.sampling)

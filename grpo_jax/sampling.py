@@ -282,12 +282,14 @@ def sample_with_settings(params: Params, config: ModelConfig, settings: Sampling
   state = _record(state, tokens_B, logprobs_B, settings)
   # Row b's completion token s sits at position prompt_len + s.
   position0_B = jnp.repeat(prompt_len_P, G)
+  tables = models.rope_tables(config, prompt_tokens_PxT.shape[1] + N + 1)  # once, not per step
 
   def step_fn(state: SamplingState) -> SamplingState:
     tok_Bx1 = state.last_token_B[:, None]
     pos_Bx1 = (position0_B + state.step - 1)[:, None]
     logits_Bx1xV, cache = models.forward(params, config, tok_Bx1, pos_Bx1,
-                                         jnp.ones_like(tok_Bx1), state.cache, prefix=prefix)
+                                         jnp.ones_like(tok_Bx1), state.cache, prefix=prefix,
+                                         rope_tables=tables)
     tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
                                          jax.random.fold_in(state.rng, state.step), settings)
     return _record(state.replace(cache=cache), tokens_B, logprobs_B, settings)

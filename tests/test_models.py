@@ -89,6 +89,25 @@ def test_prefill_then_decode_equals_full_forward(model):
   np.testing.assert_allclose(np.asarray(incremental)[valid], np.asarray(full)[valid], atol=1e-5)
 
 
+def test_rope_tables_give_the_computed_rotation(model):
+  """`forward(rope_tables=...)` (the decode loops' gathered cos / sin) equals the forward that
+  computes them, global and sliding layers alike (Gemma 3), at positions far from 0."""
+  config, params = model
+  tokens, positions, mask = _left_padded_batch(config, jax.random.key(3), [6, 3], 6)
+  positions = positions + 50
+  tables = models.rope_tables(config, 64)
+  assert (tables[1] is not None) == (config.layer_types is not None
+                                     and "sliding_attention" in config.layer_types)
+  chex.assert_shape(tables[0], [(64, config.head_dim // 2)] * 2)
+  computed, _ = _forward(params, config, tokens, positions, mask)
+  gathered = jax.jit(lambda p, t, q, m, r: models.forward(p, config, t, q, m, rope_tables=r)[0])(
+      params, tokens, positions, mask, tables)
+  np.testing.assert_allclose(np.asarray(gathered), np.asarray(computed), rtol=1e-6, atol=1e-6)
+  shifted = jax.jit(lambda p, t, q, m, r: models.forward(p, config, t, q, m, rope_tables=r)[0])(
+      params, tokens, positions.at[:, -1].add(3), mask, tables)  # RoPE sees relative distances
+  assert not np.allclose(np.asarray(shifted), np.asarray(computed), atol=1e-4)  # positions used
+
+
 def test_padding_does_not_change_valid_logits(model):
   """Right padding (training) and left padding (sampling) give the unpadded logits."""
   config, params = model

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from grpo_jax.models.attention import (
-    KVCache, apply_rope, attend, attend_with_prefix, attention_masks, prefix_masks, rope_angles)
+    KVCache, apply_rope, attend, attend_with_prefix, attention_masks, prefix_masks, rope_angles,
+    rope_tables)
 from grpo_jax.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays, structure described in the module docstring
@@ -234,7 +235,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxT, cache, return_hidden,
-               prefix=None):
+               prefix=None, tables=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     embedding = self.param("embedding", nn.with_logical_partitioning(
@@ -252,8 +253,12 @@ class Decoder(nn.Module):
     prefix_full = prefix_sliding = None
     if prefix is not None:
       prefix_full, prefix_sliding = prefix_masks(c, prefix, tokens_BxT.shape[1], cache)
-    global_rope = rope_angles(c, positions_BxT, sliding=False)
-    local_rope = rope_angles(c, positions_BxT, sliding=True) if sliding_mask is not None else None
+    if tables is None:
+      global_rope = rope_angles(c, positions_BxT, sliding=False)
+      local_rope = rope_angles(c, positions_BxT, sliding=True) if sliding_mask is not None else None
+    else:  # `rope_tables` rows at the positions
+      rows = lambda t: None if t is None else tuple(jnp.take(x, positions_BxT, axis=0) for x in t)  # noqa: E731
+      global_rope, local_rope = rows(tables[0]), rows(tables[1])
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
 
     block_cls = nn.remat(Block) if c.remat else Block
@@ -315,7 +320,7 @@ def param_logical_axes(config: ModelConfig) -> Params:
 
 def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, attention_mask_BxT,
             cache: KVCache | None = None, *, return_hidden: bool = False,
-            prefix: KVCache | None = None):
+            prefix: KVCache | None = None, rope_tables=None):
   """Runs the decoder on T tokens per row.
 
   Args:
@@ -332,12 +337,14 @@ def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, atte
       group) that rows p*N .. p*N+N-1 all attend to before their own keys, as if it were
       replicated in front of each row's cache (its `index` is ignored; its valid slots count).
       Positions stay the caller's: continue them from the prefix's real tokens.
+    rope_tables: None, or `rope_tables(config, n)` with every position < n: RoPE's cos / sin
+      are then gathered from them, not computed (a decode loop's steps).
 
   Returns:
     (logits_BxTxV float32 or hidden_BxTxE, new cache or None).
   """
   return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT,
-                               cache, return_hidden, prefix)
+                               cache, return_hidden, prefix, rope_tables)
 
 
 def unembed(params: Params, config: ModelConfig, hidden_BxTxE) -> jax.Array:
