@@ -134,12 +134,14 @@ def enable_compile_cache() -> Optional[str]:
 
 
 def limit_malloc_arenas() -> Optional[int]:
-  """At most $GRPO_JAX_MALLOC_ARENAS (default 2; "0": untouched) glibc malloc arenas. XLA's CPU
-  threads otherwise each grow their own arena, which keeps freed buffers: bench_step's SPEC
-  step peaked at 0.75-0.76 GB with glibc's default (0.98 GB in one probe) and 0.73 GB with 2
-  arenas, at the same step time (BENCHMARKS.md). A no-op without glibc (macOS) and for a
-  process that set MALLOC_ARENA_MAX itself."""
-  arenas = int(os.environ.get("GRPO_JAX_MALLOC_ARENAS") or 2)
+  """At most $GRPO_JAX_MALLOC_ARENAS glibc malloc arenas (default: one per CPU core, at least 2;
+  "0": untouched; glibc's own default is 8 per core). XLA's threads otherwise each grow their
+  own arena, which keeps freed buffers: on the 2-core CPU bench_step's SPEC step peaked at
+  0.75-0.76 GB with glibc's default (0.98 GB in one probe) and 0.73 GB with 2 arenas, at the
+  same step time (BENCHMARKS.md). Per core, not a fixed 2: a many-core GPU host compiles with
+  many threads, which a couple of arenas would serialise on malloc's locks. A no-op without
+  glibc (macOS) and for a process that set MALLOC_ARENA_MAX itself."""
+  arenas = int(os.environ.get("GRPO_JAX_MALLOC_ARENAS") or max(2, os.cpu_count() or 2))
   if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
     return None
   try:

@@ -69,17 +69,19 @@ print("heaps", len(re.findall(r"<heap nr=", open(path).read())))
 """
 
 
-def test_malloc_arenas_are_limited_by_default():
+def test_malloc_arenas_are_limited():
   """glibc's malloc_info counts the heaps (arenas) after eight threads allocate at once: two
-  with the default limit (GRPO_JAX_MALLOC_ARENAS unset), more with "0" (glibc's own)."""
+  with GRPO_JAX_MALLOC_ARENAS=2, more with "0" (glibc's own); unset, the limit is one per core
+  (at least 2)."""
   import subprocess
   import sys
-  heaps = {}
-  for setting in ("", "0"):
+  heaps, limits = {}, {}
+  for setting in ("2", "0", ""):
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX",)}
     env["GRPO_JAX_MALLOC_ARENAS"] = setting
     out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], env=env, capture_output=True,
                          text=True, timeout=300, check=True).stdout
     heaps[setting] = int(out.split("heaps")[-1])
-    assert ("limit 2" in out) == (setting == ""), out
-  assert heaps[""] <= 2 < heaps["0"], heaps
+    limits[setting] = out.split("limit ")[1].split()[0]
+  assert limits == {"2": "2", "0": "None", "": str(max(2, os.cpu_count()))}, limits
+  assert heaps["2"] <= 2 < heaps["0"], heaps
