@@ -9,7 +9,9 @@ before JAX is imported:
   * a persistent compilation cache in a fresh directory for this session only (removed at exit):
     a program compiled once (the same HLO, devices and flags) is loaded, not recompiled, by later
     tests and by the subprocesses the launcher, resume and multi-host tests start (they inherit
-    the environment; see `multihost_worker.subprocess_env`). Executables are unchanged.
+    the environment; see `multihost_worker.subprocess_env`), and by every pytest-xdist worker
+    (`-n`: the controller loads this file first, the workers inherit its directory).
+    Executables are unchanged.
 Both are defaults: set XLA_FLAGS / JAX_COMPILATION_CACHE_DIR yourself to override them.
 """
 
