@@ -380,7 +380,8 @@ def compile_new(programs: BucketedPrograms, name: str, calls: list[tuple]) -> No
   jitted program's calls then reuse these executables (its in-memory cache)."""
   fn, new = getattr(programs, name), {}
   for args in calls:
-    key = (name,) + tuple(np.shape(x) for x in jax.tree.leaves(args[1:]))
+    # the micro-batch (and its weights) set the shapes; params and frozen base never change
+    key = (name,) + tuple(np.shape(x) for x in jax.tree.leaves(args[1:3]))
     if key not in programs.compiled:
       new.setdefault(key, args)
   if len(new) > 1:

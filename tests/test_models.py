@@ -100,11 +100,11 @@ def test_rope_tables_give_the_computed_rotation(model):
                                      and "sliding_attention" in config.layer_types)
   chex.assert_shape(tables[0], [(64, config.head_dim // 2)] * 2)
   computed, _ = _forward(params, config, tokens, positions, mask)
-  gathered = jax.jit(lambda p, t, q, m, r: models.forward(p, config, t, q, m, rope_tables=r)[0])(
-      params, tokens, positions, mask, tables)
+  from_tables = jax.jit(lambda p, t, q, m, r: models.forward(p, config, t, q, m,
+                                                              rope_tables=r)[0])
+  gathered = from_tables(params, tokens, positions, mask, tables)
   np.testing.assert_allclose(np.asarray(gathered), np.asarray(computed), rtol=1e-6, atol=1e-6)
-  shifted = jax.jit(lambda p, t, q, m, r: models.forward(p, config, t, q, m, rope_tables=r)[0])(
-      params, tokens, positions.at[:, -1].add(3), mask, tables)  # RoPE sees relative distances
+  shifted = from_tables(params, tokens, positions.at[:, -1].add(3), mask, tables)  # relative
   assert not np.allclose(np.asarray(shifted), np.asarray(computed), atol=1e-4)  # positions used
 
 

@@ -102,11 +102,11 @@ def rope_tables(config: ModelConfig, n: int):
   """The (cos, sin) tables, each [n, D/2] float32, of positions 0 .. n-1: global layers', and
   sliding layers' (None without them). A decode loop builds them once, outside the loop, and
   each step gathers its rows (`forward(rope_tables=...)`): computed per step, XLA recomputed
-  cos / sin inside every q and k fusion of every layer (~15% of a CPU decode step)."""
+  cos / sin inside every q and k fusion of every layer (generation 13-20% slower on the CPU
+  SPEC workload, BENCHMARKS.md)."""
   positions_1xN = jnp.arange(n, dtype=jnp.int32)[None]
   table = lambda sliding: tuple(a[0] for a in rope_angles(config, positions_1xN, sliding))  # noqa: E731
-  sliding = config.layer_types is not None and "sliding_attention" in config.layer_types
-  return table(False), (table(True) if sliding else None)
+  return table(False), (table(True) if config.has_sliding_layers else None)
 
 
 def apply_rope(x_BxTx___xD, cos_sin):
@@ -209,7 +209,7 @@ def prefix_masks(config: ModelConfig, prefix: KVCache, num_new: int, cache: KVCa
   full_PxTxR = jnp.broadcast_to(prefix.valid_BxS[:, None, :], (prefix.valid_BxS.shape[0],
                                                               num_new, R))
   sliding_PxTxR = None
-  if config.layer_types is not None and "sliding_attention" in config.layer_types:
+  if config.has_sliding_layers:
     sliding_PxTxR = full_PxTxR & (dist_TxR < config.sliding_window)[None]
   return full_PxTxR, sliding_PxTxR
 
@@ -226,6 +226,6 @@ def attention_masks(config: ModelConfig, attention_mask_BxT, cache: KVCache | No
   dist_TxS = q_slot_T[:, None] - k_slot_S[None, :]
   full_BxTxS = valid_BxS[:, None, :] & (dist_TxS >= 0)[None]
   sliding_BxTxS = None
-  if config.layer_types is not None and "sliding_attention" in config.layer_types:
+  if config.has_sliding_layers:
     sliding_BxTxS = full_BxTxS & (dist_TxS < config.sliding_window)[None]
   return full_BxTxS, sliding_BxTxS, valid_BxS

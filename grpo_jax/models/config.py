@@ -110,6 +110,11 @@ class ModelConfig:
   def layer_is_sliding(self, layer: int) -> bool:
     return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
+  @property
+  def has_sliding_layers(self) -> bool:
+    """Any Gemma 3 local (sliding-window) layer: they need their own mask and RoPE."""
+    return self.layer_types is not None and "sliding_attention" in self.layer_types
+
   def replace(self, **overrides) -> "ModelConfig":
     return dataclasses.replace(self, **overrides)
 

@@ -50,8 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from grpo_jax.models.attention import (
-    KVCache, apply_rope, attend, attend_with_prefix, attention_masks, prefix_masks, rope_angles,
-    rope_tables)
+    KVCache, apply_rope, attend, attend_with_prefix, attention_masks, prefix_masks, rope_angles)
 from grpo_jax.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays, structure described in the module docstring
