@@ -98,11 +98,23 @@ class Experiment:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
+def tool_isolation(s: Settings, env) -> Optional[dict]:
+  """The sandbox's `isolation()` report when the environment is the Python tool (None
+  otherwise); raises sandbox.SandboxError where it cannot confine the code, unless
+  config.tools.allow_unisolated."""
+  from grpo_jax import python_tool, sandbox  # pylint: disable=import-outside-toplevel
+  if not isinstance(env, python_tool.PythonTool):
+    return None
+  allow = s.tools is not None and s.tools.allow_unisolated
+  return sandbox.require_isolation(allow_unisolated=allow, hidden_paths=env.hidden_paths)
+
+
 def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None,
           env=None) -> Experiment:
   mesh = sharding.make_mesh(*s.mesh)
   task = tasks.load_task(s)
-  env = tasks.make_env(s, env)
+  env = tasks.make_env(s, env, workdir)
+  tool_isolation(s, env)  # before any compile: model-written code must be confined
   rewards = tasks.reward_functions(s.rollout, s.reward_model, reward_fns)
   tasks.check_rewards(rewards, task, s.rollout)  # your reward functions fail here, not mid-run
   tokenizer = tasks.build_tokenizer(s, workdir, task)

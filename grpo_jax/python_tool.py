@@ -20,9 +20,11 @@ tokenizes them (each observation encoded on its own).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import re
+import signal
+import threading
 
 from grpo_jax import sandbox
 from grpo_jax.multiturn import EnvStep
@@ -38,6 +40,7 @@ class PythonTool:
   memory_mb: int = 512
   max_output_chars: int = 400
   cache: bool = True          # identical programs run once (see `_run`)
+  hidden_paths: tuple[str, ...] = ()  # hidden from the code besides home, cwd, /root
 
   def __post_init__(self):
     if "{output}" not in self.observation_template:
@@ -56,7 +59,7 @@ class PythonTool:
       return state, EnvStep(self.observation("SyntaxError: no ```python block before the "
                                              "output marker"), info={"status": "no_code",
                                                                      "seconds": 0.0})
-    result = _run(codes[-1], self.timeout_s, self.memory_mb, self.cache)
+    result = _run(codes[-1], self.timeout_s, self.memory_mb, self.hidden_paths, self.cache)
     return state, EnvStep(self.observation(describe(result)),
                           info={"status": result.status, "seconds": result.seconds})
 
@@ -86,19 +89,41 @@ class PythonTool:
     return parts
 
 
-@functools.lru_cache(maxsize=4096)
-def _run_cached(code: str, timeout_s: float, memory_mb: int) -> sandbox.ToolResult:
-  return sandbox.run_python(code, timeout_s=timeout_s, memory_mb=memory_mb)
+_CACHE: collections.OrderedDict = collections.OrderedDict()  # key -> ToolResult, oldest first
+_CACHE_SIZE = 4096
+_CACHE_LOCK = threading.Lock()
 
 
-def _run(code: str, timeout_s: float, memory_mb: int, cache: bool) -> sandbox.ToolResult:
+def _run(code: str, timeout_s: float, memory_mb: int, hidden_paths: tuple[str, ...],
+         cache: bool) -> sandbox.ToolResult:
   """The sandbox's result; with `cache`, a program seen before (the G samples of a group often
   write the same one) returns its first result: the tool is then a function of the code,
-  which also makes a resumed run's observations those of the run it continues. A program that
-  reads the clock or draws random numbers keeps its first output (pass cache=False)."""
-  if not cache:
-    return sandbox.run_python(code, timeout_s=timeout_s, memory_mb=memory_mb)
-  return _run_cached(code, timeout_s, memory_mb)
+  which also makes a resumed run's observations those of the run it continues. Only results
+  that the code alone decides are kept (`deterministic`): a timeout or a kill may come from
+  the machine's load and is run again next time. A program that reads the clock or draws
+  random numbers keeps its first output (pass cache=False)."""
+  key = (code, timeout_s, memory_mb, hidden_paths)
+  if cache:
+    with _CACHE_LOCK:
+      if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+  result = sandbox.run_python(code, timeout_s=timeout_s, memory_mb=memory_mb,
+                              hidden_paths=hidden_paths)
+  if cache and deterministic(result):
+    with _CACHE_LOCK:
+      _CACHE[key] = result
+      while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+  return result
+
+
+def deterministic(result: sandbox.ToolResult) -> bool:
+  """Whether the code alone decided this result: not a timeout (wall or CPU time depend on
+  the load) nor a SIGKILL (the deadline's, or the kernel's OOM killer)."""
+  if result.status == "timeout":
+    return False
+  return not (result.status == "killed" and result.returncode == -signal.SIGKILL)
 
 
 def describe(result: sandbox.ToolResult) -> str:

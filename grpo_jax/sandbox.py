@@ -2,280 +2,89 @@
 
 GRPO with a Python tool: the policy writes code, we run it, and feed the output back. That code
 is hostile until proven otherwise, so it never runs in the trainer's process nor with the
-trainer's rights. `run_python(code)` starts `python -I -c _WRAPPER` (isolated mode: no
-PYTHON* variables, no user site) in its own session, in a fresh temporary directory, with a
-scrubbed environment, and sends the code on stdin. No `preexec_fn` (the trainer is
-multi-threaded): the wrapper confines itself before it runs the code, in layers, each of which
-falls back quietly where the machine refuses it (`isolation()` says what holds here):
+trainer's rights, whoever the trainer runs as. `run_python(code)` starts
+`python -I sandbox_child.py` (isolated mode: no PYTHON* variables, no user site) in its own
+session, in a fresh temporary directory, with a scrubbed environment, and sends the code on
+stdin. No `preexec_fn` (the trainer is multi-threaded): the child confines itself before it runs
+the code, in layers (`grpo_jax/sandbox_child.py`; `isolation()` says what holds here):
 
-  1. namespaces (`unshare` through libc): network (only a down loopback: no connection
-     anywhere), IPC, mount and PID, plus a user namespace when not root;
-  2. in the mount namespace, mounts made private and fresh size-limited tmpfs on /tmp,
-     /var/tmp, /dev/shm and /run/lock, so nothing is left in (or read from) shared temp dirs;
-     the working directory is a directory of that fresh /tmp at the parent's temp-dir path;
-  3. PID namespace: the wrapper forks an init (pid 1), which forks the process that runs the
-     code and relays its exit status. When the init dies, the kernel kills every process in the
-     namespace, even ones that called setsid, so killing the process group is enough; the
-     outer wrapper re-raises the code's death signal so the parent sees "died of signal N";
-  4. rlimits: CPU seconds (ceil(timeout_s) + 1, then SIGXCPU), address space (memory_mb), file
-     size (max_file_mb), processes (max_processes), 64 open files, no core files;
-  5. as root: no groups, gid and uid 65534 ("nobody") last, plus no_new_privs and non-dumpable.
-     RLIMIT_NPROC does not bind uid 0, one more reason to drop. If the Python install sits under
-     a directory nobody cannot enter (here /root/.pyenv, with /root 0700), that directory is
-     replaced in the mount namespace by a tmpfs holding bind mounts of just the install
-     (root-owned, so still read-only to nobody); without a mount namespace the code runs as the
-     same user, and `isolation()` says so. Not root: the user namespace maps the trainer's uid
-     to itself, and the code's process drops every capability.
+  1. namespaces: network (only a down loopback), IPC, mount and PID, plus a user namespace when
+     not root (the kernel's unprivileged user namespaces);
+  2. in the mount namespace, fresh size-limited tmpfs on /tmp, /var/tmp, /dev/shm and
+     /run/lock, and empty ones over every hidden path: the trainer user's home, the trainer's
+     working directory, /root, and `hidden_paths` (the run's directory, say). The interpreter's
+     own directories inside any of them (a venv under /tmp or in the home) are bound back
+     read-only, so a Python installed anywhere keeps working;
+  3. PID namespace: the child forks an init (pid 1) that reaps everything; when it dies the
+     kernel kills every process in the namespace, even ones that called setsid;
+  4. as root: uid and gid 65534 ("nobody"), no groups; not root: every capability dropped;
+  5. Landlock (kernel >= 5.13, the `landlock` package): the code may read and execute only the
+     interpreter's directories and /usr, /bin, /lib*, write only its own directory and the
+     private temp dirs, nothing else: the trainer user's files are neither readable nor
+     writable, whoever the trainer runs as;
+  6. seccomp (libseccomp, the `pyseccomp` package): ptrace, mount, new namespaces, keyctl,
+     bpf, perf_event_open, io_uring, module loading, internet sockets and the like fail with
+     EPERM; syscalls of a foreign architecture kill the process;
+  7. rlimits: CPU seconds (ceil(timeout_s) + 1, then SIGXCPU), address space (memory_mb), file
+     size (max_file_mb), processes (max_processes), 64 open files, no core files; no_new_privs.
 
-The parent writes the code, reads stdout and stderr with one `select` loop (rather than reader
-threads) under a single wall deadline, so an escaped grandchild holding a pipe cannot hang it;
-it keeps the first `max_output_bytes` of each and discards the rest (an infinite print loop
-costs CPU, not memory), and on the deadline kills the whole process group. It always reaps the
-child and removes the temporary directory.
+Which of those the machine allows varies (a container without CAP_SYS_ADMIN has no
+namespaces; an old kernel no Landlock). The trainer calls `require_isolation` before the first
+rollout: the user's private files must be out of reach (uid nobody as root, Landlock
+otherwise), or the run stops with an error that says what is missing and how to enable it,
+unless the user explicitly sets `tools.allow_unisolated`.
 
-A trivial `print(1)` takes about 0.06 s end to end on the development machine (python -I
-start-up is ~0.03 s of it; unshare, mounts and two forks the rest).
+The parent writes the code, reads stdout and stderr with one `select` loop under a single wall
+deadline (an escaped grandchild holding a pipe cannot hang it), keeps the first
+`max_output_bytes` of each, and on the deadline kills the whole process group. The child says
+"ready" on a pipe just before it runs the code: a child that ends without saying it could not
+start the program (an interpreter it cannot load, say), and `run_python` raises `SandboxError`
+instead of handing an error text to the policy. A trainer that is PID 1 of a container without
+a PID namespace for the child reaps the tool's orphans (`_reap_orphans`).
 
-Not blocked (see `isolation()["not_blocked"]`): reading world-readable host files, kernel attack
-surface (no seccomp filter), CPU and memory only per process (no cgroups: up to max_processes
-processes, each with memory_mb), and RLIMIT_NPROC counts every process of uid 65534 on the
-machine, so concurrent runs share that budget.
+A trivial `print(1)` takes about 0.07 s end to end (BENCHMARKS.md: `tools/bench_sandbox.py`).
+
+Not blocked (see `isolation()["not_blocked"]`): reading files under /usr, /lib and the
+interpreter's directories, the kernel surface seccomp leaves open, CPU and memory only per
+process (no cgroups), and RLIMIT_NPROC counts every process of the run's uid on the machine.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
+import importlib.util
 import json
+import logging
 import math
 import os
+import pwd
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
 NOBODY = 65534
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+# The namespaces the child enters where the kernel lets it (a test removes "pid" to play a
+# container that refuses it).
+NAMESPACES = ("user", "net", "ipc", "mnt", "pid")
 _READ_CHUNK_BYTES = 65536
 _DRAIN_GRACE_S = 0.5  # after the child exits or is killed, how long its pipes may stay open
 _POLL_S = 0.01  # exit polling interval where pidfd_open is unavailable
-
-# Runs in the child as `python -I -c _WRAPPER LIMITS_JSON`, code on stdin. Self-contained: it
-# may import only the standard library. Order matters: read the code, unshare, mount, fork the
-# PID namespace's init, then (in the code's process) rlimits, working directory, drop rights.
-_WRAPPER = r'''
-import ctypes, json, os, resource, signal, sys
-
-A = json.loads(sys.argv[1])
-CODE = sys.stdin.buffer.read()
-_fd = os.open("/dev/null", os.O_RDWR)
-os.dup2(_fd, 0)
-os.close(_fd)
-os.umask(0o022)
-NOBODY = 65534
-ROOT = os.geteuid() == 0
-UID, GID = os.getuid(), os.getgid()
-LIBC = ctypes.CDLL(None, use_errno=True)
-LIBC.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                       ctypes.c_char_p)
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
-LAYERS = set()
+_PR_GET_CHILD_SUBREAPER = 37
 
 
-def prctl(option, value):
-  return LIBC.prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0
-
-
-def mount(source, target, fstype, flags, data=None):
-  enc = lambda s: None if s is None else s.encode()
-  return LIBC.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == 0
-
-
-def enters(path, bits):
-  """Whether uid/gid 65534 without supplementary groups has `bits` (1: x, 5: r+x) on path."""
-  st = os.stat(path)
-  shift = 6 if st.st_uid == NOBODY else 3 if st.st_gid == NOBODY else 0
-  return (st.st_mode >> shift) & bits == bits
-
-
-def first_blocked(path):
-  """The outermost directory on `path` that nobody cannot enter (or read, for path), or None."""
-  parts = path.rstrip("/").split("/")
-  for i in range(1, len(parts) + 1):
-    d = "/".join(parts[:i]) or "/"
-    if not enters(d, 5 if i == len(parts) else 1):
-      return d
-  return None
-
-
-def python_dirs():
-  """Directories the interpreter reads from, outermost only (realpaths)."""
-  paths = {sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix,
-           os.path.dirname(os.path.realpath(sys.executable)), *sys.path}
-  real = {os.path.realpath(p) for p in paths if p and os.path.isdir(p)}
-  return sorted(p for p in real if not any(p.startswith(q.rstrip("/") + "/") for q in real))
-
-
-def expose_python(dirs):
-  """Replaces each directory nobody cannot enter by a tmpfs holding bind mounts of `dirs`."""
-  groups = {}
-  for p in dirs:
-    b = first_blocked(p)
-    if b is not None and b not in ("/", p):
-      groups.setdefault(b, []).append(p)
-  for blocked, inner in groups.items():
-    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in inner]
-    if mount("tmpfs", blocked, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=755"):
-      for p, fd in zip(inner, fds):
-        os.makedirs(p, exist_ok=True)
-        mount("/proc/self/fd/%d" % fd, p, None, MS_BIND | MS_REC)
-    for fd in fds:
-      os.close(fd)
-
-
-def relay(child, r, w):
-  """The outer process: waits for the init and dies the way the code's process died."""
-  os.close(w)
-  _, status = os.waitpid(child, 0)
-  data = os.read(r, 32)
-  status = int(data) if data else status
-  if os.WIFSIGNALED(status):
-    sig = os.WTERMSIG(status)
-    prctl(PR_SET_DUMPABLE, 0)  # no core file of ours
-    try:
-      signal.signal(sig, signal.SIG_DFL)
-    except (OSError, ValueError):
-      pass
-    os.kill(os.getpid(), sig)
-    os._exit(128 + sig)  # a signal whose default is to be ignored
-  os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-
-
-def init(user_pid, w):
-  """pid 1 of the namespace: reaps everything; when the code's process ends, reports and exits
-  (the kernel then kills whatever the code left behind)."""
-  while True:
-    try:
-      pid, status = os.wait()
-    except ChildProcessError:
-      os._exit(1)
-    if pid == user_pid:
-      os.write(w, b"%d" % status)
-      os._exit(0)
-
-
-def limit(res, soft, hard=None):
-  hard = soft if hard is None else hard
-  cur = resource.getrlimit(res)[1]
-  if cur != resource.RLIM_INFINITY:
-    soft, hard = min(soft, cur), min(hard, cur)
-  resource.setrlimit(res, (soft, hard))
-
-
-def drop_capabilities():
-  class Header(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-  LIBC.capset(ctypes.byref(Header(0x20080522, 0)), (ctypes.c_uint32 * 6)())
-
-
-def report(exc, module):
-  """Prints the traceback from the code's first frame on, like `python file.py` would."""
-  module.__dict__.clear()  # frees what the code built, so a MemoryError can still be printed
-  tb = exc.__traceback__
-  while tb is not None and tb.tb_frame.f_code.co_filename != "<tool>":
-    tb = tb.tb_next
-  try:
-    import linecache, traceback
-    lines = CODE.decode("utf-8", "replace").splitlines(True)
-    linecache.cache["<tool>"] = (len(CODE), None, lines, "<tool>")
-    traceback.print_exception(type(exc), exc, tb)
-  except BaseException:
-    os.write(2, ("%s: %s\n" % (type(exc).__name__, exc)).encode("utf-8", "replace"))
-  raise SystemExit(1)
-
-
-prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-if os.getppid() != A["ppid"]:
-  os._exit(137)  # the trainer is already gone
-
-if not ROOT and LIBC.unshare(0x10000000) == 0:
-  LAYERS.add("user")
-  try:
-    for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (UID, UID)),
-                       ("gid_map", "%d %d 1" % (GID, GID))):
-      with open("/proc/self/" + name, "w") as f:
-        f.write(text)
-  except OSError:
-    pass
-for name, flag in (("net", 0x40000000), ("ipc", 0x08000000), ("mnt", 0x00020000),
-                   ("pid", 0x20000000)):
-  if LIBC.unshare(flag) == 0:
-    LAYERS.add(name)
-
-CWD = A["workdir"]
-DIRS = python_dirs()
-if "mnt" in LAYERS and mount(None, "/", None, MS_REC | MS_PRIVATE):
-  if ROOT:
-    expose_python(DIRS)
-  mb = A["max_file_mb"]
-  for d, size_mb in (("/tmp", 4 * mb), ("/var/tmp", mb), ("/dev/shm", mb), ("/run/lock", 1)):
-    if (os.path.isdir(d) and not os.path.islink(d) and
-        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV,
-              "size=%dm,nr_inodes=4096,mode=1777" % size_mb)):
-      if os.path.realpath(CWD).startswith(d + "/"):
-        os.makedirs(CWD, mode=0o700)
-        if ROOT:
-          os.chown(CWD, NOBODY, NOBODY)
-DROP = ROOT and all(first_blocked(p) is None for p in DIRS) and first_blocked(CWD) is None
-
-if "pid" in LAYERS:
-  r, w = os.pipe()
-  child = os.fork()
-  if child:
-    relay(child, r, w)
-  os.close(r)
-  prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-  if "mnt" in LAYERS:
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-  child = os.fork()
-  if child:
-    init(child, w)
-  os.close(w)
-
-# The code's process.
-os.chdir(CWD)
-limit(resource.RLIMIT_CPU, A["cpu_s"], A["cpu_s"] + 1)
-limit(resource.RLIMIT_AS, A["memory_mb"] << 20)
-limit(resource.RLIMIT_FSIZE, A["max_file_mb"] << 20)
-limit(resource.RLIMIT_NPROC, A["max_processes"])
-limit(resource.RLIMIT_NOFILE, 64)
-limit(resource.RLIMIT_CORE, 0)
-if DROP:
-  os.setgroups([])
-  os.setgid(NOBODY)
-  os.setuid(NOBODY)
-elif "user" in LAYERS:
-  drop_capabilities()
-prctl(PR_SET_NO_NEW_PRIVS, 1)
-prctl(PR_SET_DUMPABLE, 0)
-
-import types
-MAIN = types.ModuleType("__main__")
-sys.modules["__main__"] = MAIN
-sys.argv = ["<tool>"]
-sys.stdout.reconfigure(line_buffering=True)  # what was printed survives a kill
-try:
-  exec(compile(CODE, "<tool>", "exec"), MAIN.__dict__)
-except SystemExit:
-  raise
-except BaseException as exc:
-  report(exc, MAIN)
-'''
+class SandboxError(RuntimeError):
+  """The sandbox cannot run programs here (or not confined enough): stops the run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,16 +96,18 @@ class ToolResult:
   returncode: int | None  # as subprocess: -N for "died of signal N"
   seconds: float  # wall time, start-up and clean-up included
   truncated: bool  # stdout or stderr was cut to max_output_bytes
+  layers: dict = dataclasses.field(default_factory=dict, compare=False)  # what confined it
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """Per-run limits; checked here, before anything runs."""
+  """Per-run limits and hidden paths; checked here, before anything runs."""
   timeout_s: float = 5.0  # wall clock; CPU time is limited to ceil(timeout_s) + 1 s per process
   memory_mb: int = 512  # address space per process (RLIMIT_AS)
   max_output_bytes: int = 16384  # per stream
   max_processes: int = 16  # RLIMIT_NPROC (threads count too)
   max_file_mb: int = 16  # largest file; the fresh /tmp holds 4x this
+  hidden_paths: tuple[str, ...] = ()  # hidden besides home, working directory and /root
 
   def __post_init__(self):
     t = self.timeout_s
@@ -307,14 +118,20 @@ class Limits:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
         raise ValueError(f"{name} must be an int >= {lowest}, got {v!r}")
+    if isinstance(self.hidden_paths, str) or not all(
+        isinstance(p, str) and os.path.isabs(p) for p in self.hidden_paths):
+      raise ValueError(f"hidden_paths must be a sequence of absolute paths, got "
+                       f"{self.hidden_paths!r}")
+    object.__setattr__(self, "hidden_paths", tuple(self.hidden_paths))
 
 
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 16384, max_processes: int = 16,
-               max_file_mb: int = 16) -> ToolResult:
+               max_file_mb: int = 16, hidden_paths: Sequence[str] = ()) -> ToolResult:
   """Runs `code` in the sandbox. Never raises for anything the code does; ValueError for bad
-  arguments (before anything runs)."""
-  limits = Limits(timeout_s, memory_mb, max_output_bytes, max_processes, max_file_mb)
+  arguments (before anything runs), SandboxError if the sandbox itself cannot start it."""
+  limits = Limits(timeout_s, memory_mb, max_output_bytes, max_processes, max_file_mb,
+                  tuple(hidden_paths))
   _check_code(code)
   return _run(code, limits)
 
@@ -335,18 +152,42 @@ def run_python_batch(codes: Sequence[str], *, max_workers: int = 4, **limits) ->
     return list(pool.map(lambda c: _run(c, checked), codes))
 
 
+def default_hidden() -> tuple[str, ...]:
+  """Always hidden: the trainer user's home ($HOME and the password database's), the working
+  directory (the repository, its runs and checkpoints) and /root."""
+  homes = {os.environ.get("HOME", ""), _passwd_home()}
+  return tuple(sorted({os.path.realpath(p) for p in (*homes, os.getcwd(), "/root")
+                       if p and p != "/"}))
+
+
+def _passwd_home() -> str:
+  try:
+    return pwd.getpwuid(os.geteuid()).pw_dir
+  except KeyError:
+    return ""
+
+
 _RLIMIT_NAMES = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_NOFILE",
                  "RLIMIT_CORE")
 
-# Runs as tool code and reports, from inside, what the sandbox looks like.
-_PROBE = r'''
+# Runs as tool code and reports, from inside, what the sandbox looks like. MARKER: a file in
+# the shared /tmp; HIDDEN: the hidden paths (none may be listed); RLIMITS: names.
+_PROBE = r"""
 import json, os, resource, socket
 def ns(name):
   try:
     return os.readlink("/proc/self/ns/" + name)
   except OSError:
     return None
-status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+def listed(path):
+  try:
+    return bool(os.listdir(path))
+  except OSError:
+    return False
+try:
+  status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+except OSError:
+  status = {}
 try:
   interfaces = [n for _, n in socket.if_nameindex()]
 except OSError:
@@ -356,36 +197,43 @@ print(json.dumps({
     "ns": {n: ns(n) for n in ("net", "pid", "mnt", "ipc", "user")},
     "interfaces": interfaces,
     "marker_visible": os.path.exists(MARKER),
-    "own_proc": os.readlink("/proc/self") == str(os.getpid()),
+    "hidden_listed": [h for h in HIDDEN if listed(h)],
+    "own_proc": os.path.exists("/proc/self") and os.readlink("/proc/self") == str(os.getpid()),
     "no_new_privs": status.get("NoNewPrivs", "").strip() == "1",
     "no_capabilities": int(status.get("CapEff", "0").strip(), 16) == 0,
     "rlimits": {n: resource.getrlimit(getattr(resource, n))[0] for n in RLIMITS},
 }))
-'''
+"""
 
 
 @functools.cache
-def isolation() -> dict:
-  """What this machine enforces, probed once from inside a sandbox run and cached.
+def isolation(hidden_paths: tuple[str, ...] = ()) -> dict:
+  """What this machine enforces, probed once (per hidden_paths) from inside a sandbox run.
 
-  Keys: user ("nobody" | "same"), network ("namespace" | "none"), pid_namespace,
-  mount_namespace, ipc_namespace, user_namespace, private_tmp, private_proc, no_new_privs,
-  no_capabilities (bools), rlimits (names of the finite limits), blocked and not_blocked (plain
-  sentences). Raises RuntimeError if the probe itself fails: then the sandbox is broken here."""
+  Keys: user ("nobody" | "same"), landlock (its ABI version, 0: none), seccomp, network
+  ("namespace" | "none"), pid_namespace, mount_namespace, ipc_namespace, user_namespace,
+  private_tmp, private_proc, no_new_privs, no_capabilities (bools), hidden (the paths the code
+  cannot list), rlimits (names of the finite limits), confined (the trainer user's files are
+  out of the code's reach), missing (what would confine it, and how to enable it), blocked and
+  not_blocked (plain sentences). Raises SandboxError if the probe itself fails."""
+  hidden = tuple(sorted({os.path.realpath(p) for p in (*default_hidden(), *hidden_paths)}))
   own_ns = {n: _readlink(f"/proc/self/ns/{n}") for n in ("net", "pid", "mnt", "ipc", "user")}
   fd, marker = tempfile.mkstemp(prefix="grpo_sandbox_probe_", dir="/tmp")
   os.close(fd)
   try:
-    source = f"MARKER = {marker!r}\nRLIMITS = {_RLIMIT_NAMES!r}\n{_PROBE}"
-    result = run_python(source, timeout_s=10.0)
+    source = f"MARKER = {marker!r}\nHIDDEN = {hidden!r}\nRLIMITS = {_RLIMIT_NAMES!r}\n{_PROBE}"
+    result = run_python(source, timeout_s=10.0, hidden_paths=hidden_paths)
   finally:
     os.remove(marker)
   if result.status != "ok":
-    raise RuntimeError(f"sandbox probe failed ({result.status}): {result.stderr[-2000:]}")
+    raise SandboxError(f"sandbox probe failed ({result.status}): {result.stderr[-2000:]}")
   seen = json.loads(result.stdout)
+  layers = result.layers
   differs = {n: seen["ns"][n] is not None and seen["ns"][n] != own_ns[n] for n in own_ns}
   report = {
       "user": "nobody" if seen["uid"] == NOBODY else "same",
+      "landlock": int(layers.get("landlock", 0)),
+      "seccomp": bool(layers.get("seccomp", False)),
       "network": "namespace" if differs["net"] else "none",
       "pid_namespace": differs["pid"],
       "mount_namespace": differs["mnt"],
@@ -395,12 +243,57 @@ def isolation() -> dict:
       "private_proc": differs["pid"] and seen["own_proc"],
       "no_new_privs": seen["no_new_privs"],
       "no_capabilities": seen["no_capabilities"],
+      "hidden": [h for h in hidden if h not in seen["hidden_listed"]],
       "rlimits": [n for n, v in seen["rlimits"].items() if v != -1],
       "interfaces": seen["interfaces"],
       "probe_seconds": round(result.seconds, 3),
   }
+  # Root's files are out of reach of uid 65534 unless world-readable: those in the hidden
+  # paths are then covered by the mounts or by Landlock. Anyone else needs Landlock.
+  root = os.geteuid() == 0
+  report["confined"] = not seen["hidden_listed"] and (
+      report["landlock"] > 0 or (root and report["user"] == "nobody"))
+  report["missing"] = _missing(report, root)
   report["blocked"], report["not_blocked"] = _explain(report)
   return report
+
+
+def require_isolation(*, allow_unisolated: bool = False,
+                      hidden_paths: Sequence[str] = ()) -> dict:
+  """isolation(), or SandboxError where the code could reach the trainer user's files, unless
+  `allow_unisolated` (then a loud warning). Call before the first tool run."""
+  report = isolation(tuple(hidden_paths))
+  if not report["confined"]:
+    what = "; ".join(report["missing"]) or "the hidden paths are listable"
+    if not allow_unisolated:
+      raise SandboxError(
+          "config.tools: the Python tool cannot be confined on this machine, so model-written "
+          f"code could read or write this user's files. Missing: {what}. Set "
+          "config.tools.allow_unisolated = True to run it anyway (only on a throwaway "
+          "machine or container).")
+    logging.warning("RUNNING MODEL-WRITTEN CODE UNCONFINED (config.tools.allow_unisolated): "
+                    "it can read and write what this user can. Missing: %s", what)
+  return report
+
+
+def _missing(r: dict, root: bool) -> list[str]:
+  out = []
+  if root and r["user"] != "nobody":
+    out.append("dropping to uid 65534 (the interpreter's directories must be readable by "
+               "'nobody', or the kernel must allow a mount namespace to expose them)")
+  if not r["landlock"]:
+    out.append("Landlock: Linux >= 5.13 with 'landlock' in the LSM list (check "
+               "/sys/kernel/security/lsm; boot with lsm=...,landlock) and the `landlock` "
+               "package (pip install 'grpo_jax[tools]')")
+  if not r["seccomp"]:
+    out.append("seccomp: libseccomp.so.2 (apt-get install libseccomp2) and the `pyseccomp` "
+               "package (pip install 'grpo_jax[tools]')")
+  if not r["mount_namespace"]:
+    out.append("namespaces: unprivileged user namespaces (sysctl "
+               "kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, or on Ubuntu "
+               "kernel.apparmor_restrict_unprivileged_userns=0) or, in a container, "
+               "CAP_SYS_ADMIN")
+  return out
 
 
 def _readlink(path: str) -> str | None:
@@ -413,30 +306,42 @@ def _readlink(path: str) -> str | None:
 def _explain(r: dict) -> tuple[list[str], list[str]]:
   """Plain sentences: what the probed layers block, and what they leave open."""
   layers = (  # (holds, what it blocks, what is open without it)
+      (r["landlock"] > 0,
+       "the filesystem outside the interpreter, /usr, /bin and /lib*: nothing else readable, "
+       "nothing writable but the run's own directory and private temp dirs (Landlock ABI "
+       f"{r['landlock']})",
+       "files outside the hidden paths that the code's uid may read or write (no Landlock)"),
       (r["user"] == "nobody",
-       "writing the trainer's files, and reading those not world-readable: uid 65534 (nobody)",
-       "the code runs as the trainer's own uid: it can read and write what the trainer can "
-       "(and for root, RLIMIT_NPROC does not apply)"),
+       "rights: the code runs as uid 65534 (nobody) with no groups",
+       "the code runs as the trainer's own uid (without capabilities)"),
+      (bool(r["hidden"]),
+       "the hidden paths: " + ", ".join(r["hidden"]),
+       "the trainer user's home and working directory may be listed"),
+      (r["seccomp"],
+       "ptrace, mount, new namespaces, keyctl, bpf, perf_event_open, io_uring, kernel modules, "
+       "internet sockets (seccomp)",
+       "kernel attack surface: no seccomp filter"),
       (r["network"] == "namespace",
        "network: a down loopback only, nothing outside the run is reachable",
-       "network: the code can open connections"),
+       "network namespace: none (internet sockets are refused by seccomp where it holds)"),
       (r["pid_namespace"],
        "outliving the run: every process the code starts dies with it (PID namespace)",
        "processes that leave the process group (setsid) can outlive the run"),
       (r["private_tmp"],
        "shared temp dirs: /tmp, /var/tmp, /dev/shm and /run/lock are fresh, size-limited tmpfs",
-       "the code can read and leave files in the shared /tmp"),
+       "the shared /tmp (Landlock, where it holds, keeps the code out of it)"),
       (r["private_proc"],
        "seeing other processes: /proc lists only the run's own",
-       "/proc lists the machine's processes (their environments readable as the uid allows)"),
+       "/proc (Landlock, where it holds, keeps the code out of it)"),
   )
   blocked = [b for holds, b, _ in layers if holds] + [
       "the trainer's environment: the child gets a fresh, minimal one",
       "per-process resource use: " + ", ".join(r["rlimits"]),
   ]
   open_ = [o for holds, _, o in layers if not holds] + [
-      "reading world-readable files anywhere on the host (the repository, datasets, /etc)",
-      "kernel attack surface: no seccomp filter",
+      "reading files under /usr, /bin, /lib* and the interpreter's directories (the "
+      "installed packages)",
+      "the kernel surface seccomp allows (every other syscall)",
       "no cgroup: up to max_processes processes may each use memory_mb and the CPU limit",
       "RLIMIT_NPROC counts every process and thread of the run's uid on the machine, so "
       "concurrent runs share max_processes",
@@ -470,19 +375,37 @@ def child_env(workdir: str) -> dict[str, str]:
           "MKL_NUM_THREADS": "1"}
 
 
+@functools.cache
+def _package_dir(name: str) -> str:
+  """The directory to put on sys.path for module `name` as this process sees it ("" if
+  absent): the child imports it from there, whatever its own site-packages hold."""
+  spec = importlib.util.find_spec(name)
+  if spec is None or spec.origin is None:
+    return ""
+  origin = os.path.abspath(spec.origin)  # .../landlock/__init__.py or .../pyseccomp.py
+  return os.path.dirname(os.path.dirname(origin) if spec.submodule_search_locations else origin)
+
+
 def _run(code: str, limits: Limits) -> ToolResult:
   start = time.monotonic()
   workdir = tempfile.mkdtemp(prefix="grpo_tool_")
+  ready_r, ready_w = os.pipe()
   try:
     if os.geteuid() == 0:
       os.chown(workdir, NOBODY, NOBODY)
+    hidden = sorted({os.path.realpath(p) for p in (*default_hidden(), *limits.hidden_paths)})
     args = {"ppid": os.getpid(), "workdir": workdir, "cpu_s": math.ceil(limits.timeout_s) + 1,
             "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb,
-            "max_processes": limits.max_processes}
+            "max_processes": limits.max_processes, "hidden": hidden,
+            "namespaces": list(NAMESPACES), "ready_fd": ready_w,
+            "landlock_dir": _package_dir("landlock"), "pyseccomp_dir": _package_dir("pyseccomp")}
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", _WRAPPER, json.dumps(args)], stdin=subprocess.PIPE,
+        [sys.executable, "-I", CHILD, json.dumps(args)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=child_env(workdir),
-        start_new_session=True)
+        start_new_session=True, pass_fds=(ready_w,))
+    os.close(ready_w)
+    ready_w = -1
+    _started(proc.pid)
     try:
       out, err, truncated, timed_out = _communicate(
           proc, code.encode("utf-8", "surrogatepass"), limits.max_output_bytes,
@@ -493,12 +416,97 @@ def _run(code: str, limits: Limits) -> ToolResult:
       for f in (proc.stdin, proc.stdout, proc.stderr):
         f.close()
       proc.wait()
+      _reap_orphans(proc.pid)
+    layers = _read_ready(ready_r)
   finally:
+    os.close(ready_r)
+    if ready_w >= 0:
+      os.close(ready_w)
     _remove_tree(workdir)
   stdout = out.decode("utf-8", errors="replace")
   stderr = err.decode("utf-8", errors="replace")
-  return ToolResult(classify(proc.returncode, stderr, timed_out), stdout, stderr,
-                    proc.returncode, time.monotonic() - start, truncated)
+  status = classify(proc.returncode, stderr, timed_out)
+  if layers is None and status != "timeout":  # a timeout under load may strike during set-up
+    raise SandboxError(f"the sandbox could not start the program (exit status "
+                       f"{proc.returncode}, interpreter {sys.executable}): {stderr[-2000:]}")
+  return ToolResult(status, stdout, stderr, proc.returncode, time.monotonic() - start,
+                    truncated, layers or {})
+
+
+def _read_ready(fd: int) -> dict | None:
+  """The layers the child reported just before it ran the code, or None if it never did."""
+  os.set_blocking(fd, False)
+  data = b""
+  try:
+    while chunk := os.read(fd, 65536):
+      data += chunk
+  except BlockingIOError:
+    pass
+  try:
+    return json.loads(data) if data else None
+  except ValueError:
+    return None
+
+
+# The process groups of recent runs (the child's pid names its group), for _reap_orphans.
+_RECENT_GROUPS: collections.deque = collections.deque(maxlen=4096)
+_REAP_LOCK = threading.Lock()
+
+
+def _started(pid: int) -> None:
+  with _REAP_LOCK:
+    _RECENT_GROUPS.append(pid)
+
+
+def _reaps_orphans() -> bool:
+  """Whether orphaned processes land here: PID 1 (a container's entry point) or a subreaper."""
+  if os.getpid() == 1:
+    return True
+  flag = ctypes.c_int(0)
+  libc = ctypes.CDLL(None, use_errno=True)
+  return libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
+
+
+def _reap_orphans(group: int, grace_s: float = 0.2) -> None:
+  """Where orphans land here (no PID namespace for the child), reaps the zombies the tool
+  code left: children of ours from a run's process group or with uid 65534, never the
+  trainer's own subprocesses. The processes of `group`, just killed, get `grace_s` to die."""
+  if not _reaps_orphans():
+    return
+  me = os.getpid()
+  deadline = time.monotonic() + grace_s
+  while True:
+    with _REAP_LOCK:
+      groups = set(_RECENT_GROUPS)
+    alive = 0
+    for pid, ppid, pgrp, state, uid in _processes():
+      ours = pgrp in groups or uid == NOBODY
+      if not ours:
+        continue
+      if ppid == me and state == "Z":
+        try:
+          os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+          pass
+      elif pgrp == group and state != "Z":
+        alive += 1  # killed a moment ago: becomes our zombie soon
+    if not alive or time.monotonic() >= deadline:
+      return
+    time.sleep(0.01)
+
+
+def _processes():
+  """(pid, ppid, pgrp, state, uid) of every process on the machine."""
+  for name in os.listdir("/proc"):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      uid = os.stat(f"/proc/{name}").st_uid
+    except (OSError, IndexError):
+      continue
+    yield int(name), int(fields[1]), int(fields[2]), fields[0], uid
 
 
 def _communicate(proc: subprocess.Popen, code_bytes: bytes, max_bytes: int,

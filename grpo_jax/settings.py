@@ -169,6 +169,8 @@ class ToolSettings:
   stop_strings: tuple[str, ...]
   code_pattern: str
   observation_template: str
+  hidden_paths: tuple[str, ...] = ()  # hidden from tool code besides home, cwd, /root, workdir
+  allow_unisolated: bool = False  # run tool code even where the sandbox cannot confine it
 
   @property
   def enabled(self) -> bool:
@@ -329,7 +331,8 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
 
 TOOLS_OFF = dict(env="", max_turns=3, max_observation_tokens=48, slots=0, max_workers=4,
                  timeout_s=5.0, memory_mb=512, stop_strings="```output",
-                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n",
+                 hidden_paths="", allow_unisolated=False)
 
 
 def _tools(cfg) -> ToolSettings:
@@ -341,7 +344,18 @@ def _tools(cfg) -> ToolSettings:
       slots=t.slots, max_workers=t.max_workers, timeout_s=float(t.timeout_s),
       memory_mb=t.memory_mb,
       stop_strings=tuple(x for x in t.stop_strings.split(",") if x.strip()),
-      code_pattern=t.code_pattern, observation_template=t.observation_template)
+      code_pattern=t.code_pattern, observation_template=t.observation_template,
+      # Both came after the first tool configs: absent means none / False.
+      hidden_paths=tuple(x.strip() for x in str(_get(t, "hidden_paths", "")).split(",")
+                         if x.strip()),
+      allow_unisolated=_get(t, "allow_unisolated", False))
+
+
+def _get(node: _Fields, name: str, default):
+  try:
+    return getattr(node, name)
+  except ConfigError:
+    return default
 
 
 def _profile_steps(cfg) -> Optional[tuple[int, int]]:
@@ -375,6 +389,13 @@ def _check_tools(s: Settings, dp: int) -> None:
                       f"{s.rollout.max_completion_length + 1}")
   if not t.stop_strings:
     raise ConfigError("config.tools.stop_strings: at least one string ends a tool call")
+  relative = [p for p in t.hidden_paths if not p.startswith("/")]
+  if relative:
+    raise ConfigError(f"config.tools.hidden_paths: {relative} are not absolute paths "
+                      "(comma-separated absolute paths, e.g. '/data/private,/scratch/ckpt')")
+  if not isinstance(t.allow_unisolated, bool):
+    raise ConfigError(f"config.tools.allow_unisolated = {t.allow_unisolated!r} must be True or "
+                      "False")
   if "{output}" not in t.observation_template:
     raise ConfigError(f"config.tools.observation_template = {t.observation_template!r} has no "
                       "{output}")

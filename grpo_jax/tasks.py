@@ -219,10 +219,11 @@ def encode_targets(tokenizer, records: Sequence[dict], max_len: int, env=None) -
   return Targets(ids, mask)
 
 
-def make_env(s: Settings, env=None):
+def make_env(s: Settings, env=None, workdir: str = ""):
   """The episode environment of config.tools (None: single-turn sampling): `env` given from
-  Python, the sandboxed Python tool ("python"), or "module:factory" / "file.py:factory" called
-  with the ToolSettings."""
+  Python, the sandboxed Python tool ("python"; `workdir`, the run's directory, is hidden from
+  the code besides tools.hidden_paths), or "module:factory" / "file.py:factory" called with
+  the ToolSettings."""
   t = s.tools
   if env is not None:
     return env
@@ -230,10 +231,11 @@ def make_env(s: Settings, env=None):
     return None
   if t.env == "python":
     from grpo_jax import python_tool
+    local = [os.path.abspath(workdir)] if workdir and "://" not in workdir else []
     return python_tool.PythonTool(
         stop_strings=t.stop_strings, code_pattern=t.code_pattern,
         observation_template=t.observation_template, timeout_s=t.timeout_s,
-        memory_mb=t.memory_mb)
+        memory_mb=t.memory_mb, hidden_paths=tuple(local) + t.hidden_paths)
   factory = load_reward_fn(t.env, "config.tools.env")
   made = factory(t)
   for name in ("reset", "step", "stop_strings"):

@@ -205,6 +205,12 @@ def _record_run(exp: Experiment) -> None:
           "devices": [str(d) for d in jax.devices()][:8],
           "jax": jax.__version__}
   logging.info("precision: %s", info["precision"])
+  report = experiment.tool_isolation(exp.settings, exp.env)
+  if report is not None:  # cached by the check in experiment.build
+    info["tool_isolation"] = report
+    logging.info("tool sandbox: confined=%s user=%s landlock=%s seccomp=%s hidden=%s; not "
+                 "blocked: %s", report["confined"], report["user"], report["landlock"],
+                 report["seccomp"], report["hidden"], "; ".join(report["not_blocked"]))
   if jax.process_index() == 0:
     (paths.as_path(exp.workdir) / "run.json").write_text(json.dumps(info, indent=2))
 

@@ -74,6 +74,7 @@ def test_teacher_segments_and_targets_mask_the_tool_output():
     (lambda c: c.tools.update(slots=5), "config.tools.slots = 5"),
     (lambda c: c.tools.update(max_turns=0), "config.tools.max_turns = 0"),
     (lambda c: c.tools.update(stop_strings=""), "config.tools.stop_strings"),
+    (lambda c: c.tools.update(hidden_paths="/data,relative/dir"), "config.tools.hidden_paths"),
 ])
 def test_tool_config_errors_name_the_field(change, message):
   cfg = tool_config.get_config("smoke")

@@ -100,7 +100,11 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # returning your multiturn.Environment. See experiments/configs/tool_arithmetic.py.
   c.tools = dict(env="", max_turns=3, max_observation_tokens=48, slots=0, max_workers=4,
                  timeout_s=5.0, memory_mb=512, stop_strings="```output",
-                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n",
+                 # Tool code never sees home, the working directory, /root, the run's
+                 # workdir, nor these (comma-separated); allow_unisolated: run it even where
+                 # the sandbox cannot confine it (a throwaway machine only).
+                 hidden_paths="", allow_unisolated=False)
 
   variants = set(arg.split(","))
   if variants - {"local", "smoke", "lora"}:

@@ -29,7 +29,11 @@ def get_config(arg: str = "qwen2.5-1.5b"):
   g.max_completion_length = 768  # policy + tool tokens of the whole episode
   c.tools = dict(env="python", max_turns=4, max_observation_tokens=128, slots=0, max_workers=8,
                  timeout_s=5.0, memory_mb=1024, stop_strings="```output",
-                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n",
+                 # Tool code never sees home, the working directory, /root, the run's
+                 # workdir, nor these (comma-separated); allow_unisolated: run it even where
+                 # the sandbox cannot confine it (a throwaway machine only).
+                 hidden_paths="", allow_unisolated=False)
   if arg == "smoke":  # the tiny random checkpoint of gsm8k.py's smoke
     g.max_completion_length = 24
     c.tools.update(max_turns=2, max_observation_tokens=16, max_workers=2, timeout_s=2.0,

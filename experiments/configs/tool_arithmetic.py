@@ -34,7 +34,11 @@ def get_config(arg: str = "local"):
   # The sandboxed Python tool (grpo_jax/python_tool.py); env "" = single-turn sampling.
   c.tools = dict(env="python", max_turns=2, max_observation_tokens=16, slots=0, max_workers=4,
                  timeout_s=2.0, memory_mb=256, stop_strings="```output",
-                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n")
+                 code_pattern=r"```python\n(.*?)```", observation_template="\n{output}\n```\n",
+                 # Tool code never sees home, the working directory, /root, the run's
+                 # workdir, nor these (comma-separated); allow_unisolated: run it even where
+                 # the sandbox cannot confine it (a throwaway machine only).
+                 hidden_paths="", allow_unisolated=False)
   if "notool" in variants:  # the same task and budget, the teacher and the policy without tool
     c.data.tool_p = 0.0
     c.tools.env = ""
