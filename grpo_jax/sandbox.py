@@ -18,13 +18,15 @@ the code, in layers (`grpo_jax/sandbox_child.py`; `isolation()` says what holds 
   3. PID namespace: the child forks an init (pid 1) that reaps everything; when it dies the
      kernel kills every process in the namespace, even ones that called setsid;
   4. as root: uid and gid 65534 ("nobody"), no groups; not root: every capability dropped;
-  5. Landlock (kernel >= 5.13, the `landlock` package): the code may read and execute only the
+  5. Landlock (Linux >= 5.13, nothing to install): the code may read and execute only the
      interpreter's directories and /usr, /bin, /lib*, write only its own directory and the
-     private temp dirs, nothing else: the trainer user's files are neither readable nor
-     writable, whoever the trainer runs as;
-  6. seccomp (libseccomp, the `pyseccomp` package): ptrace, mount, new namespaces, keyctl,
-     bpf, perf_event_open, io_uring, module loading, internet sockets and the like fail with
-     EPERM; syscalls of a foreign architecture kill the process;
+     private temp dirs, nothing else, so the trainer user's files are neither readable nor
+     writable, whoever the trainer runs as; with ABI >= 4 no TCP bind / connect, with ABI >= 6
+     no signals to processes outside the sandbox;
+  6. seccomp: a filter compiled once here by libseccomp (the `pyseccomp` package,
+     grpo_jax[tools]) and loaded by the child: ptrace, mount, new namespaces, keyctl, bpf,
+     perf_event_open, io_uring, module loading, internet sockets and the like fail with EPERM;
+     syscalls of a foreign architecture kill the process;
   7. rlimits: CPU seconds (ceil(timeout_s) + 1, then SIGXCPU), address space (memory_mb), file
      size (max_file_mb), processes (max_processes), 64 open files, no core files; no_new_privs.
 
@@ -55,8 +57,8 @@ import collections
 import concurrent.futures
 import ctypes
 import dataclasses
+import errno
 import functools
-import importlib.util
 import json
 import logging
 import math
@@ -65,6 +67,7 @@ import pwd
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -283,8 +286,7 @@ def _missing(r: dict, root: bool) -> list[str]:
                "'nobody', or the kernel must allow a mount namespace to expose them)")
   if not r["landlock"]:
     out.append("Landlock: Linux >= 5.13 with 'landlock' in the LSM list (check "
-               "/sys/kernel/security/lsm; boot with lsm=...,landlock) and the `landlock` "
-               "package (pip install 'grpo_jax[tools]')")
+               "/sys/kernel/security/lsm; boot with lsm=...,landlock)")
   if not r["seccomp"]:
     out.append("seccomp: libseccomp.so.2 (apt-get install libseccomp2) and the `pyseccomp` "
                "package (pip install 'grpo_jax[tools]')")
@@ -375,15 +377,50 @@ def child_env(workdir: str) -> dict[str, str]:
           "MKL_NUM_THREADS": "1"}
 
 
+# Denied with EPERM by the seccomp filter: kernel surface no tool program needs, and the calls
+# that would undo the other layers.
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "fsopen", "fsconfig",
+    "fsmount", "fspick", "open_tree", "move_mount", "mount_setattr",
+    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "open_by_handle_at", "name_to_handle_at", "swapon", "swapoff", "reboot", "acct", "syslog",
+    "quotactl", "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "vhangup", "uselib", "lookup_dcookie", "personality",
+    "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
+_CLONE_NAMESPACES = (0x10000000, 0x40000000, 0x08000000, 0x00020000, 0x20000000, 0x04000000,
+                     0x02000000, 0x00000080)  # user, net, ipc, mnt, pid, uts, cgroup, time
+
+
 @functools.cache
-def _package_dir(name: str) -> str:
-  """The directory to put on sys.path for module `name` as this process sees it ("" if
-  absent): the child imports it from there, whatever its own site-packages hold."""
-  spec = importlib.util.find_spec(name)
-  if spec is None or spec.origin is None:
-    return ""
-  origin = os.path.abspath(spec.origin)  # .../landlock/__init__.py or .../pyseccomp.py
-  return os.path.dirname(os.path.dirname(origin) if spec.submodule_search_locations else origin)
+def seccomp_program() -> bytes:
+  """The child's seccomp filter, compiled once by libseccomp (the `pyseccomp` package) to BPF:
+  everything allowed but DENIED_SYSCALLS, clone with a namespace flag, clone3 (ENOSYS, so that
+  libc falls back to clone, whose flags a filter can read) and AF_INET / AF_INET6 sockets;
+  syscalls of a foreign architecture (i386 on x86-64) kill the process. b"" where pyseccomp or
+  libseccomp.so.2 is missing (then `isolation()` says so)."""
+  try:
+    import pyseccomp as seccomp  # pylint: disable=import-outside-toplevel
+  except (ImportError, RuntimeError, OSError):  # RuntimeError: no libseccomp.so.2
+    return b""
+  f = seccomp.SyscallFilter(seccomp.ALLOW)
+  eperm = seccomp.ERRNO(errno.EPERM)
+  for name in DENIED_SYSCALLS:
+    try:
+      f.add_rule(eperm, name)
+    except (ValueError, OSError):  # a name this libseccomp or architecture does not know
+      pass
+  f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+  for flag in _CLONE_NAMESPACES:
+    f.add_rule(eperm, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+  for family in (socket.AF_INET, socket.AF_INET6):
+    f.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.EQ, family))
+  with tempfile.TemporaryFile() as out:
+    f.export_bpf(out)
+    out.seek(0)
+    return out.read()
 
 
 def _run(code: str, limits: Limits) -> ToolResult:
@@ -398,7 +435,7 @@ def _run(code: str, limits: Limits) -> ToolResult:
             "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb,
             "max_processes": limits.max_processes, "hidden": hidden,
             "namespaces": list(NAMESPACES), "ready_fd": ready_w,
-            "landlock_dir": _package_dir("landlock"), "pyseccomp_dir": _package_dir("pyseccomp")}
+            "seccomp_bpf": seccomp_program().hex()}
     proc = subprocess.Popen(
         [sys.executable, "-I", CHILD, json.dumps(args)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=child_env(workdir),

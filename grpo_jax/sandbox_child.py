@@ -2,16 +2,18 @@
 
 `sandbox.run_python` starts it as `python -I sandbox_child.py ARGS_JSON` (isolated mode: no
 PYTHON* variables, no user site, not even this file's directory on sys.path) in its own
-session. It imports only the standard library, plus the `landlock` and `pyseccomp` packages
-from the directories the parent names in ARGS_JSON (so that they are found whatever the
-interpreter's own site-packages hold). The order matters: read the code, unshare, mask paths,
-fork the PID namespace's init, then (in the code's process) drop rights, Landlock, seccomp,
-rlimits, say "ready" on the parent's pipe, run the code. `sandbox.py`'s docstring says what each
-layer blocks; `LAYERS` records what held, for `sandbox.isolation()`.
+session. Standard library only, and nothing heavy: every import here is paid on every tool call
+(importing the `landlock` and `pyseccomp` packages cost more than the rest of a call). So the
+seccomp filter arrives compiled: the parent builds it once with libseccomp (`pyseccomp`) and
+passes the BPF program, which this process loads with one prctl; Landlock is three syscalls
+(`landlock_confine`, its constants checked against the `landlock` package in the tests).
+The order matters: read the code, unshare, mask paths, fork the PID namespace's init, then (in
+the code's process) drop rights, Landlock, seccomp, rlimits, say "ready" on the parent's pipe,
+run the code. `sandbox.py`'s docstring says what each layer blocks; `LAYERS` records what held,
+for `sandbox.isolation()`.
 """
 
 import ctypes
-import errno
 import json
 import os
 import resource
@@ -32,19 +34,15 @@ SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 DEVICES_RW = ("/dev/null", "/dev/full")
 # Private temp dirs and their size in units of max_file_mb (run/lock: 1 MiB flat).
 TMP_DIRS = (("/tmp", 4), ("/var/tmp", 1), ("/dev/shm", 1), ("/run/lock", 0))
-# Denied with EPERM: kernel surface no tool program needs (and that confinement relies on).
-DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "fsopen", "fsconfig",
-    "fsmount", "fspick", "open_tree", "move_mount", "mount_setattr",
-    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "open_by_handle_at", "name_to_handle_at", "swapon", "swapoff", "reboot", "acct", "syslog",
-    "quotactl", "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
-    "vhangup", "uselib", "lookup_dcookie", "personality",
-    "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
-AF_INET, AF_INET6 = 2, 10
+# Landlock (include/uapi/linux/landlock.h): syscalls, filesystem rights and what each ABI adds.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+FS_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2  # ABI 6
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -194,59 +192,87 @@ def drop_capabilities():
   LIBC.capset(ctypes.byref(Header(0x20080522, 0)), (ctypes.c_uint32 * 6)())
 
 
-def import_from(directory, name):
-  """`name` imported from `directory` (the parent's copy), or None if it cannot be loaded."""
-  if not directory:
-    return None
-  sys.path.insert(0, directory)
-  try:
-    return __import__(name)
-  except Exception:  # a missing libseccomp raises RuntimeError, an old kernel OSError
-    return None
-  finally:
-    sys.path.remove(directory)
+class RulesetAttr(ctypes.Structure):
+  _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+              ("scoped", ctypes.c_uint64)]
 
 
-def landlock_ruleset(landlock, read_roots, write_roots):
-  """A Landlock ruleset that handles every filesystem right and grants: read + execute under
-  `read_roots`, everything under `write_roots`, read + write on /dev/null and /dev/full."""
+class PathBeneathAttr(ctypes.Structure):
+  _pack_ = 1
+  _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_abi():
+  LIBC.syscall.restype = ctypes.c_long
+  abi = LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                     ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+  return max(int(abi), 0)
+
+
+def handled_fs(abi):
+  """Every filesystem right this ABI knows: all of them are denied unless a rule grants them."""
+  rights = (1 << 13) - 1  # ABI 1: EXECUTE ... MAKE_SYM
+  for since, right in ((2, FS_REFER), (3, FS_TRUNCATE), (5, FS_IOCTL_DEV)):
+    if abi >= since:
+      rights |= right
+  return rights
+
+
+def landlock_confine(read_roots, write_roots):
+  """Restricts this process (and what it starts) to: read + execute under `read_roots`,
+  everything under `write_roots`, read + write on /dev/null and /dev/full; with ABI >= 4 no
+  TCP bind or connect, with ABI >= 6 no signals to, and no abstract unix sockets of, processes
+  outside. Returns the ABI used, 0 where the kernel has no Landlock. Needs no_new_privs."""
+  abi = landlock_abi()
+  if abi < 1:
+    return 0
+  fs = handled_fs(abi)
+  attr = RulesetAttr(fs, (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0,
+                     (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0)
+  size = ctypes.sizeof(RulesetAttr) if abi >= 6 else 16 if abi >= 4 else 8
+  ruleset = LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                         ctypes.c_size_t(size), ctypes.c_uint32(0))
+  if ruleset < 0:
+    return 0
+  read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+  rw_file = FS_READ_FILE | FS_WRITE_FILE | (fs & FS_TRUNCATE)
   try:
-    fs = landlock.FSAccess
-    ruleset = landlock.Ruleset(restrict_rules=fs.all())
-    read_dir = fs.EXECUTE | fs.READ_FILE | fs.READ_DIR
-    read_file = fs.EXECUTE | fs.READ_FILE
-    rw_file = fs.READ_FILE | fs.WRITE_FILE | (fs.TRUNCATE if "TRUNCATE" in fs.__members__ else 0)
-    for paths, dir_rules, file_rules in ((read_roots, read_dir, read_file),
-                                         (write_roots, fs.all(), fs.all_file()),
-                                         (DEVICES_RW, rw_file, rw_file)):
+    for paths, rights in ((read_roots, read), (write_roots, fs), (DEVICES_RW, rw_file)):
       for p in paths:
-        if os.path.exists(p):
-          ruleset.allow(p, rules=dir_rules if os.path.isdir(p) else file_rules)
-    return ruleset, landlock.landlock_abi_version()
-  except Exception:  # landlock.LandlockError, OSError: the kernel does not have it
-    return None, 0
+        try:
+          fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+          continue  # absent on this machine
+        try:
+          allowed = rights if os.path.isdir(p) else rights & fs & FS_FILE_RIGHTS
+          rule = PathBeneathAttr(allowed, fd)
+          if LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
+                          ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+                          ctypes.c_uint32(0)) != 0:
+            return 0
+        finally:
+          os.close(fd)
+    if LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
+                    ctypes.c_uint32(0)) != 0:
+      return 0
+  finally:
+    os.close(ruleset)
+  return abi
 
 
-def seccomp_filter(seccomp):
-  """A filter that allows everything but DENIED_SYSCALLS, new namespaces through clone,
-  clone3 (ENOSYS, so that libc falls back to clone, whose flags a filter can read) and
-  internet sockets; syscalls of a foreign architecture (i386 on x86-64) kill the process."""
-  try:
-    f = seccomp.SyscallFilter(seccomp.ALLOW)
-    eperm = seccomp.ERRNO(errno.EPERM)
-    for name in DENIED_SYSCALLS:
-      try:
-        f.add_rule(eperm, name)
-      except Exception:  # a name this libseccomp or architecture does not know
-        pass
-    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    for flag in CLONE_FLAGS.values():
-      f.add_rule(eperm, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
-    for family in (AF_INET, AF_INET6):
-      f.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.EQ, family))
-    return f
-  except Exception:
-    return None
+def seccomp_load(bpf):
+  """Loads a compiled seccomp filter (struct sock_filter[], 8 bytes each). Needs
+  no_new_privs."""
+  if not bpf:
+    return False
+
+  class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+  program = ctypes.create_string_buffer(bpf, len(bpf))
+  fprog = SockFprog(len(bpf) // 8, ctypes.cast(program, ctypes.c_void_p))
+  return LIBC.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+                    0, 0) == 0
 
 
 def report(exc, module, code):
@@ -277,8 +303,7 @@ def main():
   hidden = [os.path.realpath(h) for h in a["hidden"]]
   a["hidden"] = hidden
   keep = python_dirs(hidden)
-  landlock = import_from(a["landlock_dir"], "landlock")
-  seccomp = import_from(a["pyseccomp_dir"], "pyseccomp")
+  bpf = bytes.fromhex(a["seccomp_bpf"])
 
   prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
   if os.getppid() != a["ppid"]:
@@ -326,8 +351,6 @@ def main():
   os.chdir(cwd)
   writable = [cwd] + LAYERS.get("private_tmp", [])
   readable = list(SYSTEM_READ) + keep + (["/proc"] if "pid" in namespaces else [])
-  ruleset, abi = landlock_ruleset(landlock, readable, writable) if landlock else (None, 0)
-  filt = seccomp_filter(seccomp) if seccomp else None
   if drop:
     os.setgroups([])
     os.setgid(NOBODY)
@@ -337,16 +360,8 @@ def main():
   LAYERS["uid"] = os.getuid()
   prctl(PR_SET_NO_NEW_PRIVS, 1)
   prctl(PR_SET_DUMPABLE, 0)
-  try:
-    ruleset.apply()
-    LAYERS["landlock"] = abi
-  except Exception:  # AttributeError: no ruleset; LandlockError: refused
-    LAYERS["landlock"] = 0
-  try:
-    filt.load()
-    LAYERS["seccomp"] = True
-  except Exception:
-    LAYERS["seccomp"] = False
+  LAYERS["landlock"] = landlock_confine(readable, writable)
+  LAYERS["seccomp"] = seccomp_load(bpf)
   limit(resource.RLIMIT_CPU, a["cpu_s"], a["cpu_s"] + 1)
   limit(resource.RLIMIT_AS, a["memory_mb"] << 20)
   limit(resource.RLIMIT_FSIZE, a["max_file_mb"] << 20)
@@ -360,7 +375,7 @@ def main():
   sys.stdout.reconfigure(line_buffering=True)  # what was printed survives a kill
   os.write(a["ready_fd"], json.dumps(LAYERS).encode())
   os.close(a["ready_fd"])
-  del a, ruleset, filt, landlock, seccomp
+  del a, bpf
   try:
     exec(compile(code, "<tool>", "exec"), main_module.__dict__)  # pylint: disable=exec-used
   except SystemExit:

@@ -9,6 +9,7 @@ to read, write, list and plant files there and must achieve nothing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -17,9 +18,11 @@ import subprocess
 import sys
 import uuid
 
+import landlock
 import pytest
+import pyseccomp
 
-from grpo_jax import python_tool, sandbox
+from grpo_jax import python_tool, sandbox, sandbox_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER = "grpo_sbx_test"
@@ -53,21 +56,14 @@ print(json.dumps(out))
 
 
 def _lib_dir(root: str) -> str:
-  """Copies of the sandbox modules and of landlock / pyseccomp, readable by anyone."""
+  """Copies of the sandbox modules and of pyseccomp, readable by anyone."""
   lib = os.path.join(root, "lib")
   os.makedirs(os.path.join(lib, "grpo_jax"))
   open(os.path.join(lib, "grpo_jax", "__init__.py"), "w").close()
   for name in ("sandbox.py", "sandbox_child.py"):
     shutil.copy(os.path.join(REPO, "grpo_jax", name), os.path.join(lib, "grpo_jax", name))
   shutil.copy(os.path.join(REPO, "tests", "sandbox_driver.py"), lib)
-  for name in ("landlock", "pyseccomp"):
-    d = sandbox._package_dir(name)
-    assert d, f"the test extra installs {name}"
-    src = os.path.join(d, name)
-    if os.path.isdir(src):
-      shutil.copytree(src, os.path.join(lib, name))
-    else:
-      shutil.copy(src + ".py", lib)
+  shutil.copy(pyseccomp.__file__, lib)
   return lib
 
 
@@ -325,3 +321,23 @@ def test_python_tool_caches_only_what_the_code_decides(monkeypatch):
   assert tool.step((), turn % (code_b + "1/0"))[1].info["status"] == "error"
   assert tool.step((), turn % (code_b + "1/0"))[1].info["status"] == "error"
   assert len(calls) == 4
+
+
+def test_landlock_constants_match_the_landlock_package():
+  """The child's raw Landlock syscalls use the kernel's numbers, as the `landlock` package."""
+  fs = landlock.FSAccess
+  assert (sandbox_child.FS_EXECUTE, sandbox_child.FS_WRITE_FILE, sandbox_child.FS_READ_FILE,
+          sandbox_child.FS_READ_DIR, sandbox_child.FS_REFER, sandbox_child.FS_TRUNCATE,
+          sandbox_child.FS_IOCTL_DEV) == (fs.EXECUTE, fs.WRITE_FILE, fs.READ_FILE, fs.READ_DIR,
+                                          fs.REFER, fs.TRUNCATE, fs.IOCTL_DEV)
+  abi = sandbox_child.landlock_abi()
+  assert abi == landlock.landlock_abi_version()
+  assert sandbox_child.handled_fs(abi) == int(fs.all())
+  from landlock import plumbing  # pylint: disable=import-outside-toplevel
+  assert (sandbox_child.SYS_LANDLOCK_CREATE_RULESET, sandbox_child.SYS_LANDLOCK_ADD_RULE,
+          sandbox_child.SYS_LANDLOCK_RESTRICT_SELF) == (
+              plumbing.SYSCALL_CREATE_RULESET, plumbing.SYSCALL_ADD_RULE,
+              plumbing.SYSCALL_RESTRICT_SELF)
+  # The kernel's struct landlock_path_beneath_attr is packed: 12 bytes, the fd at offset 8.
+  assert sandbox_child.PathBeneathAttr.parent_fd.offset == plumbing.PathBeneathAttr.parent_fd.offset
+  assert ctypes.sizeof(sandbox_child.PathBeneathAttr) == 12
