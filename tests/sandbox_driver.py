@@ -5,7 +5,8 @@
 LIB_DIR holds copies of grpo_jax/sandbox*.py (and the landlock / pyseccomp packages), so that
 the driver runs under any user and any interpreter (a venv under /tmp, the system Python)
 without importing JAX. SPEC_JSON: {"programs": {name: code}, "hidden_paths": [...],
-"namespaces": [...] or null, "zombie_wait_s": float}. Prints one JSON line: {name: result},
+"namespaces": [...] or null, "zombie_wait_s": float, "subreaper": bool (orphans land here, as
+on PID 1)}. Prints one JSON line: {name: result},
 "isolation", and "zombies" (zombie children of this process left after the runs).
 """
 
@@ -34,6 +35,9 @@ def main():
   sys.path.insert(0, sys.argv[1])
   from grpo_jax import sandbox  # pylint: disable=import-outside-toplevel
   spec = json.loads(sys.argv[2])
+  if spec.get("subreaper"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    assert ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
   if spec.get("namespaces") is not None:
     sandbox.NAMESPACES = tuple(spec["namespaces"])
   out = {}
