@@ -19,10 +19,12 @@ Design:
 - A shared timeline of S cache slots: every decode step writes one slot for all rows, an
   observation block K + 1 slots. A row that is not generating (waiting for its tool, finished)
   writes a hole: an invalid slot that no query attends to. RoPE positions count real tokens
-  only, so a row's sequence with its holes removed is exactly the sequence the trainer
-  teacher-forces: policy log-probs stay exact (tests/test_multiturn.py compares them with
-  `train_step.sequence_logprobs`). Rows that wait or have finished never stall the others:
-  the decode loop runs while any row generates; finished rows cost their slot's compute only.
+  only, and Gemma 3's sliding windows measure distance in them, not in slots (the cache keeps
+  each slot's position), so a row's sequence with its holes removed is exactly the sequence the
+  trainer teacher-forces: policy log-probs stay exact (tests/test_multiturn.py and
+  tests/test_sliding_window.py compare them with `train_step.sequence_logprobs`). Rows that
+  wait or have finished never stall the others: the decode loop runs while any row generates;
+  finished rows cost their slot's compute only.
 - Stop sequences are matched on token ids inside the jitted loop (each stop string's
   tokenizations from `stop_sequences`); the host then re-checks the decoded text of the turn and
   retracts any tokens after the first stop string (a tokenization the table missed), so a

@@ -239,7 +239,8 @@ def _grow_cache(cache: KVCache, slots: int) -> KVCache:
   pad_v = lambda v: jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
   return cache.replace(k_BxKxDxS=tuple(map(pad_k, cache.k_BxKxDxS)),
                        v_BxKxSxD=tuple(map(pad_v, cache.v_BxKxSxD)),
-                       valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))))
+                       valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))),
+                       pos_BxS=jnp.pad(cache.pos_BxS, ((0, 0), (0, extra))))
 
 
 def _block_ends(settings: SamplingSettings) -> list[int]:

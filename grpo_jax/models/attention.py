@@ -7,16 +7,19 @@ prefix shared by groups of rows (`attend_with_prefix`, `prefix_masks`): P prefix
 rows p*N .. p*N+N-1 (N = B / P) sharing prefix p.
 
 Attention masking: key j is visible to query i iff key j is a real token (mask 1), j <= i in
-slot order (causal), and, in Gemma 3 sliding layers, i - j < sliding_window (slot distance, as in
-transformers). RoPE uses the given per-row `positions`, so right-padded (training) and
-left-padded (sampling) batches both work. Pad queries produce finite garbage; mask them out.
+slot order (causal), and, in Gemma 3 sliding layers, pos_i - pos_j < sliding_window in the
+per-row `positions` RoPE uses (real tokens), not in slots: a multi-turn cache has holes (rows
+that wait, padded observation blocks), and the window must hold the tokens it holds in the
+trainer's compacted sequence. Without holes (left- or right-padded batches) both distances
+agree, as in transformers. Pad queries produce finite garbage; mask them out.
 
 KV cache (`KVCache`): pre-allocated, fixed shape, one array per layer (a stacked [L, ...] cache
 was 2x slower to decode), keys stored transposed [B, K, D, S] (Q.K^T 5x faster per decode step
-on CPU), values [B, K, S, D], a validity mask [B, S] and one scalar write index shared by all
-rows (left-padded prompts align the rows). A forward with a cache writes its T tokens at slots
-[index, index + T) and advances the index; the caller keeps index + T <= S (out-of-range writes
-would be clamped by `lax.dynamic_update_slice`).
+on CPU), values [B, K, S, D], a validity mask [B, S], each slot's position [B, S] (the
+window's distance) and one scalar write index shared by all rows (left-padded prompts align the
+rows). A forward with a cache writes its T tokens at slots [index, index + T) and advances the
+index; the caller keeps index + T <= S (out-of-range writes would be clamped by
+`lax.dynamic_update_slice`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class KVCache:
   k_BxKxDxS: tuple[jax.Array, ...]
   v_BxKxSxD: tuple[jax.Array, ...]
   valid_BxS: jax.Array  # bool: slot holds a real token
+  pos_BxS: jax.Array  # int32: RoPE position of the slot's token (sliding windows measure in it)
   index: jax.Array  # int32 scalar: next slot to write
 
   @property
@@ -59,6 +63,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
       k_BxKxDxS=tuple(jnp.zeros((B, K, D, S), dtype) for _ in range(config.num_layers)),
       v_BxKxSxD=tuple(jnp.zeros((B, K, S, D), dtype) for _ in range(config.num_layers)),
       valid_BxS=jnp.zeros((B, S), jnp.bool_),
+      pos_BxS=jnp.zeros((B, S), jnp.int32),
       index=jnp.zeros((), jnp.int32))
 
 
@@ -154,13 +159,15 @@ def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, *, scale: float,
 
 
 def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR, pv_PxKxRxD,
-                       pmask_PxTxR, *, scale: float, softcap: float | None = None):
+                       pmask_XxTxR, *, scale: float, softcap: float | None = None):
   """`attend` over a prefix shared by groups of rows plus each row's own keys -> [B, T, K, G, D].
 
   Rows are prefix-major: rows p*N .. p*N+N-1 (N = B / P) share prefix p (a GRPO group shares
-  its prompt's KV, kept once instead of N times). The softmax runs over the concatenation of
-  the two key sets, computed in two parts with shared row statistics so that the prefix scores
-  stay in the layout of their [P, K, N*G*T, D] x [D, R] matmul (only [B, K, G, T] stats move).
+  its prompt's KV, kept once instead of N times). `pmask_XxTxR` is the group's mask (X = P) or
+  each row's (X = B: a sliding window, whose query positions differ between a group's rows).
+  The softmax runs over the concatenation of the two key sets, computed in two parts with
+  shared row statistics so that the prefix scores stay in the layout of their
+  [P, K, N*G*T, D] x [D, R] matmul (only [B, K, G, T] stats move).
   """
   B, T, K, G, D = q_BxTxKxGxD.shape
   P = pk_PxKxDxR.shape[0]
@@ -175,7 +182,8 @@ def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR
   if softcap:
     s_pre = jnp.tanh(s_pre / softcap) * softcap
   R = pk_PxKxDxR.shape[-1]
-  pmask = jnp.broadcast_to(pmask_PxTxR[:, None, None, None], (P, 1, N, G, T, R))
+  pmask = pmask_XxTxR.reshape(P, -1, T, R)[:, None, :, None]  # [P, 1, 1 or N, 1, T, R]
+  pmask = jnp.broadcast_to(pmask, (P, 1, N, G, T, R))
   s_pre = jnp.where(pmask.reshape(P, 1, N * G * T, R), s_pre, _MASKED)
 
   def to_rows(x_PxKxNGT):  # [P, K, N*G*T] -> [B, K, G, T]
@@ -197,35 +205,43 @@ def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR
   return out_BxKxGxTxD.astype(dtype).transpose(0, 3, 1, 2, 4)
 
 
-def prefix_masks(config: ModelConfig, prefix: KVCache, num_new: int, cache: KVCache | None):
-  """(full_mask_PxTxR, sliding_mask_PxTxR or None) of T new tokens over a shared prefix.
+def prefix_masks(config: ModelConfig, prefix: KVCache, positions_BxT):
+  """(full_mask_PxTxR, sliding_mask_BxTxR or None) of T new tokens over a shared prefix.
 
   The prefix's R slots precede the rows' own slots, so every valid prefix slot is causally
-  visible; the sliding window counts slot distance across both (as in the replicated layout).
+  visible; the sliding window compares the new tokens' positions with the prefix's, per row
+  (rows of a group reach different positions at the same slot when their timelines have holes).
   """
-  R = prefix.max_len
-  index = 0 if cache is None else cache.index
-  dist_TxR = (R + index + jnp.arange(num_new))[:, None] - jnp.arange(R)[None, :]
-  full_PxTxR = jnp.broadcast_to(prefix.valid_BxS[:, None, :], (prefix.valid_BxS.shape[0],
-                                                              num_new, R))
-  sliding_PxTxR = None
+  P, R = prefix.valid_BxS.shape
+  B, T = positions_BxT.shape
+  full_PxTxR = jnp.broadcast_to(prefix.valid_BxS[:, None, :], (P, T, R))
+  sliding_BxTxR = None
   if config.has_sliding_layers:
-    sliding_PxTxR = full_PxTxR & (dist_TxR < config.sliding_window)[None]
-  return full_PxTxR, sliding_PxTxR
+    pos_BxR = jnp.repeat(prefix.pos_BxS, B // P, axis=0)
+    valid_BxR = jnp.repeat(prefix.valid_BxS, B // P, axis=0)
+    near_BxTxR = positions_BxT[:, :, None] - pos_BxR[:, None, :] < config.sliding_window
+    sliding_BxTxR = valid_BxR[:, None, :] & near_BxTxR
+  return full_PxTxR, sliding_BxTxR
 
 
-def attention_masks(config: ModelConfig, attention_mask_BxT, cache: KVCache | None):
-  """(full_mask_BxTxS, sliding_mask_BxTxS or None, valid_BxS after writing the new tokens)."""
+def attention_masks(config: ModelConfig, positions_BxT, attention_mask_BxT,
+                    cache: KVCache | None):
+  """(full_mask_BxTxS, sliding_mask_BxTxS or None, valid_BxS and pos_BxS after writing the new
+  tokens): causal in slots, the window in positions (module docstring)."""
   new_valid_BxT = attention_mask_BxT.astype(jnp.bool_)
+  positions_BxT = positions_BxT.astype(jnp.int32)
   T = new_valid_BxT.shape[1]
   if cache is None:
-    valid_BxS, q_slot_T, k_slot_S = new_valid_BxT, jnp.arange(T), jnp.arange(T)
+    valid_BxS, pos_BxS = new_valid_BxT, positions_BxT
+    q_slot_T, k_slot_S = jnp.arange(T), jnp.arange(T)
   else:
     valid_BxS = lax.dynamic_update_slice(cache.valid_BxS, new_valid_BxT, (0, cache.index))
+    pos_BxS = lax.dynamic_update_slice(cache.pos_BxS, positions_BxT, (0, cache.index))
     q_slot_T, k_slot_S = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
-  dist_TxS = q_slot_T[:, None] - k_slot_S[None, :]
-  full_BxTxS = valid_BxS[:, None, :] & (dist_TxS >= 0)[None]
+  causal_TxS = q_slot_T[:, None] >= k_slot_S[None, :]
+  full_BxTxS = valid_BxS[:, None, :] & causal_TxS[None]
   sliding_BxTxS = None
   if config.has_sliding_layers:
-    sliding_BxTxS = full_BxTxS & (dist_TxS < config.sliding_window)[None]
-  return full_BxTxS, sliding_BxTxS, valid_BxS
+    near_BxTxS = positions_BxT[:, :, None] - pos_BxS[:, None, :] < config.sliding_window
+    sliding_BxTxS = full_BxTxS & near_BxTxS
+  return full_BxTxS, sliding_BxTxS, valid_BxS, pos_BxS

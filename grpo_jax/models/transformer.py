@@ -248,10 +248,11 @@ class Decoder(nn.Module):
     if c.scale_embeddings:  # rounded to the parameter dtype, as in transformers
       x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(c.hidden_size), pdtype).astype(dtype)
 
-    full_mask, sliding_mask, valid_BxS = attention_masks(c, attention_mask_BxT, cache)
+    full_mask, sliding_mask, valid_BxS, pos_BxS = attention_masks(
+        c, positions_BxT, attention_mask_BxT, cache)
     prefix_full = prefix_sliding = None
     if prefix is not None:
-      prefix_full, prefix_sliding = prefix_masks(c, prefix, tokens_BxT.shape[1], cache)
+      prefix_full, prefix_sliding = prefix_masks(c, prefix, positions_BxT)
     if tables is None:
       global_rope = rope_angles(c, positions_BxT, sliding=False)
       local_rope = rope_angles(c, positions_BxT, sliding=True) if sliding_mask is not None else None
@@ -278,7 +279,7 @@ class Decoder(nn.Module):
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k_BxKxDxS=tuple(new_k), v_BxKxSxD=tuple(new_v), valid_BxS=valid_BxS,
-                          index=cache.index + tokens_BxT.shape[1])
+                          pos_BxS=pos_BxS, index=cache.index + tokens_BxT.shape[1])
     if return_hidden:
       return x_BxTxE, new_cache
     return _unembed(c, embedding, lm_head, x_BxTxE), new_cache
@@ -326,7 +327,9 @@ def forward(params: Params, config: ModelConfig, tokens_BxT, positions_BxT, atte
     params: from `init_params` or `load_hf_checkpoint`.
     config: the static model description.
     tokens_BxT: int token ids.
-    positions_BxT: int RoPE positions (cumsum(mask) - 1 for right or left padding).
+    positions_BxT: int RoPE positions (cumsum(mask) - 1 for right or left padding); sliding
+      windows measure distance in them too (a cache keeps them per slot), so slots left empty
+      between tokens (mask 0) do not narrow the window.
     attention_mask_BxT: 1 for real tokens, 0 for padding.
     cache: None for a full-sequence pass; else a `KVCache` whose slots [index, index + T) receive
       the new tokens (which attend to every valid earlier slot and causally among themselves).
