@@ -44,7 +44,9 @@ class Stream(enum.IntEnum):
 class Programs:
   """The jitted device functions, each compiled once per run (shapes are fixed)."""
   policy_update: Callable   # (TrainState, TrainBatch) -> (TrainState, metrics); the paradigm's
-  logprobs: Callable        # (params, TrainBatch) -> [B, C]: reference / old-policy passes
+  logprobs: Callable        # (params, TrainBatch) -> [B, C]: the reference pass
+  policy_logprobs: Callable  # (updates.update_params, TrainBatch) -> [B, C]: the old-policy
+                             # pass, the update's forward (no LoRA: `logprobs` itself)
   sample_train: Callable    # (params, ids, mask, key) -> SampleOutput, G per prompt; with
                             # config.tools a multiturn.Programs (start / decode / inject)
   sample_greedy: Callable
@@ -186,6 +188,9 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, 
   logprobs = ts.make_logprob_fn(mesh, params_sh, model_config=model_config,
                                 temperature=g.loss.temperature,
                                 num_microbatches=g.num_microbatches)
+  policy_logprobs = logprobs if not lora_on else ts.make_logprob_fn(
+      mesh, ts.update_params(state_sh["grpo"].params, params_sh), model_config=train_config,
+      temperature=g.loss.temperature, num_microbatches=g.num_microbatches)
   sft_update = None
   if s.sft_steps:
     sft_update = ts.make_update_fn(
@@ -221,7 +226,7 @@ def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, 
         loss_cfg=loss_cfg, frozen_sh=params_sh if lora_on else None, base_config=model_config)
   return Programs(
       bucketed=bucketed,
-      policy_update=policy_update, logprobs=logprobs,
+      policy_update=policy_update, logprobs=logprobs, policy_logprobs=policy_logprobs,
       sample_train=sampler(r.decoding, r.num_samples),
       sample_greedy=sampler(Decoding(0.0), 1),
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
@@ -276,8 +281,9 @@ def lora_base(exp: Experiment, params=None):
 
 
 def policy_params(exp: Experiment, state: ts.TrainState, base=None):
-  """The policy as one plain params tree in the compute dtype, for sampling, evaluation and the
-  old-policy pass: LoRA's adapters merged into the base once, or the master weights cast."""
+  """The policy as one plain params tree in the compute dtype, for sampling and evaluation:
+  LoRA's adapters merged into the base once, or the master weights cast. Not for the
+  old-policy pass, which reads the update's own tree (`updates.update_params`)."""
   if exp.lora:
     return exp.programs.merge(base, state.params)
   return compute_params(exp, state.params)

@@ -9,7 +9,16 @@ The loss is l aggregated over tokens and sequences (`loss_type`):
 
   "grpo":    mean_i  sum_t l * m / |o_i|        (DeepSeekMath; each sequence weighs 1/B)
   "dapo":    sum_{i,t} l * m / sum_{i,t} m      (DAPO; each token weighs the same)
-  "dr_grpo": sum_{i,t} l * m / (B * L)          (Dr. GRPO; L = max completion length)
+  "dr_grpo": sum_{i,t} l * m / (B * L)          (Dr. GRPO; L = the completion budget, below)
+
+Dr. GRPO's L is a constant of the run, not of the batch. The trainer sets it to the sampler's
+budget, L = grpo.max_completion_length + 1 (room for the EOS after max_completion_length tokens;
+`settings.from_config`). TRL's GRPOTrainer divides by per_token_loss.size(0) *
+args.max_completion_length: the rows of its micro-batch (the loss then averaged over
+accumulation steps and processes: the whole batch's B with equal micro-batches, as here) times
+its generation budget, which counts the EOS. So for the same config number N this loss and its
+gradient are N / (N + 1) of TRL's; for the same budget (TRL's max_completion_length = N + 1)
+they are equal.
 
 Every aggregation is a weighted token sum, sum_{i,t} l_{i,t} * w_{i,t}, with weights that depend
 only on the mask of the *whole* optimizer batch (`loss_weights`). So a batch split into
@@ -46,7 +55,8 @@ class LossConfig:
   advantage-weighted NLL (`sft_loss_terms`: SFT with advantages = 1, (Online) RFT with
   1[correct]), aggregated by `loss_type` too ("dapo" = per-token mean NLL, "grpo" = per-sequence
   mean as in DeepSeekMath's unified gradient, eq. 5). `temperature`: the log-probs are those of
-  the sampling distribution softmax(z / T). `max_completion_length`: L of "dr_grpo".
+  the sampling distribution softmax(z / T). `max_completion_length`: L of "dr_grpo" (from a
+  config: grpo.max_completion_length + 1, see the module docstring); None: the batch's width T.
   """
   objective: str = "grpo"
   loss_type: str = "grpo"

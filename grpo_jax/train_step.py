@@ -157,11 +157,19 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
 # ----------------------------------------------------------------------------- update
 
 
+def update_params(params, frozen=None):
+  """The params tree the update's forward reads: the trained params (master dtype, cast to the
+  compute dtype inside the model), or LoRA's frozen base beside the adapters, unmerged. The
+  old-policy pass reads this same tree with the update's model config, so that before the first
+  step its log-probs are the update's and the ratio is exactly 1; a compute-dtype copy (a
+  merged W + (alpha / r) A B, or norm scales rounded to bfloat16) is a different function."""
+  return params if frozen is None else lora.combine(frozen, params)
+
+
 def _loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.LossConfig,
                 vocab_chunk: int, frozen=None, rows=None):
   batch: TrainBatch = mb["batch"]
-  if frozen is not None:  # LoRA: the trained adapters beside the frozen base
-    params = lora.combine(frozen, params)
+  params = update_params(params, frozen)
   logprobs = sequence_logprobs(params, batch, model_config=model_config,
                                temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk,
                                rows=rows)
@@ -275,7 +283,8 @@ def make_update_fn(mesh: Mesh, state_sh: TrainState, *, model_config, optimizer,
 
 def make_logprob_fn(mesh: Mesh, params_sh, *, model_config, temperature: float = 1.0,
                     num_microbatches: int = 1, vocab_chunk: int = 32):
-  """`batched_logprobs` jitted over `mesh` (reference and old-policy passes)."""
+  """`batched_logprobs` jitted over `mesh`: the reference pass, and the old-policy pass with
+  the update's `model_config` and `params_sh` those of `update_params`."""
   fn = functools.partial(batched_logprobs, model_config=model_config, temperature=temperature,
                          num_microbatches=num_microbatches, vocab_chunk=vocab_chunk,
                          rows=_rows(mesh))
@@ -291,12 +300,14 @@ class BucketedPrograms:
   """The update as separate jitted pieces, so that each micro-batch runs at its own width:
   `grads(params, micro_batch, weights[, frozen]) -> (loss, sums, grads)`, `add` (sums two
   such triples), `apply(state, loss, sums, grads) -> (state, metrics)`, `logprobs(params,
-  micro_batch) -> [b, w]`. Each compiles once per width (a few: widths are bucketed); a step
+  micro_batch) -> [b, w]` (the reference pass), `policy_logprobs(update_params, micro_batch)`
+  (the old-policy pass). Each compiles once per width (a few: widths are bucketed); a step
   that meets several new widths compiles them concurrently (`compile_new`)."""
   grads: Any
   add: Any
   apply: Any
   logprobs: Any
+  policy_logprobs: Any  # `grads`' own forward (see `make_bucketed_programs`): the old pass
   loss_cfg: losses.LossConfig  # the objective they compute (its weights: `bucketed_update`)
   # (program name, micro-batch shapes) already compiled in this process: a host-side cache
   compiled: set = dataclasses.field(default_factory=set, compare=False, repr=False)
@@ -306,8 +317,9 @@ def make_bucketed_programs(mesh: Mesh, state_sh: TrainState, params_sh, *, model
                            optimizer, loss_cfg: losses.LossConfig, vocab_chunk: int = 32,
                            frozen_sh=None, base_config=None) -> BucketedPrograms:
   """`BucketedPrograms` over `mesh` (micro-batch rows over the batch axes). `params_sh`: the
-  log-prob pass's params (the full model, `base_config`); `state_sh.params`: the trained ones
-  (LoRA: the adapters, beside `frozen_sh`)."""
+  reference pass's params (the full model, `base_config`); `state_sh.params`: the trained ones
+  (LoRA: the adapters, beside `frozen_sh`), which the old-policy pass reads as the update does
+  (`update_params`)."""
   rows, rep = _rows(mesh), sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
@@ -328,15 +340,20 @@ def make_bucketed_programs(mesh: Mesh, state_sh: TrainState, params_sh, *, model
   logprobs = functools.partial(sequence_logprobs, model_config=base_config or model_config,
                                temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk,
                                rows=rows)
+  out_sh = sharding.batch_sharding(mesh, 2)
+  reference = jax.jit(logprobs, in_shardings=(params_sh, batch_sh), out_shardings=out_sh)
+  policy = reference
+  if frozen_sh is not None:
+    policy = jax.jit(functools.partial(logprobs, model_config=model_config),
+                     in_shardings=(update_params(state_sh.params, frozen_sh), batch_sh),
+                     out_shardings=out_sh)
   return BucketedPrograms(
       grads=jax.jit(grads, in_shardings=in_sh, out_shardings=triple_sh),
       add=jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=triple_sh,
                   donate_argnums=0),
       apply=jax.jit(apply, in_shardings=(state_sh, rep, rep, state_sh.params),
                     out_shardings=(state_sh, rep), donate_argnums=0),
-      logprobs=jax.jit(logprobs, in_shardings=(params_sh, batch_sh),
-                       out_shardings=sharding.batch_sharding(mesh, 2)),
-      loss_cfg=loss_cfg)
+      logprobs=reference, policy_logprobs=policy, loss_cfg=loss_cfg)
 
 
 def bucket_width(needed: int, step: int, limit: int) -> int:
@@ -366,10 +383,12 @@ def _rows_of(batch: TrainBatch, rows, width: int) -> TrainBatch:
                     old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
 
 
-def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh):
+def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh,
+                      name: str = "logprobs"):
   """[B, C] log-probs (NumPy) of a host batch, each micro-batch of `plan` at its own width;
-  0 past a micro-batch's width (where its rows have no tokens)."""
-  return gather_logprobs(dispatch_logprobs(programs, params, batch, plan, mesh),
+  0 past a micro-batch's width (where its rows have no tokens). `name`: "logprobs" (the
+  reference pass) or "policy_logprobs" (the old-policy pass, on `update_params`)."""
+  return gather_logprobs(dispatch_logprobs(programs, params, batch, plan, mesh, name),
                          batch.completion_tokens.shape)
 
 
@@ -390,12 +409,14 @@ def compile_new(programs: BucketedPrograms, name: str, calls: list[tuple]) -> No
   programs.compiled.update(new)
 
 
-def dispatch_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh) -> list:
+def dispatch_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh,
+                      name: str = "logprobs") -> list:
   """`bucketed_logprobs` dispatched, not awaited: [(rows, width, device log-probs)]."""
   parts = [(rows, width, sharding.shard_batch((_rows_of(batch, rows, width),), mesh)[0])
            for rows, width in plan]
-  compile_new(programs, "logprobs", [(params, mb) for _, _, mb in parts])
-  return [(rows, width, programs.logprobs(params, mb)) for rows, width, mb in parts]
+  compile_new(programs, name, [(params, mb) for _, _, mb in parts])
+  fn = getattr(programs, name)
+  return [(rows, width, fn(params, mb)) for rows, width, mb in parts]
 
 
 def gather_logprobs(parts: list, shape) -> np.ndarray:

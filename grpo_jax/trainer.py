@@ -7,7 +7,8 @@ does one job:
 
     roll, position = rollout.collect(exp, policy, position, step, rm_params)  # sample + score
     adv = advantages.coefficients(paradigm.coefficient, roll.scores_KxPxG, ...)  # [N] / [N, C]
-    batch = updates.with_logprobs(exp, policy, reference, rollout.train_batch(roll, adv, ...))
+    params = updates.update_params(exp, state, base)                         # the update's view
+    batch = updates.with_logprobs(exp, params, reference, rollout.train_batch(roll, adv, ...))
     state, figures = updates.update(exp, state, batch)                         # mu steps
 
 (`grpo_step` spells it with host / device overlap: the log-prob passes start before the host
@@ -469,10 +470,13 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   s = exp.settings
   r = s.rollout
   t_step = time.perf_counter()
-  # The policy in the compute dtype (LoRA merged), made once: the sampler and the old pass use it.
+  # The policy in the compute dtype (LoRA merged), made once, for the sampler; the old-policy
+  # pass reads the update's own weights (`updates.update_params`), so the ratio starts at 1.
   policy = experiment.policy_params(exp, models.state, models.base)
   sampler = models.reference if r.paradigm.data == "frozen_policy" else policy
-  start = functools.partial(updates.start_logprobs, exp, policy, models.reference)
+  start = functools.partial(updates.start_logprobs, exp,
+                            updates.update_params(exp, models.state, models.base),
+                            models.reference)
   roll, position = rollout.collect(exp, sampler, loop.position, step,
                                    iterative.rm_params(models.rm_state), start=start)
   adv = advantages.coefficients(r.paradigm.coefficient, roll.scores_KxPxG, exp.rewards.weights,

@@ -1,7 +1,8 @@
 """The device half of a GRPO step: log-prob passes, mu policy updates, the reference policy.
 
-    batch = updates.with_logprobs(exp, policy, reference, batch)  # ref (beta > 0), old (mu > 1)
-    state, figures = updates.update(exp, state, batch, frozen)     # mu optimizer steps
+    params = updates.update_params(exp, state, frozen)            # what the update's forward reads
+    batch = updates.with_logprobs(exp, params, reference, batch)  # ref (beta > 0), old (mu > 1)
+    state, figures = updates.update(exp, state, batch, frozen)    # mu optimizer steps
     ref_params = updates.next_reference(exp, ref_params, state.params, step)
 
 or, overlapping host work (the trainer's step): `started = updates.start_logprobs(...)` as soon
@@ -46,15 +47,24 @@ def trim(batch: TrainBatch, width: int) -> TrainBatch:
                        old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
 
 
-def with_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> TrainBatch:
+def update_params(exp: Experiment, state: TrainState, frozen=None):
+  """The policy as the update's forward reads it (`ts.update_params`): the master weights, or
+  LoRA's base beside the adapters. The old-policy pass takes this, not the sampler's
+  compute-dtype (merged) copy: the ratio's two log-probs must come from one function of the
+  same weights, and a merged bfloat16 copy's log-probs differ from the update's by up to ~1e-2."""
+  return ts.update_params(state.params, frozen)
+
+
+def with_logprobs(exp: Experiment, params, ref_params, batch: TrainBatch) -> TrainBatch:
   """`batch` on the mesh, cut to the completion width it needs (`bucket_width`: rows shorter
   than the budget cost less), with the reference policy's log-probs when the KL is on
   (beta > 0) and the sampling policy's when mu > 1 (for mu = 1 the loss uses the current ones,
-  detached). `policy_params`: `experiment.policy_params` (compute dtype, LoRA merged), what the
-  sampler decoded with. The non-GRPO objectives (advantage-weighted NLL) need neither pass.
+  detached). `params`: `update_params`, the sampling policy as the update computes it (the
+  sampler itself may decode with a compute-dtype, merged copy: a sampling / training mismatch,
+  not the ratio's). The non-GRPO objectives (advantage-weighted NLL) need neither pass.
   With length buckets (`exp.programs.bucketed`) the batch stays on the host and each
   micro-batch runs at its own width (`update` places them)."""
-  return finish(exp, start_logprobs(exp, policy_params, ref_params, batch), batch.advantages)
+  return finish(exp, start_logprobs(exp, params, ref_params, batch), batch.advantages)
 
 
 class Started(NamedTuple):
@@ -65,7 +75,7 @@ class Started(NamedTuple):
   bucketed: bool = False
 
 
-def start_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch) -> Started:
+def start_logprobs(exp: Experiment, params, ref_params, batch: TrainBatch) -> Started:
   """`with_logprobs`'s device work, queued and not awaited: the passes read only tokens, so
   the trainer starts them before the host decodes texts and scores rewards
   (`rollout.collect(start=...)`), and the advantages come later (`finish`)."""
@@ -77,12 +87,14 @@ def start_logprobs(exp: Experiment, policy_params, ref_params, batch: TrainBatch
   if s.rollout.paradigm.objective != "grpo":
     return Started(batch, None, None, buckets is not None)
   if buckets is not None:
-    logprobs = lambda params: ts.dispatch_logprobs(  # noqa: E731
-        exp.programs.bucketed, experiment.compute_params(exp, params), batch, buckets, exp.mesh)
-  else:  # both passes get compute-dtype params and the same batch structure: one compile
-    logprobs = lambda params: exp.programs.logprobs(experiment.compute_params(exp, params), batch)  # noqa: E731
-  ref = logprobs(ref_params) if s.grpo.loss.beta != 0.0 else None
-  old = logprobs(policy_params) if s.grpo.num_iterations > 1 else None
+    logprobs = lambda p, name: ts.dispatch_logprobs(  # noqa: E731
+        exp.programs.bucketed, p, batch, buckets, exp.mesh, name)
+  else:
+    logprobs = lambda p, name: getattr(exp.programs, name)(p, batch)  # noqa: E731
+  ref = (logprobs(experiment.compute_params(exp, ref_params), "logprobs")
+         if s.grpo.loss.beta != 0.0 else None)
+  # `params` uncast: the update casts the master weights inside the model, so this pass does.
+  old = logprobs(params, "policy_logprobs") if s.grpo.num_iterations > 1 else None
   return Started(batch, ref, old, buckets is not None)
 
 

@@ -142,8 +142,9 @@ def test_lora_rejects_a_moving_reference():
 
 from test_trainer import assert_kill_and_resume_is_exact, launch  # noqa: E402
 
+# mu = 2: the old-policy pass on the base beside the adapters (the update's forward), resumed too
 LORA_SMOKE = ["--config=experiments/configs/arithmetic.py:lora,smoke",
-              "--config.grpo.loss.beta=0.04"]
+              "--config.grpo.loss.beta=0.04", "--config.grpo.num_iterations=2"]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def lora_run(tmp_path_factory):
 def test_lora_run_checkpoints_adapters_and_the_base_fingerprint(lora_run):
   rows = metrics.read_metrics(lora_run)
   grpo = [r for r in rows if r["phase"] == "grpo" and "loss" in r]
-  assert [r["step"] for r in grpo] == [1, 2, 3, 4] and grpo[0]["kl"] == 0.0
+  assert [r["step"] for r in grpo] == [1, 2, 3, 4] and grpo[0]["kl/first"] == 0.0
   assert os.path.exists(lora_run / "lora_base" / "model.safetensors")  # the SFT warm start
   from grpo_jax import checkpointing
   with checkpointing.Checkpointer(lora_run / "checkpoints", read_only=True) as ckpt:

@@ -145,6 +145,30 @@ def test_negative_advantage_dapo_and_dr_grpo_hand_values():
   assert float(m["completion_length"]) == pytest.approx(3.0)
 
 
+def test_a_runs_dr_grpo_length_is_the_samplers_budget_at_any_batch_width():
+  """L = grpo.max_completion_length + 1 (the sampler's budget, room for the EOS), where TRL
+  divides by its max_completion_length (losses.py's docstring), also for a batch trimmed to
+  fewer columns (`updates.trim`)."""
+  from experiments.configs import arithmetic as arithmetic_config
+  from grpo_jax import settings
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.grpo.loss.update(loss_type="dr_grpo", beta=0.04)
+  loss_cfg = settings.from_config(cfg, 1).grpo.loss
+  budget = cfg.grpo.max_completion_length + 1
+  assert loss_cfg.max_completion_length == budget == 25
+  lp, old, adv, mask, ref = random_inputs(5, T=7)
+  weights = losses.loss_weights(mask, loss_type="dr_grpo",
+                                max_completion_length=loss_cfg.max_completion_length)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  loss, _ = losses.loss_terms(loss_cfg, f32(lp), f32(mask), f32(adv), weights,
+                              old_logprobs=f32(old), ref_logprobs=f32(ref))
+  want = np_grpo_loss(lp, old, adv, mask, ref, "dr_grpo", loss_cfg.epsilon_low,
+                      loss_cfg.epsilon_high, 0.04, "k3", "token", budget)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  # TRL's constant for the same config number would be 25 / 24 of this loss.
+  assert abs(want * budget / (budget - 1) - float(loss)) > 1e-3 * abs(want)
+
+
 # ----------------------------------------------------------------------------- KL
 
 

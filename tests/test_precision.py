@@ -121,3 +121,49 @@ def test_bf16_run_records_its_dtypes_and_keeps_the_reference_in_compute_dtype(tm
   assert {x.dtype for x in jax.tree.leaves(tree["state"]["params"])} == {np.dtype("float32")}
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(r["loss"]) for r in rows if r["phase"] == "grpo" and "loss" in r)
+
+
+def _rollout_batch(exp, seed: int) -> ts.TrainBatch:
+  """A rollout's batch without sampling: the task's prompts, random ragged completions."""
+  rng = np.random.default_rng(seed)
+  r = exp.settings.rollout
+  N, C = r.num_prompts * r.num_samples, r.max_completion_length + 1
+  mask = (np.arange(C)[None] < rng.integers(1, C + 1, N)[:, None]).astype(np.int32)
+  return ts.TrainBatch(prompt_tokens=exp.train_prompts.ids_NxL[:N],
+                       prompt_mask=exp.train_prompts.mask_NxL[:N],
+                       completion_tokens=rng.integers(3, 50, (N, C)).astype(np.int32) * mask,
+                       completion_mask=mask, advantages=rng.normal(size=N).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype,lora_rank,length_bucket", [
+    ("float32", 0, 0), ("bfloat16", 0, 0), ("float32", 4, 0), ("bfloat16", 4, 0),
+    ("bfloat16", 4, 8)])
+def test_ratio_is_exactly_1_before_the_first_of_mu_steps_and_kl_0_at_init(
+    dtype, lora_rank, length_bucket, tmp_path):
+  """The old-policy pass and the update's forward are one function of the same weights, so the
+  first of mu > 1 steps sees a ratio of exactly 1, after the weights have moved too (norm scales
+  off the bfloat16 grid, nonzero adapters); the reference pass gives KL exactly 0 at init (LoRA:
+  the base, zero adapters). With a zero-width clip range, a ratio off 1 in the direction its
+  advantage favours counts as clipped (clip_frac)."""
+  from grpo_jax import experiment, updates
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.model.dtype, cfg.model.lora.rank = dtype, lora_rank
+  cfg.model.overrides.num_layers = 1
+  cfg.grpo.num_iterations, cfg.grpo.loss.beta = 2, 0.04
+  cfg.grpo.loss.epsilon_low = cfg.grpo.loss.epsilon_high = 0.0
+  cfg.grpo.num_prompts, cfg.grpo.micro_batch_size = 8, 16  # 2 micro-batches in both passes
+  cfg.grpo.length_bucket = length_bucket
+  cfg.grpo.optim.learning_rate = 1e-2
+  exp = experiment.build(settings.from_config(cfg, jax.device_count()), str(tmp_path))
+  base = experiment.lora_base(exp) if exp.lora else None
+  state = experiment.init_state(exp, "grpo")
+  reference = base if exp.lora else experiment.reference_copy(exp, state.params)
+  for step in range(2):  # step 1 starts from the weights step 0's two updates moved
+    batch = _rollout_batch(exp, step)
+    assert (updates.bucketed_plan(exp, batch) is not None) == bool(length_bucket)
+    batch = updates.with_logprobs(exp, updates.update_params(exp, state, base), reference, batch)
+    state, figures = updates.update(exp, state, batch, frozen=base)
+    assert figures["clip_frac/first"] == 0.0, (step, figures["clip_frac/first"])
+    if step == 0:
+      assert figures["kl/first"] == 0.0
+  assert figures["kl/first"] > 1e-4 and figures["clip_frac/last"] > 0  # the weights did move

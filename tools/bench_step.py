@@ -29,7 +29,7 @@ one (each timer waits for its device work):
     policy = experiment.policy_params(exp, state)               # compute-dtype copy (no-op f32)
     roll, position = rollout.collect(exp, policy, position, step)   # gen_s (+ score_s)
     adv = advantages.coefficients(...); batch = rollout.train_batch(roll, adv, ...)
-    batch = updates.with_logprobs(exp, policy, ref, batch)      # ref_s: batch to device + ref pass
+    batch = updates.with_logprobs(exp, state.params, ref, batch)  # ref_s: to device + ref pass
     state, figures = updates.update(exp, state, batch)          # update_s
     ref = updates.next_reference(exp, ref, state.params, step + 1)
 
@@ -164,7 +164,7 @@ def timed_step(exp, state, ref, position, step: int):
                                 scale=r.advantage_scale, num_tokens=roll.tokens_NxC.shape[1])
   batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
   t2 = time.perf_counter()
-  batch = updates.with_logprobs(exp, policy, ref, batch)
+  batch = updates.with_logprobs(exp, updates.update_params(exp, state), ref, batch)
   jax.block_until_ready(batch.ref_logprobs)
   t3 = time.perf_counter()
   state, figures = updates.update(exp, state, batch)  # waits: it reads the step's metrics
