@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax.rewards import scoring
+
 Scale = Literal["group", "batch", "none"]
 _SCALES = ("group", "batch", "none")
 
@@ -27,7 +29,9 @@ _SCALES = ("group", "batch", "none")
 def combine_rewards(rewards_KxPxG: jax.Array, weights_K=None) -> jax.Array:
   """Weighted sum of K reward functions' scores, before any normalisation: [K, P, G] -> [P, G].
 
-  `weights_K` defaults to ones (each reward function counts once).
+  `weights_K` defaults to ones (each reward function counts once). A NaN score (the reward
+  returned None: it does not apply to that completion) is left out of the sum, TRL's nansum of
+  weighted rewards.
   """
   rewards_KxPxG = jnp.asarray(rewards_KxPxG)
   if rewards_KxPxG.ndim != 3:
@@ -39,7 +43,8 @@ def combine_rewards(rewards_KxPxG: jax.Array, weights_K=None) -> jax.Array:
   if weights_K.shape != (num_fns,):
     raise ValueError(
         f"combine_rewards: {num_fns} reward functions but weights has shape {weights_K.shape}")
-  return jnp.einsum("kpg,k->pg", rewards_KxPxG, weights_K)
+  applies = ~jnp.isnan(rewards_KxPxG)
+  return jnp.einsum("kpg,k->pg", jnp.where(applies, rewards_KxPxG, 0), weights_K)
 
 
 def _check_rewards(rewards, weights) -> jax.Array:
@@ -148,7 +153,7 @@ def coefficients(coefficient: str, scores_KxPxG, weights_K, *, scale: Scale = "g
   if coefficient == "one":
     return np.ones((P * G,), np.float32)
   if coefficient == "correct":
-    combined_PxG = np.einsum("k,kpg->pg", np.asarray(weights_K), scores_KxPxG)
+    combined_PxG = scoring.weighted_sum(weights_K, scores_KxPxG)
     return (combined_PxG > 0).astype(np.float32).reshape(P * G)
   if coefficient == "group":
     adv_PxG = group_advantages(scores_KxPxG, scale=scale, weights=weights_K)

@@ -6,6 +6,9 @@ Each figure comes in two readings of a completion's answer:
   strict   only a `####`-anchored answer counts (`eval/accuracy_strict`, `eval/strict_pass_at_k`,
            `eval/strict_maj_at_k`): what the GSM8K protocol scores, and what a model that has
            not learnt the answer format is not credited for.
+With tools (config.tools) the answer is read from the policy's text alone (its turns, not the
+tool's output: a printed number is not an answer the policy gave), as the training rewards read
+it; samples show the whole episode too.
 The gap between the two is the part of the accuracy that the answer format does not carry. The
 strict pass@k / maj@k names start with `strict_` so that `eval/pass_at_*` still names pass@k
 alone (tools/plot_metrics.py's default curves).
@@ -72,24 +75,29 @@ def answer_key(text: str, *, strict: bool = False):
 
 def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int, key,
                     progress: Optional[ProgressFn] = None, what: str = "",
-                    episode_figures: Optional[list] = None):
-  """Completions of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b)."""
+                    episode_figures: Optional[list] = None,
+                    episode_texts: Optional[list] = None):
+  """Completions of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b); with
+  tools, the policy's text of each episode. `episode_texts` gets the whole texts (with tools,
+  the episodes, tool output included; else the completions again)."""
   ids, mask = exp.eval_prompts.ids_NxL, exp.eval_prompts.mask_NxL
   starts = range(0, num, batch_size)
   texts = []
   for b, start in enumerate(starts):
     rows = np.arange(start, start + batch_size) % num  # fixed shape: the last batch wraps
-    if exp.env is not None:  # tool-integrated: the episodes' whole text
+    if exp.env is not None:  # tool-integrated: the policy's text is what is scored
       ep = rollout.episodes(exp, sampler, params, ids[rows], mask[rows],
                             jax.random.fold_in(key, b), [exp.task.eval[i] for i in rows])
-      decoded = list(ep.texts)
+      decoded, whole = list(ep.policy_texts), list(ep.texts)
       if episode_figures is not None:
         episode_figures.append(ep.figures)
     else:
       out = sampler(params, *exp.shard(ids[rows], mask[rows]), jax.random.fold_in(key, b))
-      decoded = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
-    per_prompt = len(decoded) // batch_size
-    texts += decoded[:min(batch_size, num - start) * per_prompt]
+      decoded = whole = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
+    kept = min(batch_size, num - start) * (len(decoded) // batch_size)
+    texts += decoded[:kept]
+    if episode_texts is not None:
+      episode_texts += whole[:kept]
     if progress is not None:
       progress(what, b + 1, len(starts))
   return texts
@@ -108,10 +116,10 @@ def evaluate(exp: Experiment, params, step: int, *,
   params = experiment.decode_params(exp, params)
   records = exp.task.eval
   n = min(len(records), e.num_problems or len(records))
-  episode_figures = []
+  episode_figures, whole = [], []
   greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,
                            exp.key(Stream.EVAL_GREEDY, step), progress, "greedy",
-                           episode_figures)
+                           episode_figures, whole)
   answers = [r["final_answer"] for r in records[:n]]
   correct = _correct(greedy, answers, strict=False)
   flawed = np.asarray([bool(r.get("has_flawed_verb", False)) for r in records[:n]])
@@ -127,7 +135,8 @@ def evaluate(exp: Experiment, params, step: int, *,
     pass_k, maj_k = _at_k(groups, answers, strict=False)
     pass_k_strict, maj_k_strict = _at_k(groups, answers, strict=True)
   samples = [{"prompt": exp.task.prompt(records[i]), "completion": greedy[i],
-              "final_answer": answers[i], "correct": bool(correct[i])}
+              "final_answer": answers[i], "correct": bool(correct[i]),
+              **({"episode": whole[i]} if exp.env is not None else {})}
              for i in range(min(n, e.log_samples))]
   return EvalResult(
       accuracy=float(correct.mean()),

@@ -118,7 +118,7 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
   env = tasks.make_env(s, env, workdir)
   tool_isolation(s, env)  # before any compile: model-written code must be confined
   rewards = tasks.reward_functions(s.rollout, s.reward_model, reward_fns)
-  tasks.check_rewards(rewards, task, s.rollout)  # your reward functions fail here, not mid-run
+  tasks.check_rewards(rewards, task, s.rollout, env)  # your reward functions fail here, not mid-run
   tokenizer = tasks.build_tokenizer(s, workdir, task)
   encode = functools.partial(tasks.encode_prompts, tokenizer, task, r=s.rollout)
   teacher = None
@@ -141,6 +141,8 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
     rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), base_key)
     state_sh["rm"] = rm_lib.rm_state_shardings(mesh, base_config, optimizers["rm"], rm_shapes)
   decode_sh = _decode_shardings(s, mesh, base_config, params_sh, params_shapes)
+  if env is not None:  # a malformed environment fails here, before anything compiles
+    multiturn.check_environment(env)
   stop_seqs = multiturn.stop_sequences(tokenizer, env.stop_strings) if env is not None else None
   programs = _programs(s, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
                        tokenizer.pad_id, decode_sh, stop_seqs)

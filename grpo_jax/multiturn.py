@@ -4,7 +4,8 @@
     episodes = multiturn.rollout(programs, params, prompt_ids_PxT, prompt_mask_PxT, rng,
                                  env, records_P, tokenizer)
     episodes.tokens_BxC, .policy_mask_BxC (loss mask: the policy's tokens), .env_mask_BxC,
-    .logprobs_BxC (exact, policy tokens), .truncated_B, .turns (per row: texts, tool results)
+    .logprobs_BxC (exact, policy tokens), .truncated_B, .turns (per row: texts, tool results),
+    .policy_texts (what rewards score) and .texts (the whole episode), .lengths_B
 
 An episode alternates policy turns and observations. The policy decodes until every row has
 either ended its turn with a stop sequence (a tool call, e.g. Qwen's "```output"), emitted an
@@ -31,7 +32,10 @@ Design:
   multi-token stop string always ends the turn where its text ends.
 - Budgets: `max_new_tokens` (C) counts policy + observation tokens of a row (what the trainer
   sees); an observation that does not fit ends the episode as truncated. The timeline has
-  `slots` >= C slots; a row still generating when it is full is truncated.
+  `slots` >= C slots; a row still generating when it is full is truncated. An episode is
+  truncated when it ends without an EOS for want of room (tokens, timeline, turns), whatever
+  happened in earlier turns. An observation over `max_observation_tokens` is cut (the
+  environment's `observation_template` kept whole: `Environment`).
 - Three jitted programs: `start` (prefill + first draw), `decode` (the turn's while_loop),
   `inject` (retraction, observation tokens, the first draw of the next turn); `inject` compiles
   once per observation width K, bucketed to multiples of 16.
@@ -75,8 +79,15 @@ class Environment(Protocol):
   """An environment in a page: `reset` from a dataset record, `step` on the policy's text.
 
   `stop_strings` end a policy turn (the environment is stepped on the turn's text); an EOS ends
-  the episode without a step. `step` runs in a worker thread, concurrently for the rows of a
-  batch: keep per-episode data in the state it returns, not on `self`.
+  the episode without a step. With no stop strings the environment is never stepped: every
+  episode is one turn, as single-turn sampling. `step` runs in a worker thread, concurrently for
+  the rows of a batch: keep per-episode data in the state it returns, not on `self`.
+
+  Optional: `observation_template`, a str.format template with one `{output}` field (the Python
+  tool's "\n{output}\n```\n"). An observation written with it that is over
+  `max_observation_tokens` keeps the template's text whole and loses the end of its output
+  (marked " ..."), so the policy still reads the fence that closes the output; any other
+  observation over the limit loses its last tokens.
   """
   stop_strings: tuple[str, ...]
 
@@ -142,12 +153,14 @@ class TurnState:
 def _stop_table(settings: TurnSettings) -> tuple[np.ndarray, np.ndarray]:
   """([M, L] right-aligned stop ids, -2 where shorter; [M, L] bool: compared positions)."""
   L = settings.stop_len
+  # No stop sequences: one that no token equals (ids are >= 0, `recent` holds -1 before a
+  # turn's start); a row without compared positions would match every token.
   seqs = settings.stop_seqs or ((-3,),)
   table = np.full((len(seqs), L), -2, np.int32)
   used = np.zeros((len(seqs), L), bool)
   for m, seq in enumerate(seqs):
     table[m, L - len(seq):] = seq
-    used[m, L - len(seq):] = bool(settings.stop_seqs)
+    used[m, L - len(seq):] = True
   return table, used
 
 
@@ -314,7 +327,12 @@ class Turn:
 
 @dataclasses.dataclass(frozen=True)
 class Episodes:
-  """B = P * G episodes, prompt-major rows, compacted: real tokens only, right-padded to C."""
+  """B = P * G episodes, prompt-major rows, compacted: real tokens only, right-padded to C.
+
+  Two readings of an episode: the policy's (its turns' tokens and text: the loss mask, what
+  rewards score as `completions`) and the whole episode's (observations included: what the
+  model read, what the token budget C counts, so what `truncated_B` and `lengths_B` refer to).
+  """
   tokens_BxC: np.ndarray       # int32, pad after the episode
   policy_mask_BxC: np.ndarray  # int32 1 on the policy's tokens: the loss mask
   env_mask_BxC: np.ndarray     # int32 1 on observation tokens
@@ -323,7 +341,27 @@ class Episodes:
   turns: tuple[tuple[Turn, ...], ...]
   env_reward_B: np.ndarray     # float32: sum of the environment's step rewards
   texts: tuple[str, ...]       # the whole episode's text (policy + observations)
+  policy_texts: tuple[str, ...]  # the policy's text alone (its turns, in order)
+  lengths_B: np.ndarray        # int32 tokens before the EOS, policy + observations
+  policy_lengths_B: np.ndarray  # int32 the policy's tokens before the EOS
   figures: dict
+
+
+def check_environment(env, name: Optional[str] = None) -> None:
+  """ValueError naming the environment (`name`, else its class) and the field, unless it has
+  `reset`, `step` and `stop_strings` a sequence of non-empty strings (() is single-turn). A bare
+  string would end a turn at each of its characters, an empty one after every token."""
+  name = name or type(env).__name__
+  for field in ("reset", "step", "stop_strings"):
+    if not hasattr(env, field):
+      raise ValueError(f"environment {name} has no {field!r} (see grpo_jax/multiturn.py "
+                       "Environment)")
+  stops = env.stop_strings
+  if (isinstance(stops, (str, bytes)) or not isinstance(stops, Sequence)
+      or not all(isinstance(x, str) and x for x in stops)):
+    raise ValueError(f"{name}.stop_strings = {stops!r}: a tuple of non-empty strings, each of "
+                     "which ends a policy turn (e.g. ('```output',)); () for single-turn "
+                     "episodes")
 
 
 def stop_sequences(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
@@ -357,6 +395,43 @@ def _stop_cut(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> Optiona
   return len(ids)
 
 
+CUT_MARK = " ..."  # ends an output that was cut short
+
+
+def _template_parts(template: Optional[str]) -> Optional[tuple[str, str]]:
+  """The text of `template` before and after its `{output}` field, or None."""
+  try:
+    parts = template.format(output="\0").split("\0") if template else []
+  except (KeyError, IndexError, ValueError):
+    return None
+  return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def _observation_ids(tokenizer, observation: str, limit: int,
+                     template: Optional[str] = None) -> list[int]:
+  """The observation's tokens, at most `limit`. One written with `template` (the environment's
+  `observation_template`) that does not fit keeps the template's text and as much of its output
+  as fits, then CUT_MARK; if even the template does not fit, or the observation is not written
+  with it, its first `limit` tokens."""
+  ids = list(tokenizer.encode(observation)) if observation else []
+  parts = _template_parts(template)
+  if len(ids) <= limit or parts is None:
+    return ids[:limit]
+  before, after = parts
+  if (not observation.startswith(before) or not observation.endswith(after)
+      or len(observation) < len(before) + len(after)):
+    return ids[:limit]
+  output = observation[len(before):len(observation) - len(after)]
+  encode = lambda n: list(tokenizer.encode(before + output[:n] + CUT_MARK + after))  # noqa: E731
+  if len(encode(0)) > limit:
+    return ids[:limit]
+  lo, hi = 0, len(output)  # the most characters of the output that fit: encode(lo) fits
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if len(encode(mid)) <= limit else (lo, mid - 1)
+  return encode(lo)
+
+
 def _bucket(k: int, limit: int) -> int:
   return min(max(16, -(-k // 16) * 16), max(16, -(-limit // 16) * 16))
 
@@ -366,15 +441,21 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
             max_workers: int = 4, to_host=np.asarray) -> Episodes:
   """G episodes per prompt with `env`: decode, step the environments, continue (module doc).
   `to_host` fetches a device array (the driver's gathers a multi-host one)."""
+  check_environment(env)
   settings = programs.settings
   s = settings.sampling
   G, C, S = s.num_samples, s.max_new_tokens, settings.slots
   B = len(records_P) * G
+  template = getattr(env, "observation_template", None)
   env_states = [env.reset(dict(records_P[b // G])) for b in range(B)]
   turns: list[list[Turn]] = [[] for _ in range(B)]
   env_reward = np.zeros(B, np.float32)
   finished = np.zeros(B, bool)
-  truncated = np.zeros(B, bool)   # budgets the host enforces (observation did not fit)
+  # The host decides truncation from how each episode ended, not from the device's flag: that
+  # one is sticky, and a turn the host cut at a stop string ran to its budget only in tokens the
+  # host retracted (the row is resumed, or ended by its environment).
+  truncated = np.zeros(B, bool)
+  eos = np.zeros(B, bool)         # the episode ended with an EOS (its last policy token)
   keep = np.ones((B, S), bool)    # slots the host retracted (after a stop string)
   turn_start = np.zeros(B, np.int64)  # slot of the first token of the row's current turn
   timer = {"decode_s": 0.0, "env_s": 0.0}
@@ -395,7 +476,8 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
         cut = _stop_cut(tokenizer, ids, env.stop_strings) if ids else None
         if cut is None:  # EOS, or a budget: the episode is over
           turns[b].append(Turn(tokenizer.decode(ids)))
-          finished[b] = True
+          eos[b] = bool(ids) and ids[-1] in s.eos_ids
+          finished[b], truncated[b] = True, not eos[b]
           continue
         keep[b, slots[cut:]] = False
         text = tokenizer.decode(ids[:cut])
@@ -412,8 +494,8 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
       for b, text, future in futures:
         env_states[b], out = future.result()
         env_reward[b] += float(out.reward)
-        ids = (list(tokenizer.encode(out.observation))[:settings.max_observation_tokens]
-               if out.observation else [])
+        ids = _observation_ids(tokenizer, out.observation, settings.max_observation_tokens,
+                               template)
         if count[b] + len(ids) + (0 if out.done else 1) > C:  # no room: ends truncated
           ids, truncated[b] = [], True
         # The next turn starts from the observation's last token: an empty one ends the episode.
@@ -443,11 +525,10 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
   finally:
     pool.shutdown(wait=True)
   final = {name: to_host(x) for name, x in (("tokens", state.tokens_BxS), ("kind", state.kind_BxS),
-                                            ("logprobs", state.logprobs_BxS),
-                                            ("truncated", state.truncated_B))}
+                                            ("logprobs", state.logprobs_BxS))}
   timer["decode_s"] += time.perf_counter() - t0
   final["kind"] = np.where(keep, final["kind"], HOLE)
-  final["truncated"] = final["truncated"].astype(bool) | truncated
+  final["truncated"], final["eos"] = truncated, eos
   return _compact(final, turns, env_reward, C, s.pad_id, tokenizer, timer)
 
 
@@ -468,6 +549,7 @@ def _compact(final: dict, turns, env_reward, C: int, pad_id: int, tokenizer,
     env_mask[b, :n] = final["kind"][b, slots] == ENV
     logprobs[b, :n] = final["logprobs"][b, slots] * policy[b, :n]
   texts = tuple(tokenizer.decode_batch(tokens, policy | env_mask))
+  policy_texts = tuple(tokenizer.decode_batch(tokens, policy))
   calls = [sum(t.observation is not None for t in row) for row in turns]
   statuses: dict[str, int] = {}
   for row in turns:
@@ -483,5 +565,10 @@ def _compact(final: dict, turns, env_reward, C: int, pad_id: int, tokenizer,
   total_calls = max(sum(calls), 1)
   for status, n in sorted(statuses.items()):
     figures[f"episode/tool_{status}"] = n / total_calls
-  return Episodes(tokens, policy, env_mask, logprobs, final["truncated"],
-                  tuple(tuple(row) for row in turns), env_reward, texts, figures)
+  eos = final["eos"].astype(np.int32)
+  return Episodes(
+      tokens_BxC=tokens, policy_mask_BxC=policy, env_mask_BxC=env_mask, logprobs_BxC=logprobs,
+      truncated_B=final["truncated"], turns=tuple(tuple(row) for row in turns),
+      env_reward_B=env_reward, texts=texts, policy_texts=policy_texts,
+      lengths_B=((policy | env_mask).sum(1) - eos).astype(np.int32),
+      policy_lengths_B=(policy.sum(1) - eos).astype(np.int32), figures=figures)

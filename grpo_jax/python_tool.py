@@ -27,7 +27,7 @@ import signal
 import threading
 
 from grpo_jax import sandbox
-from grpo_jax.multiturn import EnvStep
+from grpo_jax.multiturn import CUT_MARK, EnvStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,12 @@ class PythonTool:
                           info={"status": result.status, "seconds": result.seconds})
 
   def observation(self, output: str) -> str:
+    """The template around the output, at most `max_output_chars` of it. The rollout cuts the
+    output further to fit `max_observation_tokens`, keeping the template whole
+    (`multiturn.Environment`'s `observation_template`)."""
     output = output.strip()
     if len(output) > self.max_output_chars:
-      output = output[:self.max_output_chars] + " ..."
+      output = output[:self.max_output_chars] + CUT_MARK
     return self.observation_template.format(output=output)
 
   def teacher_segments(self, solution: str) -> list[tuple[str, bool]]:

@@ -9,6 +9,8 @@ policy), samples with the jitted sampler (`fold_in(Stream.ROLLOUT key, step)`, t
 round), decodes, and scores every row with the reward functions (text) and the learned ORM
 (tokens). DAPO dynamic sampling is a selection over groups: draw up to 1 + max_resample_rounds
 rounds of P prompts, keep groups whose weighted rewards differ, fill up with zero-spread ones.
+With tools, the rows are episodes (`multiturn.rollout`): rewards and the verifier score the
+policy's text, the whole episode is the rewards' `episodes` argument and samples' "episode".
 
 Host and device overlap: `start(token_batch)` is called as soon as a step's tokens are on the
 host, before their texts are decoded and scored (when no selection follows: no dynamic
@@ -57,11 +59,12 @@ class Rollout:
   truncated_N: np.ndarray    # bool: no EOS within the budget
   scores_KxPxG: np.ndarray   # float32 reward rows, unweighted, in `exp.rewards.names` order
   verified_N: np.ndarray     # float32 exact-answer verifier (RM labels, verified accuracy)
-  texts: tuple[str, ...]     # N decoded completions
+  texts: tuple[str, ...]     # N decoded completions (tools: the policy's text, as scored)
   records: tuple[dict, ...]  # P problems
   steps: Optional[StepRewards]
   figures: dict              # host-side figures: rewards, rounds, timing
   started: Any = None        # what `collect`'s `start` returned for this rollout's tokens
+  episode_texts: tuple[str, ...] = ()  # tools: N whole episodes (tool output included)
 
 
 def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_params=None,
@@ -93,7 +96,7 @@ def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_
     failed_K += drawn["failed"]
     t_sample += t1 - t0
     gen_tokens += int(drawn["mask"].sum())
-    combined_PxG = (weights @ drawn["scores"]).reshape(P, G)
+    combined_PxG = rewards_lib.weighted_sum(weights, drawn["scores"]).reshape(P, G)
     drawn["spread_P"] = ~np.all(combined_PxG == combined_PxG[:, :1], axis=1)
     zero_spread += int((~drawn["spread_P"]).sum()) if k == 0 else 0
     rounds.append(drawn)
@@ -127,9 +130,12 @@ def _sample(exp: Experiment, params, idx, key) -> dict:
   records = [exp.task.train[i] for i in idx]
   if exp.env is not None:
     ep = episodes(exp, exp.programs.sample_train, params, ids, mask, key, records)
+    # Rewards score the policy's text; the episode (tool output included) is their
+    # `episodes` argument.
     return dict(records=records, ids=np.repeat(ids, G, 0), pmask=np.repeat(mask, G, 0),
                 tokens=ep.tokens_BxC, mask=ep.policy_mask_BxC, truncated=ep.truncated_B,
-                texts=list(ep.texts), episodes=ep, figures=ep.figures)
+                texts=list(ep.policy_texts), lengths=ep.policy_lengths_B,
+                episode_texts=list(ep.texts), episodes=ep, figures=ep.figures)
   out = exp.programs.sample_train(params, *exp.shard(ids, mask), key)
   tokens, cmask = to_host(out.tokens), to_host(out.mask)
   return dict(records=[exp.task.train[i] for i in idx], ids=np.repeat(ids, G, 0),
@@ -150,10 +156,12 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
   r = exp.settings.rollout
   cmask, truncated = drawn["mask"], drawn["truncated"]
   texts = drawn.get("texts") or exp.tokenizer.decode_batch(drawn["tokens"], cmask)
+  lengths = drawn.get("lengths")
+  if lengths is None:
+    lengths = completion_lengths(cmask, truncated)
   prompts_P = [exp.task.prompt(rec) for rec in drawn["records"]]
-  columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask,
-                                 completion_lengths(cmask, truncated), r.num_samples,
-                                 drawn.get("episodes"))
+  columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask, lengths,
+                                 r.num_samples, drawn.get("episodes"))
   fns = exp.rewards.fns
   failed_K = np.zeros(len(exp.rewards.names), bool)
   if fns:
@@ -184,8 +192,9 @@ def _mean_figures(rows: list[dict]) -> dict:
 
 
 def completion_lengths(mask_NxC, truncated_N) -> np.ndarray:
-  """Tokens of each completion before its EOS (the length that over-long shaping reads): the
-  mask counts the EOS of every completion that was not truncated."""
+  """Tokens of each single-turn completion before its EOS: the mask counts the EOS of every
+  completion that was not truncated. (An episode can end without an EOS and not truncated, by
+  its environment: `multiturn.Episodes` counts its own lengths.)"""
   return np.asarray(mask_NxC).sum(1) - (~np.asarray(truncated_N, bool))
 
 
@@ -197,6 +206,7 @@ def _select_groups(exp, rounds: list[dict], P: int, G: int, keep_all: bool) -> R
   rows_N = (pick_P[:, None] * G + np.arange(G)).reshape(-1)
   cat = lambda key: np.concatenate([d[key] for d in rounds], axis=-1 if key == "scores" else 0)  # noqa: E731
   texts = [t for d in rounds for t in d["texts"]]
+  episode_texts = [t for d in rounds for t in d.get("episode_texts", ())]
   records = [rec for d in rounds for rec in d["records"]]
   K = rounds[0]["scores"].shape[0]
   return Rollout(
@@ -204,7 +214,8 @@ def _select_groups(exp, rounds: list[dict], P: int, G: int, keep_all: bool) -> R
       tokens_NxC=cat("tokens")[rows_N], mask_NxC=cat("mask")[rows_N],
       truncated_N=cat("truncated")[rows_N], scores_KxPxG=cat("scores")[:, rows_N].reshape(K, P, G),
       verified_N=cat("verified")[rows_N], texts=tuple(texts[i] for i in rows_N),
-      records=tuple(records[p] for p in pick_P), steps=None, figures={})
+      records=tuple(records[p] for p in pick_P), steps=None, figures={},
+      episode_texts=tuple(episode_texts[i] for i in rows_N) if episode_texts else ())
 
 
 def step_rewards(exp: Experiment, roll: Rollout, rm_params) -> StepRewards:
@@ -232,14 +243,14 @@ def step_rewards(exp: Experiment, roll: Rollout, rm_params) -> StepRewards:
 
 def _figures(roll: Rollout, rewards, steps: Optional[StepRewards], P: int, G: int) -> dict:
   scores = roll.scores_KxPxG
-  combined = (np.einsum("k,kpg->pg", np.asarray(rewards.weights), scores) if scores.shape[0]
+  combined = (rewards_lib.weighted_sum(rewards.weights, scores) if scores.shape[0]
               else np.zeros((P, G), np.float32))
   figures = {"reward": float(combined.mean()), "reward_std": float(combined.std()),
              "truncated_fraction": float(roll.truncated_N.mean()),
              # generated tokens per completion, EOS included, truncated ones too
              "completion_length": float(roll.mask_NxC.sum(1).mean())}
-  for k, name in enumerate(rewards.names):
-    figures[f"reward/{name}"] = float(scores[k].mean())
+  for name, mean in zip(rewards.names, rewards_lib.reward_means(scores)):
+    figures[f"reward/{name}"] = mean
   figures["verified_accuracy"] = float(roll.verified_N.mean())
   if steps is not None:
     figures["step_reward"] = float((steps.rewards_NxS * steps.mask_NxS).sum()
@@ -279,13 +290,15 @@ def samples(exp: Experiment, roll: Rollout, advantages, num: int = 2) -> list[di
   samples.jsonl."""
   if not roll.records:
     return []
-  combined = np.einsum("k,kpg->pg", np.asarray(exp.rewards.weights), roll.scores_KxPxG) \
+  combined = rewards_lib.weighted_sum(exp.rewards.weights, roll.scores_KxPxG) \
       if roll.scores_KxPxG.shape[0] else np.zeros(roll.scores_KxPxG.shape[1:], np.float32)
   rows = []
   for i in range(min(exp.settings.rollout.num_samples, num)):
     row = {"question": roll.records[0]["question"], "completion": roll.texts[i],
            "final_answer": roll.records[0]["final_answer"], "reward": float(combined[0, i]),
            "advantage": float(np.asarray(advantages)[i].mean())}
+    if roll.episode_texts:  # tools: "completion" is the policy's text, this the whole episode
+      row["episode"] = roll.episode_texts[i]
     if roll.steps is not None:  # per-step rewards and their token spans, for inspection
       st = roll.steps
       ends = st.end_NxS[i][st.mask_NxS[i] > 0].tolist()

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import models, paths
+from grpo_jax import models, multiturn, paths
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax.data import arithmetic, chat, prompts, tool_arithmetic
@@ -27,8 +27,8 @@ from grpo_jax.settings import ConfigError, RewardModelSettings, RolloutSettings,
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """Records with `question`, `answer` (worked solution), `final_answer` and every source column
-  (grpo_jax/data/records.py)."""
+  """Records: every source column as written, plus `question`, `solution` (worked solution) and
+  `final_answer` (grpo_jax/data/records.py)."""
   train: list[dict]       # GRPO prompts
   sft: list[dict]         # warm-start targets (may hold a flawed teacher's solutions)
   eval: list[dict]        # held out
@@ -154,7 +154,7 @@ def build_tokenizer(s: Settings, workdir: str, task: Task) -> tokenizer_lib.Toke
   model_file = paths.as_path(workdir) / "tokenizer.model"
   if model_file.exists():  # resume: the same tokenizer, bit for bit
     return tokenizer_lib.SentencePieceTokenizer(model_proto=model_file.read_bytes())
-  texts = [task.prompt(r) + " " + r["answer"] for r in task.train]
+  texts = [task.prompt(r) + " " + r["solution"] for r in task.train]
   if jax.process_index() != 0:
     raise ConfigError("multi-host runs need config.tokenizer.path (train it once beforehand)")
   tokenizer = tokenizer_lib.train_sentencepiece(texts, vocab_size=s.tokenizer_vocab_size)
@@ -207,7 +207,7 @@ def encode_targets(tokenizer, records: Sequence[dict], max_len: int, env=None) -
   mask = np.zeros((len(records), max_len), np.int32)
   split = getattr(env, "teacher_segments", None)
   for i, rec in enumerate(records):
-    parts = split(rec["answer"]) if split else [(rec["answer"], False)]
+    parts = split(rec["solution"]) if split else [(rec["solution"], False)]
     seq, weight = [], []
     for n, (text, is_obs) in enumerate(parts):
       enc = tokenizer.encode((" " if n == 0 else "") + text)
@@ -334,9 +334,11 @@ def reward_columns(records: Sequence[dict], prompts_P: Sequence[str], tokens_NxC
                    lengths_N, group_size: int, episodes=None) -> dict[str, list]:
   """What a reward function receives besides `completions`, one value per completion: every
   column of the record, `prompts` (the prompt text), `completion_ids` (token ids up to and
-  including the EOS) and `completion_length` (tokens before the EOS); with tools, `episodes`
-  (per completion: its turns, each {"text", "observation", "info"}, the tool calls and the
-  environment's reward)."""
+  including the EOS) and `completion_length` (tokens before the EOS), all of the policy's
+  tokens; with tools (`episodes`: multiturn.Episodes), `episodes`: per completion the whole
+  episode, tool output included: "text", "length" (its tokens before the EOS, policy and tool:
+  what the token budget counts), "turns" (each {"text", "observation", "info"}), "tool_calls"
+  and "env_reward"."""
   keys = dict.fromkeys(k for rec in records for k in rec)  # in order; json rows may differ
   columns = rewards_lib.expand_columns({k: [rec.get(k) for rec in records] for k in keys},
                                        group_size)
@@ -345,27 +347,68 @@ def reward_columns(records: Sequence[dict], prompts_P: Sequence[str], tokens_NxC
   columns["completion_length"] = np.asarray(lengths_N).tolist()
   if episodes is not None:
     columns["episodes"] = [
-        {"turns": [dataclasses.asdict(t) for t in row], "env_reward": float(r),
-         "tool_calls": sum(t.observation is not None for t in row)}
-        for row, r in zip(episodes.turns, episodes.env_reward_B)]
+        {"text": text, "length": int(n), "turns": [dataclasses.asdict(t) for t in row],
+         "env_reward": float(r), "tool_calls": sum(t.observation is not None for t in row)}
+        for text, n, row, r in zip(episodes.texts, episodes.lengths_B, episodes.turns,
+                                   episodes.env_reward_B, strict=True)]
   return columns
 
 
-def check_rewards(rewards: Rewards, task: Task, r: RolloutSettings) -> None:
-  """Calls each reward function once on two training records' solutions, before anything
-  compiles: a wrong signature, a missing column or a bad return value is a ConfigError naming
-  the reward (with reward_errors = "zero" only a warning)."""
+def check_rewards(rewards: Rewards, task: Task, r: RolloutSettings, env=None) -> None:
+  """Calls each reward function once on two training records' solutions, with the arguments a
+  real call gets, before anything compiles: a wrong signature, a missing column, a bad return
+  value or a row no reward applies to is a ConfigError naming the reward or the row (with
+  reward_errors = "zero", a failing function is only a warning). With an environment (multi-turn
+  run) `episodes` replays each solution, the environment not run: its turns and the tool output
+  written in it (`env.teacher_segments`, else one turn), no info, environment reward 0; the
+  completions are the policy's part of it, as in a rollout."""
   rows = task.train[:2]
-  texts = [rec["answer"] or rec["final_answer"] for rec in rows]
+  texts = [rec["solution"] or rec["final_answer"] for rec in rows]
+  episodes = _replayed_episodes(env, texts) if env is not None else None
+  if episodes is not None:
+    texts = list(episodes.policy_texts)
   ids = np.zeros((len(rows), 1), np.int32)
-  columns = reward_columns(rows, [task.prompt(rec) for rec in rows], ids, ids + 1,
-                           [len(t.split()) for t in texts], 1)
-  for fn, name in zip(rewards.fns, rewards.names):
+  prompts_N = [task.prompt(rec) for rec in rows]
+  columns = reward_columns(rows, prompts_N, ids, ids + 1, [len(t.split()) for t in texts], 1,
+                           episodes)
+  scores_KxN = np.zeros((len(rewards.fns), len(rows)), np.float32)
+  for k, (fn, name) in enumerate(zip(rewards.fns, rewards.names)):
     try:
-      rewards_lib.call_reward(fn, name, texts, columns, r.reward_timeout_s)
+      scores_KxN[k] = rewards_lib.call_reward(fn, name, texts, columns, r.reward_timeout_s)
     except rewards_lib.RewardFunctionError as e:
       message = (f"config.grpo.reward_fns / rewards: {e} (checked on 2 training records before "
                  "training)")
       if r.reward_errors == "raise":
         raise ConfigError(message) from None
       logging.warning("%s", message)
+  if rewards.fns:
+    try:
+      rewards_lib.check_rows_rewarded(scores_KxN, prompts_N)
+    except rewards_lib.RewardFunctionError as e:
+      raise ConfigError(f"config.grpo.reward_fns / rewards: {e} (checked on 2 training records "
+                        "before training)") from None
+
+
+def _replayed_episodes(env, texts: Sequence[str]):
+  """`multiturn.Episodes` of the given solutions as the policy's turns: what `reward_columns`
+  reads of a rollout's episodes, for `check_rewards`."""
+  split = getattr(env, "teacher_segments", None)
+  turns = []
+  for text in texts:
+    parts = split(text) if split else [(text, False)]
+    row = []
+    for part, is_obs in parts:
+      if is_obs and row:
+        row[-1] = dataclasses.replace(row[-1], observation=part)
+      else:
+        row.append(multiturn.Turn(part))
+    turns.append(tuple(row))
+  policy_texts = tuple("".join(t.text for t in row) for row in turns)
+  count = lambda strings: np.asarray([len(s.split()) for s in strings], np.int32)  # noqa: E731
+  zeros = np.zeros((len(texts), 1), np.int32)
+  return multiturn.Episodes(
+      tokens_BxC=zeros, policy_mask_BxC=zeros + 1, env_mask_BxC=zeros,
+      logprobs_BxC=zeros.astype(np.float32), truncated_B=np.zeros(len(texts), bool),
+      turns=tuple(turns), env_reward_B=np.zeros(len(texts), np.float32), texts=tuple(texts),
+      policy_texts=policy_texts, lengths_B=count(texts), policy_lengths_B=count(policy_texts),
+      figures={})

@@ -40,6 +40,7 @@ from grpo_jax import advantages, checkpointing, evaluation, experiment, iterativ
 from grpo_jax import models as models_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import paths, preemption, rollout, settings as settings_lib, updates
+from grpo_jax import rewards as rewards_lib
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
 from grpo_jax.models import lora
@@ -513,8 +514,8 @@ def _histograms(exp: Experiment, roll: rollout.Rollout, adv) -> dict:
   arrays = {"completion_length": roll.mask_NxC.sum(-1),
             "advantage": adv_N.sum(-1) / np.maximum((adv_N != 0).sum(-1), 1)}
   if roll.scores_KxPxG.shape[0]:
-    arrays["reward"] = np.einsum("k,kpg->pg", np.asarray(exp.rewards.weights),
-                                 roll.scores_KxPxG).reshape(-1)
+    arrays["reward"] = rewards_lib.weighted_sum(exp.rewards.weights,
+                                                roll.scores_KxPxG).reshape(-1)
     arrays.update({f"reward/{name}": roll.scores_KxPxG[k].reshape(-1)
                    for k, name in enumerate(exp.rewards.names)})
   return arrays

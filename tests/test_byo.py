@@ -97,7 +97,7 @@ def test_own_reward_and_data_train_and_the_reward_sees_every_column(byo, tmp_pat
   n = 8 * 4  # prompts x samples
   assert len(call["completions"]) == len(call["prompts"]) == n
   cols = call["columns"]
-  assert {"problem", "solution", "target", "difficulty", "question", "answer", "final_answer",
+  assert {"problem", "solution", "target", "difficulty", "question", "final_answer",
           "completion_ids", "completion_length"} <= set(cols)
   assert all(len(v) == n for v in cols.values())
   for p, problem, level in zip(call["prompts"], cols["problem"], cols["difficulty"]):

@@ -181,8 +181,9 @@ def test_gsm8k_fixture_parsing(tmp_path):
   path = _write_jsonl(tmp_path / "train.jsonl", _FIXTURE, extra_lines=["", "   "])
   records = gsm8k.load_gsm8k(tmp_path, split="train")
   assert [r["final_answer"] for r in records] == ["13", "2000", "-2.5"]
-  assert records[0]["answer"] == "She has 16 - 3 = 13 left.\n#### 13"
-  assert all("<<" not in r["answer"] for r in records)
+  assert records[0]["solution"] == "She has 16 - 3 = 13 left.\n#### 13"
+  assert all("<<" not in r["solution"] for r in records)
+  assert [r["answer"] for r in records] == [r["answer"] for r in _FIXTURE]  # kept as written
   assert records == gsm8k.load_gsm8k_jsonl(path)
 
 
@@ -195,9 +196,9 @@ def test_gsm8k_real_or_fixture(tmp_path):
     records, expected_len = gsm8k.load_gsm8k(tmp_path, split="test"), len(_FIXTURE)
   assert len(records) == expected_len
   for r in records:
-    assert r["question"] and "<<" not in r["answer"] and "####" in r["answer"]
+    assert r["question"] and "<<" not in r["solution"] and "####" in r["solution"]
     assert re.fullmatch(r"-?\d+(\.\d+)?", r["final_answer"]), r["final_answer"]
-    assert r["answer"].rsplit("####", 1)[1].strip().replace(",", "") == r["final_answer"]
+    assert r["solution"].rsplit("####", 1)[1].strip().replace(",", "") == r["final_answer"]
 
 
 @pytest.mark.parametrize("bad_line, message", [

@@ -9,8 +9,9 @@ Qwen2.5-Math's tool-integrated reasoning format: the model writes a ```python bl
 (grpo_jax/sandbox.py: a child process as an unprivileged user, no network, CPU / memory /
 process / file limits) and "\\n<output>\\n```\\n" is appended (loss mask 0) before the model
 continues, up to `tools.max_turns` turns within the `max_completion_length` token budget (policy
-and tool tokens together). Rewards read the whole episode (`episodes` argument: turns and tool
-results). Variants are those of gsm8k.py (qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen3-0.6b,
+and tool tokens together). Rewards score the policy's text (the answer is what the model wrote,
+not what the tool printed) and read the whole episode through their `episodes` argument (README
+"What rewards read of an episode"). Variants are those of gsm8k.py (qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen3-0.6b,
 gemma3-1b, llama3.2-1b, smoke); the system prompt asks for programs. Models tuned for this
 format (Qwen2.5-Math-*-Instruct) call the tool from the first step; others learn it slowly.
 """

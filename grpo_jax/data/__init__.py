@@ -1,9 +1,9 @@
 """Datasets: your files or a HF dataset (records.py), the generated arithmetic task, GSM8K, prompt
 and chat templates, a resumable iterator.
 
-Every dataset is a list of records (dicts) with at least `question`, `answer` (the worked
-solution) and `final_answer` (as a string), plus every column of the source row. Reward functions
-receive the records' columns by name (see `grpo_jax.rewards`).
+Every dataset is a list of records (dicts): every column of the source row as written, plus
+`question`, `solution` (the worked solution, "" if none) and `final_answer` (as a string). Reward
+functions receive the records' columns by name (see `grpo_jax.rewards`).
 """
 
 from grpo_jax.data.arithmetic import ArithmeticConfig, generate, make_splits

@@ -128,7 +128,8 @@ def _problem(rng: random.Random, teacher_rng: random.Random, config: ArithmeticC
   answer, teacher_final = _solution(start, steps, teacher_signs)
   return {
       "question": question,
-      "answer": answer,
+      "answer": answer,  # the GSM8K-style column a loaded row would have
+      "solution": answer,
       "final_answer": str(truth),
       "teacher_correct": teacher_final == truth,
       "has_flawed_verb": any(s.verb in config.flawed_verbs for s in steps),
@@ -152,8 +153,8 @@ def generate(num: int, seed: int, *, flaw_p: float = 0.0, split: str = "train",
              config: ArithmeticConfig = ArithmeticConfig()) -> list[dict]:
   """`num` problems, a deterministic function of (seed, split, config); flaws also of flaw_p.
 
-  Records: `question`, `answer` (the teacher's worked solution), `final_answer` (true answer as a
-  string), `teacher_correct`, `has_flawed_verb`, `num_flawed_steps`.
+  Records: `question`, `answer` and `solution` (the teacher's worked solution), `final_answer`
+  (true answer as a string), `teacher_correct`, `has_flawed_verb`, `num_flawed_steps`.
   """
   _check(config, flaw_p)
   rng = random.Random(f"arithmetic/{split}/{seed}")

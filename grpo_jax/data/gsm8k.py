@@ -1,8 +1,8 @@
 """GSM8K: one `{"question": ..., "answer": "... #### N"}` object per line, as the generic records
 loader reads it (`records.GSM8K`: final answer after "####", `<<...>>` calculator notes removed).
 
-Records come out as `question`, `answer` (the worked solution, annotations stripped) and
-`final_answer` (N, thousands separators removed: "1,000" -> "1000").
+Records keep `question` and `answer` as written and add `solution` (the worked solution,
+annotations stripped) and `final_answer` (N, thousands separators removed: "1,000" -> "1000").
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def parse_gsm8k_answer(answer: str) -> tuple[str, str]:
   Raises ValueError when there is no `#### <answer>`.
   """
   rec = records.to_record({"question": "", "answer": answer}, "answer", records.GSM8K)
-  return rec["answer"], rec["final_answer"]
+  return rec["solution"], rec["final_answer"]
 
 
 def load_gsm8k_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -4,12 +4,15 @@
     fields = FieldMap(question="problem", answer="solution", final_answer="answer", marker="")
     train = load_split("data/my_task", "train", fields)   # data/my_task/train.{jsonl,json,parquet}
 
-A record is the source row with every column kept (reward functions receive them all) plus
-three framework columns:
+A record is the source row, every column kept as written (reward functions receive them all,
+so a reward reading the dataset's own `answer` gets it), plus three roles under names of their own:
   question      the problem text (the prompt template's usual field)
-  answer        the worked solution, the SFT / RFT teacher target ("" when unmapped)
+  solution      the worked solution, the SFT / RFT teacher target ("" when unmapped)
   final_answer  what the exact-answer reward and evaluation compare with: the text after the
-                last `marker` in the mapped column (GSM8K: "####"), thousands commas removed
+                last `marker` in the mapped column (GSM8K: "####"), thousands separators between
+                digits removed ("1,234" -> "1234"; "(1, 2]" stays as written)
+A column with a role's name is that role's source (GSM8K's `question`) or an error: a role
+never replaces another column.
 
 GSM8K is FieldMap(marker="####", cleanup=r"<<[^<>]*>>") on its jsonl files; the arithmetic
 generator yields the same records directly. A malformed line or a missing field raises
@@ -27,13 +30,15 @@ from grpo_jax import paths
 
 FORMATS = (".jsonl", ".json", ".parquet")
 RESERVED = ("prompts", "completions", "completion_ids", "completion_length", "episodes")  # reward arguments
+# A run of thousands groups that is a whole number: not "1,23", "1234,567" or "(1, 2]".
+_THOUSANDS_RE = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d,])")
 
 
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
   """Which source columns hold the question, the solution and the final answer."""
   question: str = "question"
-  answer: str = "answer"          # "" = the dataset has no worked solutions
+  answer: str = "answer"          # the worked solution ("solution" role); "" = none in the data
   final_answer: str = "answer"
   marker: str = "####"            # final answer = text after the last marker ("" = whole value)
   cleanup: str = ""               # regex removed from the solution (GSM8K calculator notes)
@@ -69,10 +74,17 @@ def to_record(row: dict, where: str, fields: FieldMap) -> dict:
       raise ValueError(f"{where}: field {fields.final_answer!r} has no {fields.marker!r} before "
                        "the final answer (config.data.fields.marker)")
     final = final.rsplit(fields.marker, 1)[1]
-  final = final.strip().replace(",", "")
+  final = _THOUSANDS_RE.sub(lambda m: m.group().replace(",", ""), final.strip())
   if not final:
     raise ValueError(f"{where}: empty final answer in field {fields.final_answer!r}")
-  return {**row, "question": question, "answer": answer.strip(), "final_answer": final}
+  for role, field in (("question", "question"), ("solution", "answer"),
+                      ("final_answer", "final_answer")):
+    if role in row and getattr(fields, field) != role:
+      raise ValueError(
+          f"{where}: column {role!r} is not the {role}'s source (config.data.fields.{field} = "
+          f"{getattr(fields, field)!r}), and the record's {role} goes under that name; rename "
+          f"the column in the data, or set config.data.fields.{field} = {role!r}")
+  return {**row, "question": question, "solution": answer.strip(), "final_answer": final}
 
 
 def load_split(source: str, split: str, fields: FieldMap) -> list[dict]:

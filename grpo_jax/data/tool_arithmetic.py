@@ -35,7 +35,8 @@ def _problem(rng: random.Random, teacher_rng: random.Random, tool_p: float) -> d
   solution = (TOOL_FORMAT if uses_tool else HEAD_FORMAT).format(a=a, b=b, c=c, answer=answer)
   return {"question": f"{name} packs {a} boxes of {b} {item}. {name} finds {c} more. "
                       f"How many {item} now?",
-          "answer": solution, "final_answer": str(answer), "uses_tool": uses_tool}
+          "answer": solution, "solution": solution, "final_answer": str(answer),
+          "uses_tool": uses_tool}
 
 
 def make_splits(num_train: int, num_heldout: int, seed: int, *, tool_p: float = 0.5

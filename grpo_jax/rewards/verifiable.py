@@ -1,7 +1,10 @@
 """Verifiable math rewards: exact answer, format, and length penalties. Model output is only
 ever matched with regular expressions and parsed as a number, never evaluated.
 
-Reward functions follow the interface of `grpo_jax.rewards`: `fn(completions, **columns)`.
+Reward functions follow the interface of `grpo_jax.rewards`: `fn(completions, **columns)`. In a
+multi-turn run `completions` is the policy's text alone, so the answer is read from what the
+policy wrote, never from a tool's printout; the over-long penalty reads the episode's length
+(policy and tool tokens: what the token budget counts and truncates).
 """
 
 from __future__ import annotations
@@ -94,12 +97,16 @@ def length_penalty(lengths_N, max_length: int, coef: float = 1.0) -> np.ndarray:
 
 
 def overlong_penalty_reward(completions: Sequence[str], completion_length: Sequence[int], *,
-                            max_length: int, cache_length: int, **_) -> np.ndarray:
+                            max_length: int, cache_length: int, episodes=None,
+                            **_) -> np.ndarray:
   """`soft_overlong_penalty` as a reward function; bind the lengths with `functools.partial`.
 
-  Needs the column `completion_length` (tokens per completion, eos excluded), which the trainer
-  supplies.
+  Reads the length the token budget counts, so that a completion cut at the budget gets -1:
+  `completion_length` (tokens per completion, eos excluded), or with `episodes` (multi-turn
+  runs) each episode's "length" (policy and tool tokens, eos excluded). The trainer supplies
+  both.
   """
-  if len(completion_length) != len(completions):
-    raise ValueError(f"{len(completion_length)} lengths for {len(completions)} completions")
-  return soft_overlong_penalty(completion_length, max_length, cache_length)
+  lengths = completion_length if episodes is None else [e["length"] for e in episodes]
+  if len(lengths) != len(completions):
+    raise ValueError(f"{len(lengths)} lengths for {len(completions)} completions")
+  return soft_overlong_penalty(lengths, max_length, cache_length)
