@@ -184,9 +184,9 @@ def ns(name):
     return None
 def listed(path):
   try:
-    return bool(os.listdir(path))
+    return sorted(os.listdir(path))
   except OSError:
-    return False
+    return []
 try:
   status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 except OSError:
@@ -200,7 +200,7 @@ print(json.dumps({
     "ns": {n: ns(n) for n in ("net", "pid", "mnt", "ipc", "user")},
     "interfaces": interfaces,
     "marker_visible": os.path.exists(MARKER),
-    "hidden_listed": [h for h in HIDDEN if listed(h)],
+    "hidden_listed": {h: listed(h) for h in HIDDEN if listed(h)},
     "own_proc": os.path.exists("/proc/self") and os.readlink("/proc/self") == str(os.getpid()),
     "no_new_privs": status.get("NoNewPrivs", "").strip() == "1",
     "no_capabilities": int(status.get("CapEff", "0").strip(), 16) == 0,
@@ -232,6 +232,7 @@ def isolation(hidden_paths: tuple[str, ...] = ()) -> dict:
     raise SandboxError(f"sandbox probe failed ({result.status}): {result.stderr[-2000:]}")
   seen = json.loads(result.stdout)
   layers = result.layers
+  leaked = _leaked(seen["hidden_listed"], layers.get("interpreter", []))
   differs = {n: seen["ns"][n] is not None and seen["ns"][n] != own_ns[n] for n in own_ns}
   report = {
       "user": "nobody" if seen["uid"] == NOBODY else "same",
@@ -246,7 +247,7 @@ def isolation(hidden_paths: tuple[str, ...] = ()) -> dict:
       "private_proc": differs["pid"] and seen["own_proc"],
       "no_new_privs": seen["no_new_privs"],
       "no_capabilities": seen["no_capabilities"],
-      "hidden": [h for h in hidden if h not in seen["hidden_listed"]],
+      "hidden": [h for h in hidden if h not in leaked],
       "rlimits": [n for n, v in seen["rlimits"].items() if v != -1],
       "interfaces": seen["interfaces"],
       "probe_seconds": round(result.seconds, 3),
@@ -254,11 +255,23 @@ def isolation(hidden_paths: tuple[str, ...] = ()) -> dict:
   # Root's files are out of reach of uid 65534 unless world-readable: those in the hidden
   # paths are then covered by the mounts or by Landlock. Anyone else needs Landlock.
   root = os.geteuid() == 0
-  report["confined"] = not seen["hidden_listed"] and (
+  report["confined"] = not leaked and (
       report["landlock"] > 0 or (root and report["user"] == "nobody"))
   report["missing"] = _missing(report, root)
   report["blocked"], report["not_blocked"] = _explain(report)
   return report
+
+
+def _leaked(listed: dict[str, list[str]], interpreter: Sequence[str]) -> list[str]:
+  """The hidden paths whose listing shows more than the way to the interpreter's directories
+  bound back inside them (a venv in the repository or the home shows as ".venv" alone)."""
+  leaked = []
+  for h, entries in listed.items():
+    on_the_way = {os.path.relpath(k, h).split("/")[0] for k in interpreter
+                  if k.startswith(h.rstrip("/") + "/")}
+    if set(entries) - on_the_way:
+      leaked.append(h)
+  return leaked
 
 
 def require_isolation(*, allow_unisolated: bool = False,
@@ -372,7 +385,7 @@ def classify(returncode: int | None, stderr: str, timed_out: bool) -> str:
 def child_env(workdir: str) -> dict[str, str]:
   """The child's whole environment: nothing from os.environ. One thread per BLAS/OpenMP pool,
   since threads count against RLIMIT_NPROC."""
-  return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir,
+  return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
           "MKL_NUM_THREADS": "1"}
 

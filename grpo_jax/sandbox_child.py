@@ -349,7 +349,8 @@ def main():
 
   # The code's process.
   os.chdir(cwd)
-  writable = [cwd] + LAYERS.get("private_tmp", [])
+  writable = [cwd]  # not the private temp dirs: a hidden path may lie under them (TMPDIR = cwd)
+  LAYERS["interpreter"] = keep
   readable = list(SYSTEM_READ) + keep + (["/proc"] if "pid" in namespaces else [])
   if drop:
     os.setgroups([])

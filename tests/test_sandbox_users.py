@@ -355,3 +355,10 @@ def test_landlock_constants_match_the_landlock_package():
   # The kernel's struct landlock_path_beneath_attr is packed: 12 bytes, the fd at offset 8.
   assert sandbox_child.PathBeneathAttr.parent_fd.offset == plumbing.PathBeneathAttr.parent_fd.offset
   assert ctypes.sizeof(sandbox_child.PathBeneathAttr) == 12
+
+
+def test_a_hidden_path_holding_the_interpreter_shows_only_the_way_to_it():
+  venv = ["/repo/.venv", "/home/u/.pyenv/versions/3.11"]
+  assert sandbox._leaked({"/repo": [".venv"], "/home/u": [".pyenv"]}, venv) == []
+  assert sandbox._leaked({"/repo": [".venv", "checkpoints"]}, venv) == ["/repo"]
+  assert sandbox._leaked({"/data": ["x"]}, venv) == ["/data"]
