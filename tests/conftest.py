@@ -34,3 +34,20 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import fcntl  # pylint: disable=wrong-import-position,wrong-import-order
+
+import pytest  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture
+def sandbox_lock():
+  """Held by the sandbox tests, so that pytest-xdist workers run them one at a time: they share
+  uid nobody's process budget (RLIMIT_NPROC counts the whole machine's), so one test's fork bomb
+  would refuse another's forks, and their process counts would see each other's children."""
+  lock = os.path.join(tempfile.gettempdir(), f"grpo_jax_sandbox_tests_{os.getuid()}.lock")
+  with open(lock, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+    fcntl.flock(f, fcntl.LOCK_UN)

@@ -18,6 +18,8 @@ import pytest
 from grpo_jax import sandbox
 from grpo_jax.sandbox import ToolResult, isolation, run_python, run_python_batch
 
+pytestmark = pytest.mark.usefixtures("sandbox_lock")  # one sandbox test at a time (conftest)
+
 # Names a program expects its test to define in a prefix are listed in the comment.
 HOSTILE_PROGRAMS = {
     "infinite_loop": "print('started')\nwhile True:\n  pass\n",

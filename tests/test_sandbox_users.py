@@ -24,6 +24,8 @@ import pyseccomp
 
 from grpo_jax import python_tool, sandbox, sandbox_child
 
+
+pytestmark = pytest.mark.usefixtures("sandbox_lock")  # one sandbox test at a time (conftest)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER = "grpo_sbx_test"
 
