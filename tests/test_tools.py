@@ -200,3 +200,6 @@ def test_gsm8k_tools_config_on_a_tiny_random_checkpoint(tmp_path):
   assert [r["step"] for r in grpo] == [1, 2]
   assert all(r["episode/tool_calls"] > 0 and r["episode/env_token_fraction"] > 0 for r in grpo)
   assert "eval/tool_calls" in [r for r in rows if "eval/accuracy" in r][-1]
+  report = json.load(open(tmp_path / "run" / "run.json"))["tool_isolation"]  # what confined it
+  assert report["confined"] and os.path.realpath(tmp_path / "run") in report["hidden"]
+  assert "tool sandbox: confined=True" in out
