@@ -10,7 +10,8 @@ import pytest
 from grpo_jax import models, multiturn, sampling, train_step
 from grpo_jax.multiturn import EnvStep
 from grpo_jax.sampling import SamplingSettings
-from grpo_jax.tokenizer import Tokenizer
+
+import test_multiturn  # tests/ is on sys.path (rootdir-less import mode), as test_tools does
 
 FAMILIES = ["tiny_qwen2", "tiny_qwen3", "tiny_llama", "tiny_gemma3"]
 
@@ -138,22 +139,7 @@ def test_sampler_on_left_padded_prompts_gives_the_teacher_forced_logprobs():
 # ----------------------------------------------------------------------------- multi turn
 
 
-CHARS = "ab<>\n 1234"
-
-
-class CharTokenizer(Tokenizer):
-  """One id per character (ids 3..), pad 0, bos 1, eos 2."""
-
-  def encode(self, text):
-    return [3 + CHARS.index(c) for c in text]
-
-  def decode(self, ids):
-    return "".join(CHARS[i - 3] for i in ids if 3 <= i < 3 + len(CHARS))
-
-  bos_id = property(lambda self: 1)
-  eos_id = property(lambda self: 2)
-  pad_id = property(lambda self: 0)
-  vocab_size = property(lambda self: 3 + len(CHARS))
+CHARS, CharTokenizer = test_multiturn.CHARS, test_multiturn.CharTokenizer
 
 
 class FrequentToolEnv:
