@@ -120,13 +120,16 @@ def _plant(home: str, uid: int, gid: int, tag: str) -> dict[str, str]:
   return files
 
 
-def _tree(root: str) -> dict[str, bytes]:
+def _tree(root: str, files: dict[str, str]) -> dict[str, bytes]:
+  """The planted files' bytes and the names in their directories below `root` (the home itself
+  may gain files meanwhile when it is the one running the suite)."""
   out = {}
-  for d, _, names in os.walk(root):
-    for n in names:
-      p = os.path.join(d, n)
-      with open(p, "rb") as f:
-        out[p] = f.read()
+  for path in files:
+    with open(path, "rb") as f:
+      out[path] = f.read()
+    d = os.path.dirname(path)
+    if d != root:
+      out[d] = "\n".join(sorted(os.listdir(d))).encode()
   return out
 
 
@@ -167,7 +170,7 @@ def test_non_root_user_with_python_under_tmp_reaches_none_of_its_files(scratch):
   run_dir = os.path.join(user.pw_dir, f"run_{tag}")
   lib = _lib_dir(scratch)
   python = _venv(scratch, _system_python())
-  before = _tree(user.pw_dir)
+  before = _tree(user.pw_dir, files)
   program = "".join(f"{k} = {v!r}\n" for k, v in {
       "READ": sorted(files),
       "WRITE": sorted(files) + [os.path.join(user.pw_dir, "planted"),
@@ -178,9 +181,10 @@ def test_non_root_user_with_python_under_tmp_reaches_none_of_its_files(scratch):
   try:
     out = _drive(python, lib, {"programs": {"snoop": program}}, user=user, cwd=run_dir, env=env)
   finally:
-    for p in (os.path.join(user.pw_dir, "planted"), os.path.join(run_dir, "planted")):
-      if os.path.exists(p):
-        os.remove(p)
+    planted = [p for p in (os.path.join(user.pw_dir, "planted"), os.path.join(run_dir, "planted"))
+               if os.path.exists(p)]
+    for p in planted:
+      os.remove(p)
   result = out["snoop"]
   assert result["status"] == "ok", result["stderr"]
   seen = json.loads(result["stdout"])
@@ -188,7 +192,8 @@ def test_non_root_user_with_python_under_tmp_reaches_none_of_its_files(scratch):
   assert all(v == "refused" or v == [] for v in seen.values()), seen
   for secret in ("secret_", "netrc_", "weights_", "env_"):
     assert secret + tag not in result["stdout"] + result["stderr"]
-  assert _tree(user.pw_dir) == before  # nothing written, nothing planted
+  assert _tree(user.pw_dir, files) == before  # nothing written, nothing planted
+  assert planted == []
   assert not os.path.exists(os.path.join(REPO, "planted"))
   report = out["isolation"]
   assert report["confined"] and report["landlock"] > 0 and report["seccomp"]
