@@ -163,6 +163,11 @@ def default_hidden() -> tuple[str, ...]:
                        if p and p != "/"}))
 
 
+def hidden_realpaths(hidden_paths: Sequence[str]) -> tuple[str, ...]:
+  """default_hidden() and `hidden_paths`, resolved (the child compares realpaths), sorted."""
+  return tuple(sorted({os.path.realpath(p) for p in (*default_hidden(), *hidden_paths)}))
+
+
 def _passwd_home() -> str:
   try:
     return pwd.getpwuid(os.geteuid()).pw_dir
@@ -219,7 +224,7 @@ def isolation(hidden_paths: tuple[str, ...] = ()) -> dict:
   cannot list), rlimits (names of the finite limits), confined (the trainer user's files are
   out of the code's reach), missing (what would confine it, and how to enable it), blocked and
   not_blocked (plain sentences). Raises SandboxError if the probe itself fails."""
-  hidden = tuple(sorted({os.path.realpath(p) for p in (*default_hidden(), *hidden_paths)}))
+  hidden = hidden_realpaths(hidden_paths)
   own_ns = {n: _readlink(f"/proc/self/ns/{n}") for n in ("net", "pid", "mnt", "ipc", "user")}
   fd, marker = tempfile.mkstemp(prefix="grpo_sandbox_probe_", dir="/tmp")
   os.close(fd)
@@ -443,7 +448,7 @@ def _run(code: str, limits: Limits) -> ToolResult:
   try:
     if os.geteuid() == 0:
       os.chown(workdir, NOBODY, NOBODY)
-    hidden = sorted({os.path.realpath(p) for p in (*default_hidden(), *limits.hidden_paths)})
+    hidden = hidden_realpaths(limits.hidden_paths)
     args = {"ppid": os.getpid(), "workdir": workdir, "cpu_s": math.ceil(limits.timeout_s) + 1,
             "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb,
             "max_processes": limits.max_processes, "hidden": hidden,
@@ -513,8 +518,13 @@ def _reaps_orphans() -> bool:
   if os.getpid() == 1:
     return True
   flag = ctypes.c_int(0)
-  libc = ctypes.CDLL(None, use_errno=True)
-  return libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
+  return (_libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0
+          and bool(flag.value))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+  return ctypes.CDLL(None, use_errno=True)
 
 
 def _reap_orphans(group: int, grace_s: float = 0.2) -> None:

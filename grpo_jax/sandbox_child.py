@@ -300,9 +300,7 @@ def main():
   os.umask(0o022)
   root = os.geteuid() == 0
   uid, gid = os.getuid(), os.getgid()
-  hidden = [os.path.realpath(h) for h in a["hidden"]]
-  a["hidden"] = hidden
-  keep = python_dirs(hidden)
+  keep = python_dirs(a["hidden"])  # realpaths already (sandbox.hidden_realpaths)
   bpf = bytes.fromhex(a["seccomp_bpf"])
 
   prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
