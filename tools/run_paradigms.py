@@ -4,8 +4,8 @@
   python tools/run_paradigms.py --out=/tmp/p --variant=smoke         # seconds (a test)
 
 1. one warm start (SFT on the flawed teacher) shared by every method, with its step-0 eval;
-2. each experiments/configs/paradigm_<name>.py for the same number of steps from that warm
-   start (`--config.init_from`), same data and model;
+2. each method of experiments/configs/paradigm.py (`paradigm.py:<name>,<variant>`) for the
+   same number of steps from that warm start (`--config.init_from`), same data and model;
 3. one figure of held-out greedy accuracy (and pass@k / maj@k) against steps for all of them
    (`<out>/paradigms.png`) and a table (`<out>/paradigms.md`).
 """
@@ -21,9 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from experiments.configs.paradigm import PARADIGMS  # noqa: E402
 from grpo_jax import metrics  # noqa: E402
-
-PARADIGMS = ("sft", "rft", "online_rft", "grpo", "grpo_process", "iterative_grpo")
 
 
 def run(args: list[str]) -> None:
@@ -52,7 +51,7 @@ def main():
        "--config.grpo.steps=0", f"--config.seed={args.seed}", *args.extra])
   names = [n for n in args.paradigms.split(",") if n]
   for name in names:
-    run([f"--config=experiments/configs/paradigm_{name}.py:{args.variant}",
+    run([f"--config=experiments/configs/paradigm.py:{name},{args.variant}",
          f"--workdir={os.path.join(out, name)}", f"--config.init_from={warm}",
          f"--config.seed={args.seed}", *args.extra])
 

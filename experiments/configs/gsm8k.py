@@ -2,7 +2,10 @@
 
   python -m experiments.train --config=experiments/configs/gsm8k.py:qwen2.5-0.5b \
       --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B-Instruct \
-      --config.data.path=../shared/data/gsm8k --workdir=/tmp/gsm8k_qwen
+      --workdir=/tmp/gsm8k_qwen
+
+Data: `data.path = "hf:openai/gsm8k:main"` (the default: the `datasets` library, extra
+`grpo_jax[data]`), or a local copy: a directory of {train,test}.jsonl (`--config.data.path=DIR`).
 
 Variants (`:arg`): qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen3-0.6b, gemma3-1b, llama3.2-1b
 (chat template and sizes for that model; the checkpoint directory must hold config.json,
@@ -38,7 +41,7 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   # GSM8K as records: {train,test}.jsonl, final answer after "####", calculator notes removed;
   # the prompt is the checkpoint's own chat template (tokenizer_config.json) around the question.
   c.data.update(dict(task="records", num_train=0, num_eval=500, flaw_p=0.0,
-                     path="../shared/data/gsm8k", train_split="train", eval_split="test",
+                     path="hf:openai/gsm8k:main", train_split="train", eval_split="test",
                      prompt_template="{question}", chat_template="checkpoint",
                      system_prompt=("Solve the problem step by step. End with the final answer "
                                     "as '#### <number>'.")))

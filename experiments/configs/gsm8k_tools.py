@@ -2,7 +2,7 @@
 
   python -m experiments.train --config=experiments/configs/gsm8k_tools.py:qwen2.5-1.5b \\
       --config.model.hf_checkpoint=/path/to/Qwen2.5-Math-1.5B-Instruct \\
-      --config.data.path=../shared/data/gsm8k --workdir=/tmp/gsm8k_tools
+      --workdir=/tmp/gsm8k_tools     # GSM8K: hf:openai/gsm8k:main, or --config.data.path=DIR
 
 Qwen2.5-Math's tool-integrated reasoning format: the model writes a ```python block, then
 "```output" (the stop string that ends its turn); the program runs in the sandbox

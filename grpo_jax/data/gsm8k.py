@@ -31,7 +31,7 @@ def load_gsm8k_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def load_gsm8k(path: str | os.PathLike, split: str = "train") -> list[dict]:
-  """From a `.jsonl` file, or a directory holding `{split}.jsonl` (e.g. `../shared/data/gsm8k`)."""
+  """From a `.jsonl` file, or a directory holding `{split}.jsonl` (e.g. a local copy of `hf:openai/gsm8k`)."""
   return records.load_split(os.fspath(path), split, records.GSM8K)
 
 
