@@ -5,7 +5,7 @@ lenient), pass@k and maj@k, as a JSON file, a Markdown table beside it, and the 
   python -m experiments.eval --workdir=/tmp/arith --step=200 --num_problems=0 --k=8 \
       --out=/tmp/arith_step200.json                                  # + /tmp/arith_step200.md
   python -m experiments.eval --hf_checkpoint=/models/Qwen2.5-0.5B-Instruct \
-      --config=experiments/configs/gsm8k.py:qwen2.5-0.5b --config.data.path=../shared/data/gsm8k
+      --config=experiments/configs/gsm8k.py:qwen2.5-0.5b    # GSM8K: hf:openai/gsm8k:main
 
 --workdir: the run's own config.json says the task, prompts, tokenizer, model and decoding, and
 the figures are computed exactly as the trainer's eval (`grpo_jax.evaluation`, the same sampling
@@ -34,7 +34,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from grpo_jax import evaluation, experiment, metrics, paths, runs, settings
+from grpo_jax import evaluation, experiment, paths, runs, settings, weights
+from grpo_jax import progress as progress_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,7 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None, *,
   """The run's checkpoint `step` (default: latest) on its own task, at its GRPO step's keys."""
   run = runs.load_run(workdir, step, overrides=overrides)
   t0 = time.perf_counter()
-  result = evaluation.evaluate(run.experiment, run.device_params(), run.phase_step,
-                               progress=progress)
+  result = _evaluate(run.experiment, run.device_params(), run.phase_step, progress)
   return _report(run.experiment, result, run.workdir, run.step, time.perf_counter() - t0)
 
 
@@ -108,9 +108,16 @@ def evaluate_hf(hf_checkpoint: str, cfg, *, overrides: Mapping[str, Any] | None 
   with tempfile.TemporaryDirectory() as scratch:  # build's workdir: nothing is written there
     exp = experiment.build(s, scratch)
   t0 = time.perf_counter()
-  result = evaluation.evaluate(exp, jax.device_put(exp.host_params, exp.params_sh), 0,
-                               progress=progress)
+  device = exp.device
+  result = _evaluate(exp, jax.device_put(device.host_params, device.params_sh), 0, progress)
   return _report(exp, result, path, None, time.perf_counter() - t0)
+
+
+def _evaluate(exp, params, step: int, progress) -> evaluation.EvalResult:
+  """`evaluation.evaluate` of `params` (any dtype, on the mesh) at GRPO step `step`'s keys."""
+  return evaluation.evaluate(exp.data, exp.device.programs, exp.settings.eval,
+                             weights.decode_params(exp.device, params), exp.keys, step,
+                             progress=progress)
 
 
 def _report(exp, result, model: str, step: Optional[int], seconds: float) -> Report:
@@ -137,10 +144,10 @@ def write_report(report: Report, out: str) -> tuple[str, str]:
 def progress_printer(file=sys.stderr):
   """progress(what, done, total) for `evaluation.evaluate`: a line per decoded batch with the
   elapsed time and ETA, one counter per pass (greedy, samples)."""
-  bars: dict[str, metrics.Progress] = {}
+  bars: dict[str, progress_lib.Progress] = {}
 
   def show(what: str, done: int, total: int) -> None:
-    bar = bars.setdefault(what, metrics.Progress(
+    bar = bars.setdefault(what, progress_lib.Progress(
         total, f"eval {what} batch", print_fn=lambda line: print(line, file=file, flush=True)))
     bar.update(done)
 

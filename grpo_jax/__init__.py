@@ -1,8 +1,8 @@
 """grpo_jax: Group Relative Policy Optimization (DeepSeekMath) in JAX/Flax.
 
     import grpo_jax
-    from experiments.configs import arithmetic
-    grpo_jax.train(arithmetic.get_config("smoke"), "/tmp/run", reward_fns={"probe": my_reward})
+    from grpo_jax import defaults
+    grpo_jax.train(defaults.config(), "/tmp/run", reward_fns={"probe": my_reward})
 """
 
 __version__ = "0.1.0"

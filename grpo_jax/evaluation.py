@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards as rewards_lib
-from grpo_jax import experiment, rollout, sharding
-from grpo_jax.experiment import Experiment, Stream
-from grpo_jax.rollout import to_host
+from grpo_jax import rollout, samplers, sharding
+from grpo_jax.experiment import Data, Keys, Programs, Stream
+from grpo_jax.settings import EvalSettings
 
 # progress(what, batches_done, num_batches): called after each decoded batch ("greedy" /
 # "samples"), e.g. to print a progress line while a long evaluation decodes.
@@ -73,31 +73,27 @@ def answer_key(text: str, *, strict: bool = False):
   return rewards_lib.parse_number(rewards_lib.extract_answer(text, fallback=not strict) or "")
 
 
-def _decode_batches(exp: Experiment, sampler, params, num: int, batch_size: int, key,
-                    progress: Optional[ProgressFn] = None, what: str = "",
+def _decode_batches(data: Data, sampler: samplers.Sampler, params, num: int, batch_size: int,
+                    key, progress: Optional[ProgressFn] = None, what: str = "",
                     episode_figures: Optional[list] = None,
-                    episode_texts: Optional[list] = None):
-  """Completions of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b); with
-  tools, the policy's text of each episode. `episode_texts` gets the whole texts (with tools,
-  the episodes, tool output included; else the completions again)."""
-  ids, mask = exp.eval_prompts.ids_NxL, exp.eval_prompts.mask_NxL
+                    whole_texts: Optional[list] = None) -> list[str]:
+  """The policy's text of eval prompts 0..num-1, in order, batch b drawn with fold_in(key, b).
+  `whole_texts` gets what the model read and wrote (with tools, the episodes, tool output
+  included; else the completions again), `episode_figures` each batch's episode figures."""
+  ids, mask = data.eval_prompts.ids_NxL, data.eval_prompts.mask_NxL
   starts = range(0, num, batch_size)
   texts = []
   for b, start in enumerate(starts):
     rows = np.arange(start, start + batch_size) % num  # fixed shape: the last batch wraps
-    if exp.env is not None:  # tool-integrated: the policy's text is what is scored
-      ep = rollout.episodes(exp, sampler, params, ids[rows], mask[rows],
-                            jax.random.fold_in(key, b), [exp.task.eval[i] for i in rows])
-      decoded, whole = list(ep.policy_texts), list(ep.texts)
-      if episode_figures is not None:
-        episode_figures.append(ep.figures)
-    else:
-      out = sampler(params, *exp.shard(ids[rows], mask[rows]), jax.random.fold_in(key, b))
-      decoded = whole = exp.tokenizer.decode_batch(to_host(out.tokens), to_host(out.mask))
+    drawn = sampler(params, ids[rows], mask[rows], jax.random.fold_in(key, b),
+                    [data.task.eval[i] for i in rows])
+    decoded = samplers.texts_of(drawn, data.tokenizer)
+    if episode_figures is not None and drawn.episodes is not None:
+      episode_figures.append(drawn.episodes.figures)
     kept = min(batch_size, num - start) * (len(decoded) // batch_size)
     texts += decoded[:kept]
-    if episode_texts is not None:
-      episode_texts += whole[:kept]
+    if whole_texts is not None:
+      whole_texts += drawn.whole_texts(decoded)[:kept]
     if progress is not None:
       progress(what, b + 1, len(starts))
   return texts
@@ -107,36 +103,36 @@ def _correct(texts: list[str], answers: list[str], strict: bool) -> np.ndarray:
   return np.asarray(rewards_lib.exact_answer_reward(texts, answers, fallback=not strict)) > 0
 
 
-def evaluate(exp: Experiment, params, step: int, *,
-             progress: Optional[ProgressFn] = None) -> EvalResult:
+def evaluate(data: Data, programs: Programs, e: EvalSettings, params, keys: Keys, step: int,
+             *, progress: Optional[ProgressFn] = None) -> EvalResult:
   """Greedy accuracy on the first `eval.num_problems` held-out problems (0: all) and, with
   `eval.k > 1`, pass@k / maj@k on the first `eval.pass_k_problems`, at GRPO step `step` (which
-  picks the sampling keys). `params`: the policy on the mesh, any dtype (cast to compute)."""
-  e = exp.settings.eval
-  params = experiment.decode_params(exp, params)
-  records = exp.task.eval
+  picks the sampling keys). `params`: the policy in the sampler's layout
+  (`weights.decode_params`)."""
+  records = data.task.eval
   n = min(len(records), e.num_problems or len(records))
   episode_figures, whole = [], []
-  greedy = _decode_batches(exp, exp.programs.sample_greedy, params, n, e.batch_size,
-                           exp.key(Stream.EVAL_GREEDY, step), progress, "greedy",
+  greedy = _decode_batches(data, programs.sample_greedy, params, n, e.batch_size,
+                           keys(Stream.EVAL_GREEDY, step), progress, "greedy",
                            episode_figures, whole)
   answers = [r["final_answer"] for r in records[:n]]
   correct = _correct(greedy, answers, strict=False)
   flawed = np.asarray([bool(r.get("has_flawed_verb", False)) for r in records[:n]])
   split = flawed.any() and not flawed.all()
   m, pass_k, maj_k, pass_k_strict, maj_k_strict = 0, None, None, None, None
-  if exp.programs.sample_eval_k is not None and e.pass_k_problems:
+  sample_k = programs.sample_eval_k
+  if sample_k is not None and e.pass_k_problems:
     m = min(n, e.pass_k_problems)
-    dp = sharding.data_parallel_size(exp.mesh)
+    dp = sharding.data_parallel_size(sample_k.mesh)
     per_batch = max(dp, (e.batch_size // e.k) // dp * dp)  # prompts, sharded over the data axes
-    texts = _decode_batches(exp, exp.programs.sample_eval_k, params, m, per_batch,
-                            exp.key(Stream.EVAL_SAMPLES, step), progress, "samples")
+    texts = _decode_batches(data, sample_k, params, m, per_batch,
+                            keys(Stream.EVAL_SAMPLES, step), progress, "samples")
     groups = [texts[i * e.k:(i + 1) * e.k] for i in range(m)]
     pass_k, maj_k = _at_k(groups, answers, strict=False)
     pass_k_strict, maj_k_strict = _at_k(groups, answers, strict=True)
-  samples = [{"prompt": exp.task.prompt(records[i]), "completion": greedy[i],
+  samples = [{"prompt": data.task.prompt(records[i]), "completion": greedy[i],
               "final_answer": answers[i], "correct": bool(correct[i]),
-              **({"episode": whole[i]} if exp.env is not None else {})}
+              **({"episode": whole[i]} if data.env is not None else {})}
              for i in range(min(n, e.log_samples))]
   return EvalResult(
       accuracy=float(correct.mean()),
@@ -147,7 +143,7 @@ def evaluate(exp: Experiment, params, step: int, *,
       k=e.k, pass_at_k=pass_k, pass_at_k_strict=pass_k_strict, maj_at_k=maj_k,
       maj_at_k_strict=maj_k_strict, num_problems=n, pass_k_problems=m, samples=samples,
       episodes={k.replace("episode/", "eval/"): v for k, v in
-                rollout._mean_figures(episode_figures).items() if not k.endswith("_s")})
+                rollout.mean_figures(episode_figures).items() if not k.endswith("_s")})
 
 
 def _at_k(groups: list[list[str]], answers: list[str], strict: bool) -> tuple[float, float]:

@@ -1,11 +1,14 @@
-"""Experiment set-up: everything built once per run, from frozen settings.
+"""Experiment set-up: everything built once per run, from frozen settings, as small frozen parts.
 
     exp = experiment.build(settings, workdir)
+    exp.data      Data: task, tokenizer, encoded prompts, teacher targets, reward table, environment
+    exp.device    Device: mesh, model configs, shardings, optimizers, the jitted `Programs`
+    exp.keys      Keys: the named random streams
 
 mesh -> task data -> tokenizer -> model -> reward rows -> optimizers and state shardings ->
-jitted programs (update steps, log-prob pass, samplers, reward model). The result is a frozen
-`Experiment` that rollout, evaluation, updates and the loop read; none of them reads the config.
-Randomness: one base key; `exp.key(Stream.X, step)` = fold_in(fold_in(base, X), step), so a
+jitted programs and samplers. Host functions take the parts and settings they read (e.g.
+`rollout.collect(exp.data, sampler, settings.rollout, ...)`); only the loop holds `exp`.
+Randomness: one base key; `exp.keys(Stream.X, step)` = fold_in(fold_in(base, X), step), so a
 step's draws never depend on how many draws came before (exact resume).
 """
 
@@ -15,14 +18,14 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
-from grpo_jax import losses, models, multiturn, sampling, sharding, tasks
+from grpo_jax import buckets, losses, models, multiturn, reward_table, samplers, sampling
+from grpo_jax import sharding, tasks, turn_programs, weights
 from grpo_jax import train_step as ts
 from grpo_jax.models import lora
 from grpo_jax.rewards import reward_model as rm_lib
@@ -41,118 +44,157 @@ class Stream(enum.IntEnum):
 
 
 @dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted device functions, each compiled once per run (shapes are fixed)."""
-  policy_update: Callable   # (TrainState, TrainBatch) -> (TrainState, metrics); the paradigm's
-  logprobs: Callable        # (params, TrainBatch) -> [B, C]: the reference pass
-  policy_logprobs: Callable  # (updates.update_params, TrainBatch) -> [B, C]: the old-policy
-                             # pass, the update's forward (no LoRA: `logprobs` itself)
-  sample_train: Callable    # (params, ids, mask, key) -> SampleOutput, G per prompt; with
-                            # config.tools a multiturn.Programs (start / decode / inject)
-  sample_greedy: Callable
-  sample_eval_k: Optional[Callable]
-  sft_update: Optional[Callable]
-  rm_update: Optional[Callable]
-  rm_score: Optional[Callable]
-  merge: Optional[Callable]  # LoRA: (base, adapters) -> merged params in compute dtype
-  to_decode: Callable       # params -> compute dtype, decode layout (`decode_params`)
-  # grpo.length_bucket with micro-batches: the update and passes as pieces, each micro-batch
-  # (rows of similar length) at its own width (train_step.bucketed_update)
-  bucketed: Optional[ts.BucketedPrograms] = None
+class Keys:
+  """The run's random streams: `keys(Stream.X, step)`."""
+  base: jax.Array
+
+  def __call__(self, stream: Stream, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(self.base, int(stream)), step)
+
+
+class Phases(NamedTuple):
+  """One thing per training phase: the SFT warm start, GRPO, the reward model (None if off)."""
+  sft: Any
+  grpo: Any
+  rm: Any = None
+
+
+class Teacher(NamedTuple):
+  """The teacher's solutions (SFT warm start, the "sft" paradigm), row i for problem i."""
+  prompts: tasks.Prompts
+  targets: tasks.Targets
 
 
 @dataclasses.dataclass(frozen=True)
-class Experiment:
-  settings: Settings
-  workdir: str
-  mesh: Mesh
+class Data:
+  """The host data side: what rollout, evaluation and the SFT steps read."""
   task: tasks.Task
   tokenizer: Any
   train_prompts: tasks.Prompts
   eval_prompts: tasks.Prompts
-  teacher: Optional[tuple[tasks.Prompts, tasks.Targets]]  # SFT warm start / "sft" paradigm
-  model_config: models.ModelConfig
-  host_params: Any  # loaded checkpoint params, or None for a random init
-  rewards: tasks.Rewards
-  eos_ids: tuple[int, ...]
-  optimizers: dict[str, optax.GradientTransformation]  # "sft", "grpo", "rm"
-  state_sh: dict[str, ts.TrainState]                     # shardings, same keys
+  teacher: Optional[Teacher]
+  rewards: reward_table.Rewards
+  eos_ids: tuple[int, ...]  # tokens that end a completion: the tokenizer's EOS + stop tokens
+  env: Any = None  # multiturn.Environment with config.tools (else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted device functions and samplers, each compiled once per shape."""
+  objective: str            # what `policy_update` optimises: "grpo" | "sft" (weighted NLL)
+  policy_update: Callable   # (TrainState, TrainBatch[, frozen]) -> (TrainState, metrics)
+  logprobs: Callable        # (params, TrainBatch) -> [B, C]: the reference pass
+  policy_logprobs: Callable  # (weights.update_params, TrainBatch) -> [B, C]: the old-policy
+                             # pass, the update's forward (no LoRA: `logprobs` itself)
+  sample_train: samplers.Sampler  # G per prompt (single-turn, or episodes with config.tools)
+  sample_greedy: samplers.Sampler
+  sample_eval_k: Optional[samplers.Sampler]
+  sft_update: Optional[Callable]
+  rm_update: Optional[Callable]
+  rm_score: Optional[Callable]
+  merge: Optional[Callable]  # LoRA: (base, adapters) -> merged params in compute dtype
+  to_decode: Callable       # params -> compute dtype, decode layout (`weights.decode_params`)
+  # grpo.length_bucket with micro-batches: the update and passes as pieces, each micro-batch
+  # (rows of similar length) at its own width (buckets.bucketed_update)
+  bucketed: Optional[buckets.BucketedPrograms] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """The program side: mesh, model configs, shardings, optimizers, programs."""
+  mesh: Mesh
+  model_config: models.ModelConfig  # as trained (LoRA adapters if any)
+  base_config: models.ModelConfig   # without LoRA: sampling, log-prob passes, SFT
+  host_params: Any                  # loaded checkpoint params, or None for a random init
+  params_sh: Any                    # shardings of the full (base) params tree
+  decode_sh: Any                    # the sampler's layout of it (`weights.decode_params`)
+  state_sh: Phases                  # TrainState shardings
+  optimizers: Phases
   programs: Programs
-  base_key: jax.Array
-  base_config: models.ModelConfig  # model_config without LoRA: sampling, log-prob passes, SFT
-  params_sh: Any                   # shardings of the full (base) params tree
-  decode_sh: Any                   # the sampler's layout of it (see `decode_params`)
-  env: Any = None                  # multiturn.Environment with config.tools (else None)
 
   @property
   def lora(self) -> bool:
     return bool(self.model_config.lora_rank)
-
-  def key(self, stream: Stream, step: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(self.base_key, int(stream)), step)
 
   def shard(self, *arrays):
     return sharding.shard_batch(arrays, self.mesh)
 
   def num_params(self) -> int:
     shapes = jax.eval_shape(functools.partial(models.init_params, self.model_config),
-                            self.base_key)
+                            jax.random.key(0))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  settings: Settings
+  workdir: str
+  data: Data
+  device: Device
+  keys: Keys
 
 
 def tool_isolation(s: Settings, env) -> Optional[dict]:
   """The sandbox's `isolation()` report when the environment is the Python tool (None
   otherwise); raises sandbox.SandboxError where it cannot confine the code, unless
   config.tools.allow_unisolated."""
-  from grpo_jax import python_tool, sandbox  # pylint: disable=import-outside-toplevel
+  from grpo_jax import python_tool, sandbox_isolation  # pylint: disable=import-outside-toplevel
   if not isinstance(env, python_tool.PythonTool):
     return None
   allow = s.tools is not None and s.tools.allow_unisolated
-  return sandbox.require_isolation(allow_unisolated=allow, hidden_paths=env.hidden_paths)
+  return sandbox_isolation.require_isolation(allow_unisolated=allow,
+                                             hidden_paths=env.hidden_paths)
 
 
 def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None,
           env=None) -> Experiment:
+  """Every input error is raised here, before anything compiles."""
   mesh = sharding.make_mesh(*s.mesh)
   task = tasks.load_task(s)
   env = tasks.make_env(s, env, workdir)
   tool_isolation(s, env)  # before any compile: model-written code must be confined
-  rewards = tasks.reward_functions(s.rollout, s.reward_model, reward_fns)
-  tasks.check_rewards(rewards, task, s.rollout, env)  # your reward functions fail here, not mid-run
+  rewards = reward_table.reward_functions(s.rollout, s.reward_model, reward_fns)
+  reward_table.check_rewards(rewards, task, s.rollout, env)  # your functions fail here, not mid-run
+  if env is not None:  # a malformed environment fails here, before anything compiles
+    multiturn.check_environment(env)
   tokenizer = tasks.build_tokenizer(s, workdir, task)
   encode = functools.partial(tasks.encode_prompts, tokenizer, task, r=s.rollout)
   teacher = None
   if s.sft_steps or s.rollout.paradigm.data == "teacher":
-    teacher = (encode(task.sft), tasks.encode_targets(tokenizer, task.sft,
-                                                      s.rollout.max_completion_length + 1, env))
+    teacher = Teacher(encode(task.sft), tasks.encode_targets(
+        tokenizer, task.sft, s.rollout.max_completion_length + 1, env))
+  data = Data(task=task, tokenizer=tokenizer, train_prompts=encode(task.train),
+              eval_prompts=encode(task.eval), teacher=teacher, rewards=rewards, env=env,
+              eos_ids=(tokenizer.eos_id,) + tasks.stop_token_ids(tokenizer, s.rollout.stop_tokens))
+  keys = Keys(jax.random.key(s.seed))
   model_config, host_params = tasks.build_model(s, tokenizer)
-  eos_ids = (tokenizer.eos_id,) + tasks.stop_token_ids(tokenizer, s.rollout.stop_tokens)
-  base_key = jax.random.key(s.seed)
-  optimizers = {"sft": ts.make_optimizer(s.sft.optim), "grpo": ts.make_optimizer(s.grpo.optim)}
+  device = make_device(s, mesh, data, model_config, host_params, keys)
+  return Experiment(settings=s, workdir=workdir, data=data, device=device, keys=keys)
+
+
+def make_device(s: Settings, mesh: Mesh, data: Data, model_config: models.ModelConfig,
+                host_params, keys: Keys) -> Device:
+  """Optimizers, shardings (shapes from eval_shape) and the programs of `model_config`;
+  `host_params`: loaded weights or None (tools.memory_plan: abstract only, no data read)."""
   base_config = lora.base_config(model_config)
-  params_shapes = jax.eval_shape(functools.partial(models.init_params, base_config), base_key)
-  trained_shapes = (lora.split(jax.eval_shape(functools.partial(
-      models.init_params, model_config), base_key))[0] if model_config.lora_rank else params_shapes)
-  state_sh = {"sft": ts.state_shardings(mesh, base_config, optimizers["sft"], params_shapes),
-              "grpo": ts.state_shardings(mesh, model_config, optimizers["grpo"], trained_shapes)}
-  params_sh = state_sh["sft"].params
-  if s.reward_model.enabled:
-    optimizers["rm"] = ts.make_optimizer(s.reward_model.optim)
-    rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), base_key)
-    state_sh["rm"] = rm_lib.rm_state_shardings(mesh, base_config, optimizers["rm"], rm_shapes)
+  shapes = lambda c: jax.eval_shape(functools.partial(models.init_params, c), keys.base)  # noqa: E731
+  params_shapes = shapes(base_config)
+  trained_shapes = lora.split(shapes(model_config))[0] if model_config.lora_rank else params_shapes
+  rm_on = s.reward_model.enabled
+  optimizers = Phases(ts.make_optimizer(s.sft.optim), ts.make_optimizer(s.grpo.optim),
+                      ts.make_optimizer(s.reward_model.optim) if rm_on else None)
+  rm_sh = None
+  if rm_on:
+    rm_shapes = jax.eval_shape(lambda r: rm_lib.init_reward_model(base_config, r), keys.base)
+    rm_sh = rm_lib.rm_state_shardings(mesh, base_config, optimizers.rm, rm_shapes)
+  state_sh = Phases(ts.state_shardings(mesh, base_config, optimizers.sft, params_shapes),
+                    ts.state_shardings(mesh, model_config, optimizers.grpo, trained_shapes), rm_sh)
+  params_sh = state_sh.sft.params
   decode_sh = _decode_shardings(s, mesh, base_config, params_sh, params_shapes)
-  if env is not None:  # a malformed environment fails here, before anything compiles
-    multiturn.check_environment(env)
-  stop_seqs = multiturn.stop_sequences(tokenizer, env.stop_strings) if env is not None else None
-  programs = _programs(s, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-                       tokenizer.pad_id, decode_sh, stop_seqs)
-  return Experiment(
-      settings=s, workdir=workdir, mesh=mesh, task=task, tokenizer=tokenizer,
-      train_prompts=encode(task.train), eval_prompts=encode(task.eval), teacher=teacher,
-      model_config=model_config, host_params=host_params,
-      rewards=rewards, eos_ids=eos_ids,
-      optimizers=optimizers, state_sh=state_sh, programs=programs, base_key=base_key,
-      base_config=base_config, params_sh=params_sh, decode_sh=decode_sh, env=env)
+  programs = _programs(s, mesh, data, model_config, optimizers, state_sh, decode_sh)
+  return Device(mesh=mesh, model_config=model_config, base_config=base_config,
+                host_params=host_params, params_sh=params_sh, decode_sh=decode_sh,
+                state_sh=state_sh, optimizers=optimizers, programs=programs)
 
 
 def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
@@ -174,72 +216,76 @@ def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
                                  rules=sharding.DECODE_RULES)
 
 
-def _programs(s: Settings, mesh, model_config, optimizers, state_sh, params_sh, eos_ids,
-              pad_id, decode_sh, stop_seqs=None) -> Programs:
+def _programs(s: Settings, mesh, data: Data, train_config, optimizers: Phases, state_sh: Phases,
+              decode_sh) -> Programs:
   r, g = s.rollout, s.grpo
-  train_config, model_config = model_config, lora.base_config(model_config)
+  model_config = lora.base_config(train_config)
   lora_on = bool(train_config.lora_rank)
+  params_sh = state_sh.sft.params
   # The paradigm's objective: the GRPO loss, or the per-sequence NLL weighted by the gradient
   # coefficient (DeepSeekMath eq. 5) for SFT / RFT / Online RFT.
   loss_cfg = g.loss if r.paradigm.objective == "grpo" else losses.LossConfig(
       objective="sft", loss_type="grpo", temperature=g.loss.temperature)
-  policy_update = ts.make_update_fn(mesh, state_sh["grpo"], model_config=train_config,
-                                    optimizer=optimizers["grpo"], loss_cfg=loss_cfg,
+  policy_update = ts.make_update_fn(mesh, state_sh.grpo, model_config=train_config,
+                                    optimizer=optimizers.grpo, loss_cfg=loss_cfg,
                                     num_microbatches=g.num_microbatches,
                                     frozen_sh=params_sh if lora_on else None)
   logprobs = ts.make_logprob_fn(mesh, params_sh, model_config=model_config,
                                 temperature=g.loss.temperature,
                                 num_microbatches=g.num_microbatches)
   policy_logprobs = logprobs if not lora_on else ts.make_logprob_fn(
-      mesh, ts.update_params(state_sh["grpo"].params, params_sh), model_config=train_config,
+      mesh, ts.update_params(state_sh.grpo.params, params_sh), model_config=train_config,
       temperature=g.loss.temperature, num_microbatches=g.num_microbatches)
   sft_update = None
   if s.sft_steps:
     sft_update = ts.make_update_fn(
-        mesh, state_sh["sft"], model_config=model_config, optimizer=optimizers["sft"],
+        mesh, state_sh.sft, model_config=model_config, optimizer=optimizers.sft,
         loss_cfg=losses.LossConfig(objective="sft", loss_type="dapo"),
         num_microbatches=s.sft.num_microbatches)
-
-  def sampler(d: Decoding, num_samples: int):
-    settings = sampling.SamplingSettings(
-        num_samples=num_samples, max_new_tokens=r.max_completion_length + 1,
-        temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
-        eos_ids=eos_ids, pad_id=pad_id)
-    if stop_seqs is not None:  # tools: the multi-turn programs (multiturn.Programs)
-      t = s.tools
-      return multiturn.make_programs(model_config, multiturn.TurnSettings(
-          sampling=settings, stop_seqs=stop_seqs, max_turns=t.max_turns,
-          slots=t.slots or 2 * settings.max_new_tokens,
-          max_observation_tokens=t.max_observation_tokens))
-    return sampling.make_sampler(model_config, settings, mesh)
-
-  e = s.eval
   rm_update = rm_score = None
   if s.reward_model.enabled:
     kind = s.reward_model.kind
-    rm_update = rm_lib.make_rm_update_fn(mesh, state_sh["rm"], model_config=model_config,
-                                         optimizer=optimizers["rm"], kind=kind)
-    rm_score = rm_lib.make_rm_scorer(mesh, state_sh["rm"].params, model_config=model_config,
+    rm_update = rm_lib.make_rm_update_fn(mesh, state_sh.rm, model_config=model_config,
+                                         optimizer=optimizers.rm, kind=kind)
+    rm_score = rm_lib.make_rm_scorer(mesh, state_sh.rm.params, model_config=model_config,
                                      kind=kind)
   bucketed = None
   if g.length_bucket and g.num_microbatches > 1:
-    bucketed = ts.make_bucketed_programs(
-        mesh, state_sh["grpo"], params_sh, model_config=train_config, optimizer=optimizers["grpo"],
+    bucketed = buckets.make_bucketed_programs(
+        mesh, state_sh.grpo, params_sh, model_config=train_config, optimizer=optimizers.grpo,
         loss_cfg=loss_cfg, frozen_sh=params_sh if lora_on else None, base_config=model_config)
+  sampler = functools.partial(_sampler, s, mesh, data, model_config)
+  e = s.eval
   return Programs(
-      bucketed=bucketed,
+      objective=loss_cfg.objective, bucketed=bucketed,
       policy_update=policy_update, logprobs=logprobs, policy_logprobs=policy_logprobs,
       sample_train=sampler(r.decoding, r.num_samples),
       sample_greedy=sampler(Decoding(0.0), 1),
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
       sft_update=sft_update, rm_update=rm_update, rm_score=rm_score,
-      merge=_merge_program(train_config, params_sh, state_sh["grpo"].params) if lora_on else None,
-      to_decode=jax.jit(functools.partial(_astype, dtype=jnp.dtype(model_config.dtype)),
+      merge=_merge_program(train_config, params_sh, state_sh.grpo.params) if lora_on else None,
+      to_decode=jax.jit(functools.partial(weights.cast, dtype=jnp.dtype(model_config.dtype)),
                         out_shardings=decode_sh))
 
 
-def _astype(params, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype), params)
+def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,
+             num_samples: int) -> samplers.Sampler:
+  """G = `num_samples` completions per prompt with decoding `d`: single-turn, or episodes
+  with the run's environment (config.tools)."""
+  tokenizer = data.tokenizer
+  settings = sampling.SamplingSettings(
+      num_samples=num_samples, max_new_tokens=s.rollout.max_completion_length + 1,
+      temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
+      eos_ids=data.eos_ids, pad_id=tokenizer.pad_id)
+  if data.env is None:
+    return samplers.SingleTurn(sampling.make_sampler(model_config, settings, mesh), mesh,
+                               num_samples)
+  t = s.tools
+  programs = turn_programs.make_programs(model_config, turn_programs.TurnSettings(
+      sampling=settings, stop_seqs=multiturn.stop_sequences(tokenizer, data.env.stop_strings),
+      max_turns=t.max_turns, slots=t.slots or 2 * settings.max_new_tokens,
+      max_observation_tokens=t.max_observation_tokens))
+  return samplers.MultiTurn(programs, mesh, num_samples, data.env, tokenizer, t.max_workers)
 
 
 def _merge_program(config, params_sh, adapters_sh):
@@ -247,104 +293,50 @@ def _merge_program(config, params_sh, adapters_sh):
 
   def merge(base, adapters):
     merged, _ = lora.merge(lora.combine(base, adapters), config)
-    return jax.tree.map(lambda x: x.astype(dtype), merged)
+    return weights.cast(merged, dtype)
 
   return jax.jit(merge, in_shardings=(params_sh, adapters_sh), out_shardings=params_sh)
 
 
-def init_state(exp: Experiment, phase: str, params=None) -> ts.TrainState:
+def init_state(device: Device, keys: Keys, phase: str, params=None) -> ts.TrainState:
   """A fresh TrainState of `phase` ("sft" | "grpo") built in its shards: from `params`, else
   the loaded checkpoint, else a random init from Stream.INIT. With LoRA, GRPO's state holds
   fresh adapters (Stream.LORA_INIT) and their optimiser state; the base is `lora_base`."""
-  optimizer, sh = exp.optimizers[phase], exp.state_sh[phase]
-  if phase == "grpo" and exp.lora:
+  optimizer, sh = getattr(device.optimizers, phase), getattr(device.state_sh, phase)
+  if phase == "grpo" and device.lora:
     init = lambda r: ts.init_train_state(  # noqa: E731
-        lora.split(models.init_params(exp.model_config, r))[0], optimizer)
-    return jax.jit(init, out_shardings=sh)(exp.key(Stream.LORA_INIT, 0))
-  if params is None and exp.host_params is None:
-    init = lambda r: ts.init_train_state(models.init_params(exp.base_config, r), optimizer)  # noqa: E731
-    return jax.jit(init, out_shardings=sh)(exp.key(Stream.INIT, 0))
+        lora.split(models.init_params(device.model_config, r))[0], optimizer)
+    return jax.jit(init, out_shardings=sh)(keys(Stream.LORA_INIT, 0))
+  if params is None and device.host_params is None:
+    init = lambda r: ts.init_train_state(  # noqa: E731
+        models.init_params(device.base_config, r), optimizer)
+    return jax.jit(init, out_shardings=sh)(keys(Stream.INIT, 0))
   if params is None:
-    params = jax.device_put(exp.host_params, sh.params)
+    params = jax.device_put(device.host_params, sh.params)
   return jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer),
                  out_shardings=sh)(params)
 
 
-def lora_base(exp: Experiment, params=None):
-  """LoRA's frozen base in the compute dtype, on the mesh: `params` (the SFT warm start), else
-  the loaded checkpoint, else a random init (Stream.INIT)."""
-  if params is None and exp.host_params is None:
-    params = jax.jit(functools.partial(models.init_params, exp.base_config),
-                     out_shardings=exp.params_sh)(exp.key(Stream.INIT, 0))
-  elif params is None:
-    params = jax.device_put(exp.host_params, exp.params_sh)
-  copied = compute_params(exp, params)
-  return jax.tree.map(jnp.copy, params) if copied is params else copied
+def initial_params(device: Device, keys: Keys, params=None):
+  """The full params tree on the mesh: `params`, else the loaded checkpoint, else a random
+  init (Stream.INIT)."""
+  if params is None and device.host_params is None:
+    return jax.jit(functools.partial(models.init_params, device.base_config),
+                   out_shardings=device.params_sh)(keys(Stream.INIT, 0))
+  if params is None:
+    return jax.device_put(device.host_params, device.params_sh)
+  return params
 
 
-def policy_params(exp: Experiment, state: ts.TrainState, base=None):
-  """The policy as one plain params tree in the compute dtype, for sampling and evaluation:
-  LoRA's adapters merged into the base once, or the master weights cast. Not for the
-  old-policy pass, which reads the update's own tree (`updates.update_params`)."""
-  if exp.lora:
-    return exp.programs.merge(base, state.params)
-  return compute_params(exp, state.params)
-
-
-def decode_params(exp: Experiment, params):
-  """`params` in the compute dtype and the sampler's layout (`exp.decode_sh`): one jitted cast
-  and reshard per rollout or evaluation (an all-gather over "fsdp" when the layouts differ), so
-  the decode loop gathers no weights. `compute_params` when the layouts are equivalent."""
-  params = compute_params(exp, params)
-  if all(x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in zip(
-      jax.tree.leaves(params), jax.tree.leaves(exp.decode_sh))):
-    return params
-  return exp.programs.to_decode(params)
-
-
-def compute_params(exp: Experiment, params):
-  """`params` in the compute dtype (`model.dtype`): one cast per rollout, evaluation or log-prob
-  pass, so the decode loop never casts master weights per token. `params` itself when every
-  leaf has that dtype already (float32 compute, or the reference, stored in compute dtype)."""
-  dtype = jnp.dtype(exp.model_config.dtype)
-  if all(x.dtype == dtype for x in jax.tree.leaves(params)):
-    return params
-  return _cast(params, dtype)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cast(params, dtype):
-  """One program for the whole tree; elementwise, so every shard stays on its device."""
-  return jax.tree.map(lambda x: x.astype(dtype), params)
-
-
-def reference_copy(exp: Experiment, params):
-  """A reference policy from the policy's params: in the compute dtype (it is never trained),
-  except for an EMA reference (grpo.ref_ema), which accumulates small steps in the master dtype."""
-  if exp.settings.grpo.ref_ema:
-    return jax.tree.map(jnp.copy, params)
-  copied = compute_params(exp, params)
-  return jax.tree.map(jnp.copy, params) if copied is params else copied
-
-
-def abstract_reference(exp: Experiment, abstract_params):
-  """Restore target of the reference params (see `reference_copy`)."""
-  if exp.settings.grpo.ref_ema:
-    return abstract_params
-  dtype = jnp.dtype(exp.model_config.dtype)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
-                      abstract_params)
-
-
-def abstract_state(exp: Experiment, phase: str) -> ts.TrainState:
+def abstract_state(device: Device, keys: Keys, phase: str) -> ts.TrainState:
   """Shapes, dtypes and shardings of `phase`'s TrainState: a restore target."""
-  shapes = jax.eval_shape(lambda: init_state(exp, phase))
+  shapes = jax.eval_shape(lambda: init_state(device, keys, phase))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                      shapes, exp.state_sh[phase])
+                      shapes, getattr(device.state_sh, phase))
 
 
-def abstract_rm_state(exp: Experiment) -> ts.TrainState:
+def abstract_rm_state(device: Device, keys: Keys) -> ts.TrainState:
   shapes = jax.eval_shape(lambda: ts.init_train_state(
-      rm_lib.init_reward_model(exp.base_config, exp.base_key), exp.optimizers["rm"]))
+      rm_lib.init_reward_model(device.base_config, keys.base), device.optimizers.rm))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                      shapes, exp.state_sh["rm"])
+                      shapes, device.state_sh.rm)

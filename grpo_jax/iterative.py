@@ -14,14 +14,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from grpo_jax import rollout
+from grpo_jax import rollout, samplers, weights
 from grpo_jax.data import iterator
-from grpo_jax.experiment import Experiment, Stream
+from grpo_jax.experiment import Data, Device, Keys, Stream
 from grpo_jax.rewards import reward_model as rm_lib
 from grpo_jax.rewards.replay import ReplayBuffer
+from grpo_jax.settings import RewardModelSettings, RolloutSettings
 from grpo_jax.train_step import TrainState
 
-ProgressFn = Callable[[str, int, int], None]  # (what, done, total), e.g. metrics.progress_callback
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total), e.g. progress.progress_callback
 
 _FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "labels",
            "step_end", "step_mask")
@@ -45,44 +46,46 @@ class RMData:
                (pending,) if pending else ())
 
 
-def iteration_due(exp: Experiment, step: int) -> bool:
+def iteration_due(rm: RewardModelSettings, step: int) -> bool:
   """An outer iteration runs before GRPO step `step`: at 0, then every `iteration_steps`."""
-  rm = exp.settings.reward_model
   return rm.enabled and (step == 0 or bool(rm.iteration_steps and step % rm.iteration_steps == 0))
 
 
-def bootstrap(exp: Experiment, params, data: RMData,
+def bootstrap(data: Data, device: Device, r: RolloutSettings, rc: RewardModelSettings,
+              seed: int, keys: Keys, params, rm_data: RMData,
               progress: Optional[ProgressFn] = None) -> tuple[TrainState, RMData]:
-  """A fresh RM on the policy's backbone, and `bootstrap_rollouts` of the warm start's samples
-  (own iterator and random stream) as its first training data."""
-  position = iterator.Position(0, 0, exp.settings.seed + 2)
-  n = exp.settings.reward_model.bootstrap_rollouts
+  """A fresh RM on the policy's backbone (`params`, the master weights), and
+  `bootstrap_rollouts` of the warm start's samples (own iterator and random stream) as its
+  first training data."""
+  position = iterator.Position(0, 0, seed + 2)
+  n = rc.bootstrap_rollouts
+  decoded = weights.decode_params(device, params)
   for b in range(n):
-    roll, position = rollout.collect(exp, params, position, b, rm_params=None,
-                                     stream=Stream.RM_BOOTSTRAP)
-    data = data.add(rollout.rm_examples(exp, roll))
+    roll, position = rollout.collect(data, device.programs.sample_train, r, decoded, position,
+                                     keys(Stream.RM_BOOTSTRAP, b))
+    rm_data = rm_data.add(rollout.rm_examples(roll, prm=rc.kind == "prm"))
     if progress is not None:
       progress("bootstrap", b + 1, n)
   rm_state, _ = rm_lib.init_sharded_rm_state(
-      exp.mesh, exp.base_config, exp.optimizers["rm"], exp.key(Stream.RM_INIT, 0),
+      device.mesh, device.base_config, device.optimizers.rm, keys(Stream.RM_INIT, 0),
       backbone_params=params)
-  return rm_state, data
+  return rm_state, rm_data
 
 
-def train(exp: Experiment, rm_state: TrainState, data: RMData, iteration: int,
+def train(device: Device, rc: RewardModelSettings, seed: int, rm_state: TrainState,
+          data: RMData, iteration: int,
           progress: Optional[ProgressFn] = None) -> tuple[TrainState, RMData, dict]:
   """Continue training the RM on the pending samples plus a replayed fraction of history, then
   move the pending samples into history. Figures count the rows used from each source."""
-  rc = exp.settings.reward_model
   new = _concat(data.pending)
-  mixed, source = data.history.mix(new, rc.replay_fraction, rng=exp.settings.seed * 7919 + iteration)
+  mixed, source = data.history.mix(new, rc.replay_fraction, rng=seed * 7919 + iteration)
   n = len(source)
-  order = np.random.default_rng(exp.settings.seed * 104729 + iteration).permutation(n)
+  order = np.random.default_rng(seed * 104729 + iteration).permutation(n)
   metrics = None
   for s in range(rc.train_steps):
     idx = order[(s * rc.batch_size + np.arange(rc.batch_size)) % n]
     batch = rm_lib.RMBatch(**{k: mixed[k][idx] for k in _FIELDS if k in mixed})
-    rm_state, metrics = exp.programs.rm_update(rm_state, exp.shard(batch)[0])
+    rm_state, metrics = device.programs.rm_update(rm_state, device.shard(batch)[0])
     if progress is not None:
       progress("train", s + 1, rc.train_steps)
   history = ReplayBuffer.from_state_dict(data.history.state_dict())
@@ -100,5 +103,10 @@ def _concat(examples: tuple[dict, ...]) -> dict:
   return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]} if examples else {}
 
 
-def rm_params(rm_state: Optional[TrainState]):
-  return rm_state.params if rm_state is not None else None
+def rm_scorer(device: Device, rm_state: Optional[TrainState]) -> Optional[rollout.RMScorer]:
+  """The learned reward model as rollout's scorer (tokens -> host scores), or None before it
+  is trained."""
+  if rm_state is None:
+    return None
+  params = rm_state.params
+  return lambda batch: samplers.to_host(device.programs.rm_score(params, device.shard(batch)[0]))

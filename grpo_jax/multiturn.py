@@ -1,6 +1,6 @@
 """Multi-turn rollouts: the policy's text and an environment's observations in one sequence.
 
-    programs = multiturn.make_programs(model_config, settings, mesh)
+    programs = turn_programs.make_programs(model_config, settings)
     episodes = multiturn.rollout(programs, params, prompt_ids_PxT, prompt_mask_PxT, rng,
                                  env, records_P, tokenizer)
     episodes.tokens_BxC, .policy_mask_BxC (loss mask: the policy's tokens), .env_mask_BxC,
@@ -11,21 +11,11 @@ An episode alternates policy turns and observations. The policy decodes until ev
 either ended its turn with a stop sequence (a tool call, e.g. Qwen's "```output"), emitted an
 EOS (the episode is over) or used its token budget; the host then steps the environment of every
 row that called it (in parallel threads: `run_python` waits on a child process), appends the
-observation's tokens and decoding continues, up to `max_turns` policy turns.
+observation's tokens and decoding continues, up to `max_turns` policy turns. This module is the
+host side: the environment protocol, stop sequences, and the episode loop over the jitted
+programs of grpo_jax/turn_programs.py (one KV cache per row, continued across turns; its
+docstring has the design).
 
-Design:
-- One KV cache per row for the whole episode, continued across turns (never re-encoding the
-  prefix): the prompt is prefilled once per group (`models.forward(prefix=...)`, as in
-  `sampling`), observations are written into the same cache by one forward over their tokens.
-- A shared timeline of S cache slots: every decode step writes one slot for all rows, an
-  observation block K + 1 slots. A row that is not generating (waiting for its tool, finished)
-  writes a hole: an invalid slot that no query attends to. RoPE positions count real tokens
-  only, and Gemma 3's sliding windows measure distance in them, not in slots (the cache keeps
-  each slot's position), so a row's sequence with its holes removed is exactly the sequence the
-  trainer teacher-forces: policy log-probs stay exact (tests/test_multiturn.py and
-  tests/test_sliding_window.py compare them with `train_step.sequence_logprobs`). Rows that
-  wait or have finished never stall the others: the decode loop runs while any row generates;
-  finished rows cost their slot's compute only.
 - Stop sequences are matched on token ids inside the jitted loop (each stop string's
   tokenizations from `stop_sequences`); the host then re-checks the decoded text of the turn and
   retracts any tokens after the first stop string (a tokenization the table missed), so a
@@ -36,31 +26,19 @@ Design:
   truncated when it ends without an EOS for want of room (tokens, timeline, turns), whatever
   happened in earlier turns. An observation over `max_observation_tokens` is cut (the
   environment's `observation_template` kept whole: `Environment`).
-- Three jitted programs: `start` (prefill + first draw), `decode` (the turn's while_loop),
-  `inject` (retraction, observation tokens, the first draw of the next turn); `inject` compiles
-  once per observation width K, bucketed to multiples of 16.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import re
 import time
 from typing import Any, Optional, Protocol, Sequence
 
-import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from grpo_jax import models
-from grpo_jax.models import KVCache, ModelConfig
-from grpo_jax.sampling import SamplingSettings, is_eos, prefill, sample_tokens
-
-HOLE, POLICY, ENV = 0, 1, 2  # kind of a timeline slot
+from grpo_jax.turn_programs import ENV, HOLE, POLICY, Programs, TurnSettings
 
 
 # ----------------------------------------------------------------------------- environments
@@ -96,222 +74,6 @@ class Environment(Protocol):
 
   def step(self, state: Any, text: str) -> tuple[Any, EnvStep]:
     ...
-
-
-# ----------------------------------------------------------------------------- settings, state
-
-
-@dataclasses.dataclass(frozen=True)
-class TurnSettings:
-  """Static (hashable) multi-turn settings: a change recompiles.
-
-  sampling:   the draw (num_samples, temperature, filters, eos_ids, pad_id); its
-              max_new_tokens is C, the per-row budget of policy + observation tokens.
-  stop_seqs:  token-id sequences that end a policy turn (`stop_sequences`).
-  slots:      S >= C, the timeline's capacity (holes included).
-  """
-  sampling: SamplingSettings
-  stop_seqs: tuple[tuple[int, ...], ...] = ()
-  max_turns: int = 4
-  slots: int = 0
-  max_observation_tokens: int = 64
-
-  def __post_init__(self):
-    C = self.sampling.max_new_tokens
-    if self.slots < C:
-      raise ValueError(f"TurnSettings: slots ({self.slots}) must be >= max_new_tokens ({C})")
-    if self.max_turns < 1 or self.max_observation_tokens < 1:
-      raise ValueError("TurnSettings: max_turns and max_observation_tokens must be >= 1")
-    if any(not seq for seq in self.stop_seqs):
-      raise ValueError("TurnSettings: an empty stop sequence")
-
-  @property
-  def stop_len(self) -> int:
-    return max([len(s) for s in self.stop_seqs] or [1])
-
-
-@flax.struct.dataclass
-class TurnState:
-  """Traced state of an episode batch (B rows, S timeline slots)."""
-  index: jax.Array        # int32 []: slots < index are in the cache
-  draws: jax.Array        # int32 []: decode steps so far (fold_in counter of the draws)
-  pending_B: jax.Array    # bool: slot `index` holds a drawn, not yet fed policy token
-  active_B: jax.Array     # bool: generating in this turn
-  stopped_B: jax.Array    # bool: ended its turn with a stop sequence (waits for the env)
-  done_B: jax.Array       # bool: the episode is over
-  truncated_B: jax.Array  # bool: over because a budget ran out
-  count_B: jax.Array      # int32: real completion tokens (policy + env), pending included
-  recent_BxL: jax.Array   # int32: the turn's last L policy tokens (-1 before the turn's start)
-  tokens_BxS: jax.Array   # int32
-  kind_BxS: jax.Array     # int8: HOLE / POLICY / ENV
-  logprobs_BxS: jax.Array  # float32, policy slots
-  prompt_len_B: jax.Array  # int32
-  cache: KVCache
-  rng: jax.Array
-
-
-def _stop_table(settings: TurnSettings) -> tuple[np.ndarray, np.ndarray]:
-  """([M, L] right-aligned stop ids, -2 where shorter; [M, L] bool: compared positions)."""
-  L = settings.stop_len
-  # No stop sequences: one that no token equals (ids are >= 0, `recent` holds -1 before a
-  # turn's start); a row without compared positions would match every token.
-  seqs = settings.stop_seqs or ((-3,),)
-  table = np.full((len(seqs), L), -2, np.int32)
-  used = np.zeros((len(seqs), L), bool)
-  for m, seq in enumerate(seqs):
-    table[m, L - len(seq):] = seq
-    used[m, L - len(seq):] = True
-  return table, used
-
-
-def _record(state: TurnState, tokens_B, logprobs_B, drew_B, settings: TurnSettings) -> TurnState:
-  """Writes the rows' drawn tokens at slot `index` (holes elsewhere) and updates their status."""
-  s = settings.sampling
-  tokens_B = jnp.where(drew_B, tokens_B, s.pad_id)
-  slot = state.index
-  put = lambda arr, val: lax.dynamic_update_slice_in_dim(arr, val[:, None], slot, axis=1)  # noqa: E731
-  recent_BxL = jnp.where(drew_B[:, None], jnp.concatenate(
-      [state.recent_BxL[:, 1:], tokens_B[:, None]], axis=1), state.recent_BxL)
-  table, used = _stop_table(settings)
-  match_BxM = jnp.all((recent_BxL[:, None, :] == table[None]) | ~used[None], axis=-1)
-  stop_B = drew_B & jnp.any(match_BxM, axis=-1)
-  eos_B = is_eos(tokens_B, s.eos_ids) & drew_B
-  count_B = state.count_B + drew_B
-  full_B = drew_B & ~eos_B & ~stop_B & (count_B >= s.max_new_tokens)
-  return state.replace(
-      pending_B=drew_B,
-      active_B=state.active_B & drew_B & ~eos_B & ~stop_B & ~full_B,
-      stopped_B=state.stopped_B | stop_B,
-      done_B=state.done_B | eos_B | full_B,
-      truncated_B=state.truncated_B | full_B,
-      count_B=count_B,
-      recent_BxL=recent_BxL,
-      tokens_BxS=put(state.tokens_BxS, tokens_B),
-      kind_BxS=put(state.kind_BxS, jnp.where(drew_B, POLICY, HOLE).astype(jnp.int8)),
-      logprobs_BxS=put(state.logprobs_BxS, jnp.where(drew_B, logprobs_B, 0.0)))
-
-
-def _positions(state: TurnState) -> jax.Array:
-  """[B] position of the next token fed: prompt length + real slots already in the cache."""
-  fed_B = jnp.sum((state.kind_BxS != HOLE) & (jnp.arange(state.kind_BxS.shape[1]) < state.index),
-                  axis=1)
-  return state.prompt_len_B + fed_B.astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------- jitted programs
-
-
-def start(params, prompt_tokens_PxT, prompt_mask_PxT, rng, *, config: ModelConfig,
-          settings: TurnSettings) -> tuple[KVCache, TurnState]:
-  """Prefills each prompt once (shared by its G rows) and draws every row's first token."""
-  s = settings.sampling
-  P = prompt_tokens_PxT.shape[0]
-  G, S = s.num_samples, settings.slots
-  B = P * G
-  prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
-  tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, G, axis=0),
-                                       jax.random.fold_in(rng, 0), s)
-  state = TurnState(
-      index=jnp.zeros((), jnp.int32), draws=jnp.ones((), jnp.int32),
-      pending_B=jnp.zeros((B,), bool), active_B=jnp.ones((B,), bool),
-      stopped_B=jnp.zeros((B,), bool), done_B=jnp.zeros((B,), bool),
-      truncated_B=jnp.zeros((B,), bool), count_B=jnp.zeros((B,), jnp.int32),
-      recent_BxL=jnp.full((B, settings.stop_len), -1, jnp.int32),
-      tokens_BxS=jnp.full((B, S), s.pad_id, jnp.int32),
-      kind_BxS=jnp.zeros((B, S), jnp.int8), logprobs_BxS=jnp.zeros((B, S), jnp.float32),
-      prompt_len_B=jnp.repeat(prompt_len_P, G).astype(jnp.int32),
-      cache=models.init_cache(config, B, S), rng=rng)
-  return prefix, _record(state, tokens_B, logprobs_B, jnp.ones((B,), bool), settings)
-
-
-def decode(params, prefix: KVCache, state: TurnState, *, config: ModelConfig,
-           settings: TurnSettings) -> TurnState:
-  """Decodes while any row is active and the timeline has room: feeds the pending tokens,
-  draws the next one for the active rows."""
-  S = settings.slots
-  tables = models.rope_tables(config, prefix.max_len + S + 1)  # positions < prompt + slots
-
-  def step_fn(state: TurnState) -> TurnState:
-    feed_B = state.pending_B
-    pos_Bx1 = _positions(state)[:, None]
-    cache = state.cache.replace(index=state.index)
-    logits_Bx1xV, cache = models.forward(
-        params, config, state.tokens_BxS[:, state.index][:, None], pos_Bx1,
-        feed_B[:, None].astype(jnp.int32), cache, prefix=prefix, rope_tables=tables)
-    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
-                                         jax.random.fold_in(state.rng, state.draws),
-                                         settings.sampling)
-    state = state.replace(cache=cache, index=state.index + 1, draws=state.draws + 1)
-    return _record(state, tokens_B, logprobs_B, state.active_B, settings)
-
-  cond_fn = lambda st: jnp.any(st.active_B) & (st.index + 1 < S)  # noqa: E731
-  state = lax.while_loop(cond_fn, step_fn, state)
-  # Rows still generating when the timeline is full: truncated.
-  full_B = state.active_B & (state.index + 1 >= S)
-  return state.replace(active_B=state.active_B & ~full_B, done_B=state.done_B | full_B,
-                       truncated_B=state.truncated_B | full_B)
-
-
-def inject(params, prefix: KVCache, state: TurnState, keep_BxS, obs_BxK, obs_mask_BxK,
-           resume_B, done_B, *, config: ModelConfig, settings: TurnSettings) -> TurnState:
-  """Retracts the slots the host drops (`keep_BxS` 0), feeds the pending tokens and the
-  observations (left-aligned in [B, K]) at slots [index, index + K + 1), draws the first token
-  of the next turn for the `resume_B` rows; `done_B` rows end their episode."""
-  B, K = obs_BxK.shape
-  keep_BxS = keep_BxS.astype(bool)
-  cache = state.cache
-  cache = cache.replace(valid_BxS=cache.valid_BxS & keep_BxS, index=state.index)
-  pending_B = state.pending_B & keep_BxS[:, state.index]
-  kind_BxS = jnp.where(keep_BxS, state.kind_BxS, HOLE).astype(jnp.int8)
-  state = state.replace(cache=cache, pending_B=pending_B, kind_BxS=kind_BxS,
-                        logprobs_BxS=jnp.where(keep_BxS, state.logprobs_BxS, 0.0),
-                        count_B=jnp.sum(kind_BxS != HOLE, axis=1).astype(jnp.int32))
-  obs_mask_BxK = obs_mask_BxK.astype(bool)
-  tokens_BxT = jnp.concatenate([state.tokens_BxS[:, state.index][:, None], obs_BxK], axis=1)
-  feed_BxT = jnp.concatenate([pending_B[:, None], obs_mask_BxK], axis=1)
-  pos_BxT = _positions(state)[:, None] + jnp.cumsum(feed_BxT, axis=1) - feed_BxT
-  hidden_BxTxE, cache = models.forward(params, config, tokens_BxT, pos_BxT,
-                                       feed_BxT.astype(jnp.int32), state.cache, prefix=prefix,
-                                       return_hidden=True)
-  T = K + 1
-  last_B = (T - 1) - jnp.argmax(feed_BxT[:, ::-1], axis=1)  # the last real token fed
-  hidden_Bx1xE = jnp.take_along_axis(hidden_BxTxE, last_B[:, None, None], axis=1)
-  logits_BxV = models.unembed(params, config, hidden_Bx1xE)[:, 0]
-  put = lambda arr, val: lax.dynamic_update_slice_in_dim(arr, val, state.index + 1, axis=1)  # noqa: E731
-  n_obs_B = jnp.sum(obs_mask_BxK, axis=1).astype(jnp.int32)
-  state = state.replace(
-      cache=cache, index=state.index + 1 + K,
-      tokens_BxS=put(state.tokens_BxS, jnp.where(obs_mask_BxK, obs_BxK,
-                                                 settings.sampling.pad_id)),
-      kind_BxS=put(state.kind_BxS, jnp.where(obs_mask_BxK, ENV, HOLE).astype(jnp.int8)),
-      count_B=state.count_B + n_obs_B,
-      active_B=resume_B, stopped_B=jnp.zeros_like(resume_B), done_B=state.done_B | done_B,
-      recent_BxL=jnp.full_like(state.recent_BxL, -1))
-  tokens_B, logprobs_B = sample_tokens(logits_BxV, jax.random.fold_in(state.rng, state.draws),
-                                       settings.sampling)
-  state = state.replace(draws=state.draws + 1)
-  return _record(state, tokens_B, logprobs_B, resume_B, settings)
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted programs of one (model, settings): `start`, `decode`, `inject`."""
-  settings: TurnSettings
-  start: Any
-  decode: Any
-  inject: Any
-
-
-def make_programs(config: ModelConfig, settings: TurnSettings) -> Programs:
-  """Jitted once per (config, settings); inputs keep the shardings they were placed with
-  (prompt rows over the batch axes: GSPMD carries them through the state)."""
-  return Programs(
-      settings=settings,
-      start=jax.jit(functools.partial(start, config=config, settings=settings)),
-      decode=jax.jit(functools.partial(decode, config=config, settings=settings),
-                     donate_argnames=("state",)),
-      inject=jax.jit(functools.partial(inject, config=config, settings=settings),
-                     donate_argnames=("state",)))
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -436,6 +198,22 @@ def _bucket(k: int, limit: int) -> int:
   return min(max(16, -(-k // 16) * 16), max(16, -(-limit // 16) * 16))
 
 
+@dataclasses.dataclass
+class _Rows:
+  """The host's record of B running episodes, updated turn by turn."""
+  env_states: list
+  turns: list[list[Turn]]
+  env_reward: np.ndarray   # float32: sum of the environment's step rewards
+  finished: np.ndarray     # bool
+  # The host decides truncation from how each episode ended, not from the device's flag: that
+  # one is sticky, and a turn the host cut at a stop string ran to its budget only in tokens the
+  # host retracted (the row is resumed, or ended by its environment).
+  truncated: np.ndarray
+  eos: np.ndarray          # bool: the episode ended with an EOS (its last policy token)
+  keep: np.ndarray         # [B, S] bool: slots the host retracted (after a stop string)
+  turn_start: np.ndarray   # int64: slot of the first token of the row's current turn
+
+
 def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
             env: Environment, records_P: Sequence[dict], tokenizer, *,
             max_workers: int = 4, to_host=np.asarray) -> Episodes:
@@ -447,17 +225,10 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
   G, C, S = s.num_samples, s.max_new_tokens, settings.slots
   B = len(records_P) * G
   template = getattr(env, "observation_template", None)
-  env_states = [env.reset(dict(records_P[b // G])) for b in range(B)]
-  turns: list[list[Turn]] = [[] for _ in range(B)]
-  env_reward = np.zeros(B, np.float32)
-  finished = np.zeros(B, bool)
-  # The host decides truncation from how each episode ended, not from the device's flag: that
-  # one is sticky, and a turn the host cut at a stop string ran to its budget only in tokens the
-  # host retracted (the row is resumed, or ended by its environment).
-  truncated = np.zeros(B, bool)
-  eos = np.zeros(B, bool)         # the episode ended with an EOS (its last policy token)
-  keep = np.ones((B, S), bool)    # slots the host retracted (after a stop string)
-  turn_start = np.zeros(B, np.int64)  # slot of the first token of the row's current turn
+  rows = _Rows(env_states=[env.reset(dict(records_P[b // G])) for b in range(B)],
+               turns=[[] for _ in range(B)], env_reward=np.zeros(B, np.float32),
+               finished=np.zeros(B, bool), truncated=np.zeros(B, bool), eos=np.zeros(B, bool),
+               keep=np.ones((B, S), bool), turn_start=np.zeros(B, np.int64))
   timer = {"decode_s": 0.0, "env_s": 0.0}
   t0 = time.perf_counter()
   prefix, state = programs.start(params, prompt_tokens_PxT, prompt_mask_PxT, rng)
@@ -469,57 +240,16 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
       index = int(index)
       timer["decode_s"] += time.perf_counter() - t0
       t0 = time.perf_counter()
-      calls = []
-      for b in np.flatnonzero(~finished):
-        slots = np.flatnonzero(kind[b, turn_start[b]:index + 1] == POLICY) + turn_start[b]
-        ids = tokens[b, slots].tolist()
-        cut = _stop_cut(tokenizer, ids, env.stop_strings) if ids else None
-        if cut is None:  # EOS, or a budget: the episode is over
-          turns[b].append(Turn(tokenizer.decode(ids)))
-          eos[b] = bool(ids) and ids[-1] in s.eos_ids
-          finished[b], truncated[b] = True, not eos[b]
-          continue
-        keep[b, slots[cut:]] = False
-        text = tokenizer.decode(ids[:cut])
-        if turn + 1 < settings.max_turns:
-          calls.append((b, text))
-        else:  # the turn limit: the call is not run
-          turns[b].append(Turn(text))
-          finished[b] = truncated[b] = True
+      calls = _end_turns(rows, tokens, kind, index, turn, settings, env, tokenizer)
       if not calls:
         break
-      futures = [(b, text, pool.submit(env.step, env_states[b], text)) for b, text in calls]
-      count = ((kind != HOLE) & keep).sum(1)
-      resume, obs_ids = np.zeros(B, bool), {}
-      for b, text, future in futures:
-        env_states[b], out = future.result()
-        env_reward[b] += float(out.reward)
-        ids = _observation_ids(tokenizer, out.observation, settings.max_observation_tokens,
-                               template)
-        if count[b] + len(ids) + (0 if out.done else 1) > C:  # no room: ends truncated
-          ids, truncated[b] = [], True
-        # The next turn starts from the observation's last token: an empty one ends the episode.
-        resume[b] = bool(ids) and not out.done and not truncated[b]
-        finished[b] = not resume[b]
-        obs_ids[b] = ids
-        turns[b].append(Turn(text, tokenizer.decode(ids), out.info))
-      K = _bucket(max(len(v) for v in obs_ids.values()), settings.max_observation_tokens)
-      if index + K + 2 > S - 1:  # the timeline cannot take the block and a turn: all stop
-        truncated |= resume
-        finished[:] = True
-        resume[:] = False
-        for b in obs_ids:  # the calls ran; their observations are not appended
-          turns[b][-1] = dataclasses.replace(turns[b][-1], observation="")
-        obs_ids = {}
-      obs = np.full((B, K), s.pad_id, np.int32)
-      obs_mask = np.zeros((B, K), np.int32)
-      for b, ids in obs_ids.items():
-        obs[b, :len(ids)] = ids
-        obs_mask[b, :len(ids)] = 1
+      resume, obs_ids = _step_envs(rows, pool, env, calls, kind, settings, tokenizer, template)
+      K, obs, obs_mask = _observation_block(rows, resume, obs_ids, index, settings)
       timer["env_s"] += time.perf_counter() - t0
       t0 = time.perf_counter()
-      state = programs.inject(params, prefix, state, keep, obs, obs_mask, resume, finished)
-      turn_start = np.where(resume, index + 1 + K, turn_start)
+      state = programs.inject(params, prefix, state, rows.keep, obs, obs_mask, resume,
+                              rows.finished)
+      rows.turn_start = np.where(resume, index + 1 + K, rows.turn_start)
       if not resume.any():
         break
   finally:
@@ -527,9 +257,78 @@ def rollout(programs: Programs, params, prompt_tokens_PxT, prompt_mask_PxT, rng,
   final = {name: to_host(x) for name, x in (("tokens", state.tokens_BxS), ("kind", state.kind_BxS),
                                             ("logprobs", state.logprobs_BxS))}
   timer["decode_s"] += time.perf_counter() - t0
-  final["kind"] = np.where(keep, final["kind"], HOLE)
-  final["truncated"], final["eos"] = truncated, eos
-  return _compact(final, turns, env_reward, C, s.pad_id, tokenizer, timer)
+  final["kind"] = np.where(rows.keep, final["kind"], HOLE)
+  final["truncated"], final["eos"] = rows.truncated, rows.eos
+  return _compact(final, rows.turns, rows.env_reward, C, s.pad_id, tokenizer, timer)
+
+
+def _end_turns(rows: _Rows, tokens, kind, index: int, turn: int, settings: TurnSettings, env,
+               tokenizer) -> list[tuple[int, str]]:
+  """Reads the turn each running row decoded (its policy slots up to `index`): [(row, text)] of
+  the tool calls to run. A turn without a stop string (an EOS, or a budget) ends the episode;
+  a tool call at the turn limit ends it truncated, the call not run."""
+  calls = []
+  for b in np.flatnonzero(~rows.finished):
+    slots = np.flatnonzero(kind[b, rows.turn_start[b]:index + 1] == POLICY) + rows.turn_start[b]
+    ids = tokens[b, slots].tolist()
+    cut = _stop_cut(tokenizer, ids, env.stop_strings) if ids else None
+    if cut is None:  # EOS, or a budget: the episode is over
+      rows.turns[b].append(Turn(tokenizer.decode(ids)))
+      rows.eos[b] = bool(ids) and ids[-1] in settings.sampling.eos_ids
+      rows.finished[b], rows.truncated[b] = True, not rows.eos[b]
+      continue
+    rows.keep[b, slots[cut:]] = False
+    text = tokenizer.decode(ids[:cut])
+    if turn + 1 < settings.max_turns:
+      calls.append((b, text))
+    else:  # the turn limit: the call is not run
+      rows.turns[b].append(Turn(text))
+      rows.finished[b] = rows.truncated[b] = True
+  return calls
+
+
+def _step_envs(rows: _Rows, pool, env, calls, kind, settings: TurnSettings, tokenizer,
+               template) -> tuple[np.ndarray, dict]:
+  """Steps the environments of `calls` in the pool's threads: (resume [B] bool, the rows whose
+  next turn starts; {row: observation ids}). An observation that does not fit the row's token
+  budget ends its episode truncated."""
+  futures = [(b, text, pool.submit(env.step, rows.env_states[b], text)) for b, text in calls]
+  count = ((kind != HOLE) & rows.keep).sum(1)
+  resume, obs_ids = np.zeros(len(rows.finished), bool), {}
+  for b, text, future in futures:
+    rows.env_states[b], out = future.result()
+    rows.env_reward[b] += float(out.reward)
+    ids = _observation_ids(tokenizer, out.observation, settings.max_observation_tokens,
+                           template)
+    if count[b] + len(ids) + (0 if out.done else 1) > settings.sampling.max_new_tokens:
+      ids, rows.truncated[b] = [], True  # no room: ends truncated
+    # The next turn starts from the observation's last token: an empty one ends the episode.
+    resume[b] = bool(ids) and not out.done and not rows.truncated[b]
+    rows.finished[b] = not resume[b]
+    obs_ids[b] = ids
+    rows.turns[b].append(Turn(text, tokenizer.decode(ids), out.info))
+  return resume, obs_ids
+
+
+def _observation_block(rows: _Rows, resume, obs_ids: dict, index: int,
+                       settings: TurnSettings) -> tuple[int, np.ndarray, np.ndarray]:
+  """(K, [B, K] observation tokens left-aligned, their mask), K bucketed. When the timeline
+  cannot take the block and a further turn, every episode stops (`resume` cleared in place)."""
+  B = len(resume)
+  K = _bucket(max(len(v) for v in obs_ids.values()), settings.max_observation_tokens)
+  if index + K + 2 > settings.slots - 1:  # no room for the block and a turn: all stop
+    rows.truncated |= resume
+    rows.finished[:] = True
+    resume[:] = False
+    for b in obs_ids:  # the calls ran; their observations are not appended
+      rows.turns[b][-1] = dataclasses.replace(rows.turns[b][-1], observation="")
+    obs_ids = {}
+  obs = np.full((B, K), settings.sampling.pad_id, np.int32)
+  obs_mask = np.zeros((B, K), np.int32)
+  for b, ids in obs_ids.items():
+    obs[b, :len(ids)] = ids
+    obs_mask[b, :len(ids)] = 1
+  return K, obs, obs_mask
 
 
 def _compact(final: dict, turns, env_reward, C: int, pad_id: int, tokenizer,

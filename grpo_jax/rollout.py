@@ -1,16 +1,16 @@
 """Rollout: P prompts -> G completions each -> reward rows [K, P, G] (-> step rewards), on the host.
 
-    roll, position = rollout.collect(exp, params, position, step, start=...)
-    adv = advantages.coefficients(paradigm.coefficient, roll.scores_KxPxG, weights, ...)
-    batch = rollout.train_batch(roll, adv, mask_truncated=...)
+    roll, position = rollout.collect(data, sampler, r, params, position, key, start=...)
+    adv = rollout.coefficients(roll, r, data.rewards.weights)       # [N] or [N, C]
+    batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
 
 `collect` reads the paradigm's data source (teacher solutions, or samples of the live or frozen
-policy), samples with the jitted sampler (`fold_in(Stream.ROLLOUT key, step)`, then the resample
-round), decodes, and scores every row with the reward functions (text) and the learned ORM
-(tokens). DAPO dynamic sampling is a selection over groups: draw up to 1 + max_resample_rounds
-rounds of P prompts, keep groups whose weighted rewards differ, fill up with zero-spread ones.
-With tools, the rows are episodes (`multiturn.rollout`): rewards and the verifier score the
-policy's text, the whole episode is the rewards' `episodes` argument and samples' "episode".
+policy), draws with the sampler (`samplers.Sampler`: single-turn or tool-using episodes; the key
+folded with the resample round), decodes, and scores every row with the reward functions (text)
+and the learned ORM (tokens, `rm`). DAPO dynamic sampling is a selection over groups: draw up to
+1 + max_resample_rounds rounds of P prompts, keep groups whose weighted rewards differ, fill up
+with zero-spread ones. With tools, rewards and the verifier score the policy's text; the whole
+episode is the rewards' `episodes` argument and samples' "episode".
 
 Host and device overlap: `start(token_batch)` is called as soon as a step's tokens are on the
 host, before their texts are decoded and scored (when no selection follows: no dynamic
@@ -22,19 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import experiment, multiturn, tasks
+from grpo_jax import advantages as advantages_lib
 from grpo_jax import rewards as rewards_lib
+from grpo_jax import reward_table, samplers
 from grpo_jax.data import arithmetic, iterator
-from grpo_jax.experiment import Experiment, Stream
+from grpo_jax.experiment import Data
 from grpo_jax.rewards import reward_model as rm_lib
 from grpo_jax.rewards import steps as steps_lib
+from grpo_jax.settings import RolloutSettings
 from grpo_jax.train_step import TrainBatch
+
+# The learned reward model on a batch of tokens -> host scores ([N], or [N, S] with steps).
+RMScorer = Callable[[rm_lib.RMBatch], np.ndarray]
 
 
 class StepRewards(NamedTuple):
@@ -57,7 +62,8 @@ class Rollout:
   tokens_NxC: np.ndarray
   mask_NxC: np.ndarray       # 1 up to and including the EOS
   truncated_N: np.ndarray    # bool: no EOS within the budget
-  scores_KxPxG: np.ndarray   # float32 reward rows, unweighted, in `exp.rewards.names` order
+  scores_KxPxG: np.ndarray   # float32 reward rows, unweighted, in `rewards.names` order
+  reward_PxG: np.ndarray     # their weighted sum (`rewards.weighted_sum`), what advantages read
   verified_N: np.ndarray     # float32 exact-answer verifier (RM labels, verified accuracy)
   texts: tuple[str, ...]     # N decoded completions (tools: the policy's text, as scored)
   records: tuple[dict, ...]  # P problems
@@ -67,106 +73,86 @@ class Rollout:
   episode_texts: tuple[str, ...] = ()  # tools: N whole episodes (tool output included)
 
 
-def collect(exp: Experiment, params, position: iterator.Position, step: int, rm_params=None,
-            stream: Stream = Stream.ROLLOUT,
-            start: Optional[Callable[[TrainBatch], Any]] = None) -> tuple[Rollout, iterator.Position]:
+@dataclasses.dataclass(frozen=True)
+class _Round:
+  """One draw of P prompts x G samples, scored."""
+  records: list
+  ids_NxL: np.ndarray
+  pmask_NxL: np.ndarray
+  drawn: samplers.Drawn
+  texts: tuple[str, ...]
+  scores_KxN: np.ndarray
+  reward_N: np.ndarray   # the weighted sum of the reward rows
+  verified_N: np.ndarray
+  failed_K: np.ndarray
+  spread_P: np.ndarray  # groups whose weighted rewards differ
+
+
+def collect(data: Data, sampler: samplers.Sampler, r: RolloutSettings, params,
+            position: iterator.Position, key: jax.Array, *, rm: Optional[RMScorer] = None,
+            start: Optional[Callable[[TrainBatch], Any]] = None
+            ) -> tuple[Rollout, iterator.Position]:
   """One rollout of the paradigm's data source, and the iterator's next position.
 
-  `start`: called with `train_batch`'s batch less its advantages (zeros) as soon as the tokens
-  are on the host, before texts and rewards, when every drawn row is kept (no dynamic
-  sampling); its result is the rollout's `started`. Teacher data never calls it."""
-  r = exp.settings.rollout
+  `params`: the policy in the sampler's layout (`weights.decode_params`). `rm`: the learned
+  reward model's scorer (None before it is trained: its reward row is 0). `start`: called with
+  `train_batch`'s batch less its advantages (zeros) as soon as the tokens are on the host,
+  before texts and rewards, when every drawn row is kept (no dynamic sampling); its result is
+  the rollout's `started`. Teacher data never calls it."""
   if r.paradigm.data == "teacher":
-    return _teacher(exp, position)
+    return _teacher(data, r, position)
   P, G = r.num_prompts, r.num_samples
-  params = experiment.decode_params(exp, params)  # once per rollout, not per decoded token
-  weights = np.asarray(exp.rewards.weights)
   rounds, t_sample, t_score, gen_tokens, zero_spread = [], 0.0, 0.0, 0, 0
-  failed_K = np.zeros(len(exp.rewards.names), np.int64)
   started = None
   for k in range(1 + (r.max_resample_rounds if r.dynamic_sampling else 0)):
-    idx, position = iterator.next_indices(position, len(exp.task.train), P)
+    idx, position = iterator.next_indices(position, len(data.task.train), P)
     t0 = time.perf_counter()
-    drawn = _sample(exp, params, idx, jax.random.fold_in(exp.key(stream, step), k))
+    records = [data.task.train[i] for i in idx]
+    ids, mask = data.train_prompts.ids_NxL[idx], data.train_prompts.mask_NxL[idx]
+    drawn = sampler(params, ids, mask, jax.random.fold_in(key, k), records)
+    ids_N, pmask_N = np.repeat(ids, G, 0), np.repeat(mask, G, 0)
     if start is not None and not r.dynamic_sampling:  # device work queued before host work
-      started = start(_token_batch(drawn, r.mask_truncated_completions))
+      started = start(_batch(ids_N, pmask_N, drawn.tokens_BxC, drawn.mask_BxC,
+                             drawn.truncated_B, np.zeros(len(drawn.mask_BxC)),
+                             r.mask_truncated_completions))
     t1 = time.perf_counter()  # sample_s: draw, tokens to the host, passes queued
-    drawn.update(_score(exp, drawn, rm_params))
+    scored = _score(data, r, records, ids_N, pmask_N, drawn, rm)
     t_score += time.perf_counter() - t1
-    failed_K += drawn["failed"]
     t_sample += t1 - t0
-    gen_tokens += int(drawn["mask"].sum())
-    combined_PxG = rewards_lib.weighted_sum(weights, drawn["scores"]).reshape(P, G)
-    drawn["spread_P"] = ~np.all(combined_PxG == combined_PxG[:, :1], axis=1)
-    zero_spread += int((~drawn["spread_P"]).sum()) if k == 0 else 0
-    rounds.append(drawn)
-    if not r.dynamic_sampling or sum(int(d["spread_P"].sum()) for d in rounds) >= P:
+    gen_tokens += int(drawn.mask_BxC.sum())
+    zero_spread += int((~scored.spread_P).sum()) if k == 0 else 0
+    rounds.append(scored)
+    if not r.dynamic_sampling or sum(int(d.spread_P.sum()) for d in rounds) >= P:
       break
-  roll = _select_groups(exp, rounds, P, G, keep_all=not r.dynamic_sampling)
-  steps = None
-  if r.paradigm.coefficient == "process" or (exp.settings.reward_model.enabled
-                                             and exp.settings.reward_model.kind == "prm"):
-    steps = step_rewards(exp, roll, rm_params)
-  figures = _figures(roll, exp.rewards, steps, P, G)
-  if exp.env is not None:  # turns, tool calls by status, env-token fraction, tool vs decode time
-    figures.update(_mean_figures([d["figures"] for d in rounds]))
-  if exp.settings.rollout.reward_errors == "zero":
-    figures.update({f"reward_errors/{name}": int(n) for name, n in zip(exp.rewards.names,
+  roll = _select_groups(rounds, P, G, keep_all=not r.dynamic_sampling)
+  steps = step_rewards(data.tokenizer, r, roll, rm) if r.step_rewards else None
+  figures = _figures(roll, data.rewards.names, steps)
+  if data.env is not None:  # turns, tool calls by status, env-token fraction, tool vs decode time
+    figures.update(mean_figures([d.drawn.episodes.figures for d in rounds]))
+  if r.reward_errors == "zero":
+    failed_K = sum(d.failed_K.astype(np.int64) for d in rounds)
+    figures.update({f"reward_errors/{name}": int(n) for name, n in zip(data.rewards.names,
                                                                         failed_K)})
   figures.update(zero_spread_fraction=zero_spread / P, sample_rounds=len(rounds),
                  sample_s=t_sample, score_s=t_score, tok_per_s=gen_tokens / max(t_sample, 1e-9))
   return dataclasses.replace(roll, steps=steps, figures=figures, started=started), position
 
 
-def _token_batch(drawn: dict, mask_truncated: bool) -> TrainBatch:
-  """`train_batch` of one round's rows, advantages not known yet (zeros)."""
-  return _batch(drawn["ids"], drawn["pmask"], drawn["tokens"], drawn["mask"],
-                drawn["truncated"], np.zeros(len(drawn["mask"])), mask_truncated)
-
-
-def _sample(exp: Experiment, params, idx, key) -> dict:
-  ids, mask = exp.train_prompts.ids_NxL[idx], exp.train_prompts.mask_NxL[idx]
-  G = exp.settings.rollout.num_samples
-  records = [exp.task.train[i] for i in idx]
-  if exp.env is not None:
-    ep = episodes(exp, exp.programs.sample_train, params, ids, mask, key, records)
-    # Rewards score the policy's text; the episode (tool output included) is their
-    # `episodes` argument.
-    return dict(records=records, ids=np.repeat(ids, G, 0), pmask=np.repeat(mask, G, 0),
-                tokens=ep.tokens_BxC, mask=ep.policy_mask_BxC, truncated=ep.truncated_B,
-                texts=list(ep.policy_texts), lengths=ep.policy_lengths_B,
-                episode_texts=list(ep.texts), episodes=ep, figures=ep.figures)
-  out = exp.programs.sample_train(params, *exp.shard(ids, mask), key)
-  tokens, cmask = to_host(out.tokens), to_host(out.mask)
-  return dict(records=[exp.task.train[i] for i in idx], ids=np.repeat(ids, G, 0),
-              pmask=np.repeat(mask, G, 0), tokens=tokens, mask=cmask,
-              truncated=to_host(out.truncated).astype(bool))  # texts: decoded by `_score`
-
-
-def episodes(exp: Experiment, programs, params, ids, mask, key, records):
-  """Multi-turn episodes of the prompts `ids` with the run's environment (config.tools)."""
-  t = exp.settings.tools
-  return multiturn.rollout(programs, params, *exp.shard(ids, mask), key, exp.env, records,
-                           exp.tokenizer, max_workers=t.max_workers, to_host=to_host)
-
-
-def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
-  """Texts (unless multi-turn episodes brought theirs), reward rows [K, N] (rule functions on
-  text, then the ORM on tokens) and the verifier."""
-  r = exp.settings.rollout
-  cmask, truncated = drawn["mask"], drawn["truncated"]
-  texts = drawn.get("texts") or exp.tokenizer.decode_batch(drawn["tokens"], cmask)
-  lengths = drawn.get("lengths")
-  if lengths is None:
-    lengths = completion_lengths(cmask, truncated)
-  prompts_P = [exp.task.prompt(rec) for rec in drawn["records"]]
-  columns = tasks.reward_columns(drawn["records"], prompts_P, drawn["tokens"], cmask, lengths,
-                                 r.num_samples, drawn.get("episodes"))
-  fns = exp.rewards.fns
-  failed_K = np.zeros(len(exp.rewards.names), bool)
+def _score(data: Data, r: RolloutSettings, records: list, ids_N, pmask_N,
+           drawn: samplers.Drawn, rm: Optional[RMScorer]) -> _Round:
+  """Texts (unless episodes brought theirs), reward rows [K, N] (rule functions on text, then
+  the ORM on tokens), the verifier, and which groups have reward spread."""
+  texts = samplers.texts_of(drawn, data.tokenizer)
+  cmask = drawn.mask_BxC
+  prompts_P = [data.task.prompt(rec) for rec in records]
+  columns = reward_table.reward_columns(records, prompts_P, drawn.tokens_BxC, cmask,
+                                        drawn.lengths_B, r.num_samples, drawn.episodes)
+  rewards = data.rewards
+  fns = rewards.fns
+  failed_K = np.zeros(len(rewards.names), bool)
   if fns:
-    scored = rewards_lib.score_rows(fns, exp.rewards.weights[:len(fns)], texts, columns,
-                                    names=exp.rewards.names[:len(fns)],
+    scored = rewards_lib.score_rows(fns, rewards.weights[:len(fns)], list(texts), columns,
+                                    names=rewards.names[:len(fns)],
                                     timeout_s=r.reward_timeout_s, on_error=r.reward_errors)
     scores_KxN = scored.scores_KxN
     failed_K[:len(fns)] = scored.failed_K
@@ -174,56 +160,57 @@ def _score(exp: Experiment, drawn: dict, rm_params) -> dict:
       logging.warning("%s: this batch scores 0 (config.grpo.reward_errors = 'zero')", message)
   else:
     scores_KxN = np.zeros((0, len(texts)), np.float32)
-  if "reward_model" in exp.rewards.names:  # ORM score of the tokens the sampler produced
-    rm_N = (to_host(exp.programs.rm_score(rm_params, exp.shard(rm_lib.RMBatch(
-        drawn["ids"], drawn["pmask"], drawn["tokens"], cmask))[0])) if rm_params is not None
+  if "reward_model" in rewards.names:  # ORM score of the tokens the sampler produced
+    rm_N = (rm(rm_lib.RMBatch(ids_N, pmask_N, drawn.tokens_BxC, cmask)) if rm is not None
             else np.zeros(len(texts)))  # no RM yet: bootstrap sampling only
     scores_KxN = np.concatenate([scores_KxN, rm_N[None].astype(np.float32)], 0)
-  verified_N = np.asarray(rewards_lib.exact_answer_reward(texts, columns["final_answer"]),
+  verified_N = np.asarray(rewards_lib.exact_answer_reward(list(texts), columns["final_answer"]),
                           np.float32)
-  return dict(texts=texts, scores=scores_KxN, verified=verified_N, failed=failed_K)
+  reward_N = rewards_lib.weighted_sum(np.asarray(rewards.weights), scores_KxN)
+  reward_PxG = reward_N.reshape(-1, r.num_samples)
+  spread_P = ~np.all(reward_PxG == reward_PxG[:, :1], axis=1)
+  return _Round(records, ids_N, pmask_N, drawn, texts, scores_KxN, reward_N, verified_N, failed_K,
+                spread_P)
 
 
-def _mean_figures(rows: list[dict]) -> dict:
-  """Episode figures of the sampling rounds: times summed, the rest averaged."""
+def mean_figures(rows: Sequence[dict]) -> dict:
+  """Episode figures of several batches: times summed, the rest averaged."""
   keys = dict.fromkeys(k for row in rows for k in row)
   return {k: (sum(row.get(k, 0.0) for row in rows) if k.endswith("_s")
               else float(np.mean([row.get(k, 0.0) for row in rows]))) for k in keys}
 
 
-def completion_lengths(mask_NxC, truncated_N) -> np.ndarray:
-  """Tokens of each single-turn completion before its EOS: the mask counts the EOS of every
-  completion that was not truncated. (An episode can end without an EOS and not truncated, by
-  its environment: `multiturn.Episodes` counts its own lengths.)"""
-  return np.asarray(mask_NxC).sum(1) - (~np.asarray(truncated_N, bool))
-
-
-def _select_groups(exp, rounds: list[dict], P: int, G: int, keep_all: bool) -> Rollout:
+def _select_groups(rounds: list[_Round], P: int, G: int, keep_all: bool) -> Rollout:
   """The first P groups with reward spread (in draw order), then zero-spread ones if the rounds
   ran out (bounded resampling), as one Rollout."""
-  spread = np.concatenate([d["spread_P"] for d in rounds]) | keep_all
+  spread = np.concatenate([d.spread_P for d in rounds]) | keep_all
   pick_P = np.concatenate([np.flatnonzero(spread), np.flatnonzero(~spread)])[:P]
   rows_N = (pick_P[:, None] * G + np.arange(G)).reshape(-1)
-  cat = lambda key: np.concatenate([d[key] for d in rounds], axis=-1 if key == "scores" else 0)  # noqa: E731
-  texts = [t for d in rounds for t in d["texts"]]
-  episode_texts = [t for d in rounds for t in d.get("episode_texts", ())]
-  records = [rec for d in rounds for rec in d["records"]]
-  K = rounds[0]["scores"].shape[0]
+  cat = lambda get: np.concatenate([get(d) for d in rounds], axis=0)[rows_N]  # noqa: E731
+  texts = [t for d in rounds for t in d.texts]
+  records = [rec for d in rounds for rec in d.records]
+  scores_KxN = np.concatenate([d.scores_KxN for d in rounds], axis=-1)[:, rows_N]
+  episode_texts = ()
+  if rounds[0].drawn.episodes is not None:
+    whole = [t for d in rounds for t in d.drawn.episodes.texts]
+    episode_texts = tuple(whole[i] for i in rows_N)
   return Rollout(
-      prompt_ids_NxL=cat("ids")[rows_N], prompt_mask_NxL=cat("pmask")[rows_N],
-      tokens_NxC=cat("tokens")[rows_N], mask_NxC=cat("mask")[rows_N],
-      truncated_N=cat("truncated")[rows_N], scores_KxPxG=cat("scores")[:, rows_N].reshape(K, P, G),
-      verified_N=cat("verified")[rows_N], texts=tuple(texts[i] for i in rows_N),
+      prompt_ids_NxL=cat(lambda d: d.ids_NxL), prompt_mask_NxL=cat(lambda d: d.pmask_NxL),
+      tokens_NxC=cat(lambda d: d.drawn.tokens_BxC), mask_NxC=cat(lambda d: d.drawn.mask_BxC),
+      truncated_N=cat(lambda d: d.drawn.truncated_B),
+      scores_KxPxG=scores_KxN.reshape(scores_KxN.shape[0], P, G),
+      reward_PxG=cat(lambda d: d.reward_N).reshape(P, G),
+      verified_N=cat(lambda d: d.verified_N), texts=tuple(texts[i] for i in rows_N),
       records=tuple(records[p] for p in pick_P), steps=None, figures={},
-      episode_texts=tuple(episode_texts[i] for i in rows_N) if episode_texts else ())
+      episode_texts=episode_texts)
 
 
-def step_rewards(exp: Experiment, roll: Rollout, rm_params) -> StepRewards:
+def step_rewards(tokenizer, r: RolloutSettings, roll: Rollout,
+                 rm: Optional[RMScorer]) -> StepRewards:
   """Step boundaries at tokens containing `grpo.step_delimiter`; labels from the arithmetic
   task's step verifier; rewards are those labels (`grpo.process_reward = "verifier"`, an oracle
   PRM) or the learned PRM's probabilities (`"prm"`, once it is trained)."""
-  r = exp.settings.rollout
-  end, mask = steps_lib.batch_step_boundaries(roll.tokens_NxC, roll.mask_NxC, exp.tokenizer,
+  end, mask = steps_lib.batch_step_boundaries(roll.tokens_NxC, roll.mask_NxC, tokenizer,
                                               max_steps=r.max_steps, delimiter=r.step_delimiter)
   G = r.num_samples
   labels = np.zeros(end.shape, np.float32)
@@ -234,22 +221,19 @@ def step_rewards(exp: Experiment, roll: Rollout, rm_params) -> StepRewards:
       lab = lab[:k - 1] + lab[-1:] if k else []
     labels[n, :len(lab)] = lab[:k]
   rewards = labels
-  if r.process_reward == "prm" and rm_params is not None:
-    batch = rm_lib.RMBatch(roll.prompt_ids_NxL, roll.prompt_mask_NxL, roll.tokens_NxC,
-                           roll.mask_NxC, step_end=end, step_mask=mask)
-    rewards = to_host(exp.programs.rm_score(rm_params, exp.shard(batch)[0])).astype(np.float32)
+  if r.process_reward == "prm" and rm is not None:
+    rewards = rm(rm_lib.RMBatch(roll.prompt_ids_NxL, roll.prompt_mask_NxL, roll.tokens_NxC,
+                                roll.mask_NxC, step_end=end, step_mask=mask)).astype(np.float32)
   return StepRewards(end, mask, rewards * mask, labels)
 
 
-def _figures(roll: Rollout, rewards, steps: Optional[StepRewards], P: int, G: int) -> dict:
-  scores = roll.scores_KxPxG
-  combined = (rewards_lib.weighted_sum(rewards.weights, scores) if scores.shape[0]
-              else np.zeros((P, G), np.float32))
+def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards]) -> dict:
+  combined = roll.reward_PxG
   figures = {"reward": float(combined.mean()), "reward_std": float(combined.std()),
              "truncated_fraction": float(roll.truncated_N.mean()),
              # generated tokens per completion, EOS included, truncated ones too
              "completion_length": float(roll.mask_NxC.sum(1).mean())}
-  for name, mean in zip(rewards.names, rewards_lib.reward_means(scores)):
+  for name, mean in zip(names, rewards_lib.reward_means(roll.scores_KxPxG)):
     figures[f"reward/{name}"] = mean
   figures["verified_accuracy"] = float(roll.verified_N.mean())
   if steps is not None:
@@ -258,18 +242,28 @@ def _figures(roll: Rollout, rewards, steps: Optional[StepRewards], P: int, G: in
   return figures
 
 
-def _teacher(exp: Experiment, position) -> tuple[Rollout, iterator.Position]:
+def _teacher(data: Data, r: RolloutSettings, position) -> tuple[Rollout, iterator.Position]:
   """The "sft" paradigm: P * G teacher solutions of distinct problems per step."""
-  r = exp.settings.rollout
   P, G = r.num_prompts, r.num_samples
-  idx, position = iterator.next_indices(position, len(exp.task.sft), P * G)
-  prompts, targets = exp.teacher
+  idx, position = iterator.next_indices(position, len(data.task.sft), P * G)
+  prompts, targets = data.teacher
   return Rollout(
       prompt_ids_NxL=prompts.ids_NxL[idx], prompt_mask_NxL=prompts.mask_NxL[idx],
       tokens_NxC=targets.ids_NxC[idx], mask_NxC=targets.mask_NxC[idx],
       truncated_N=np.zeros(P * G, bool), scores_KxPxG=np.zeros((0, P, G), np.float32),
+      reward_PxG=np.zeros((P, G), np.float32),
       verified_N=np.ones(P * G, np.float32), texts=(), records=(), steps=None,
       figures={"sample_s": 0.0, "score_s": 0.0, "tok_per_s": 0.0}), position
+
+
+def coefficients(roll: Rollout, r: RolloutSettings, weights_K) -> np.ndarray:
+  """The paradigm's gradient coefficient of every row (`advantages.coefficients`): [N], or
+  [N, C] per token for process supervision."""
+  steps = roll.steps
+  return advantages_lib.coefficients(
+      r.paradigm.coefficient, roll.scores_KxPxG, weights_K, scale=r.advantage_scale,
+      steps=(steps.end_NxS, steps.mask_NxS, steps.rewards_NxS) if steps else None,
+      num_tokens=roll.tokens_NxC.shape[1])
 
 
 def train_batch(roll: Rollout, advantages, *, mask_truncated: bool) -> TrainBatch:
@@ -285,17 +279,16 @@ def _batch(ids, pmask, tokens, mask, truncated, advantages, mask_truncated: bool
                     completion_mask=mask, advantages=np.asarray(advantages, np.float32))
 
 
-def samples(exp: Experiment, roll: Rollout, advantages, num: int = 2) -> list[dict]:
+def samples(tokenizer, roll: Rollout, advantages, num: int = 2) -> list[dict]:
   """The first prompt's first completions with reward and advantage (and steps), for
   samples.jsonl."""
   if not roll.records:
     return []
-  combined = rewards_lib.weighted_sum(exp.rewards.weights, roll.scores_KxPxG) \
-      if roll.scores_KxPxG.shape[0] else np.zeros(roll.scores_KxPxG.shape[1:], np.float32)
   rows = []
-  for i in range(min(exp.settings.rollout.num_samples, num)):
+  for i in range(min(roll.reward_PxG.shape[1], num)):
     row = {"question": roll.records[0]["question"], "completion": roll.texts[i],
-           "final_answer": roll.records[0]["final_answer"], "reward": float(combined[0, i]),
+           "final_answer": roll.records[0]["final_answer"],
+           "reward": float(roll.reward_PxG[0, i]),
            "advantage": float(np.asarray(advantages)[i].mean())}
     if roll.episode_texts:  # tools: "completion" is the policy's text, this the whole episode
       row["episode"] = roll.episode_texts[i]
@@ -304,28 +297,33 @@ def samples(exp: Experiment, roll: Rollout, advantages, num: int = 2) -> list[di
       ends = st.end_NxS[i][st.mask_NxS[i] > 0].tolist()
       starts = [0] + [e + 1 for e in ends[:-1]]
       row["steps"] = [{"span": [a, b],
-                       "text": exp.tokenizer.decode(roll.tokens_NxC[i][a:b + 1].tolist()),
+                       "text": tokenizer.decode(roll.tokens_NxC[i][a:b + 1].tolist()),
                        "reward": float(st.rewards_NxS[i, j]), "label": int(st.labels_NxS[i, j])}
                       for j, (a, b) in enumerate(zip(starts, ends))]
     rows.append(row)
   return rows
 
 
-def rm_examples(exp: Experiment, roll: Rollout) -> dict:
+def histograms(roll: Rollout, names: Sequence[str], advantages) -> dict:
+  """TensorBoard histograms of one rollout: completion lengths, advantages (per completion),
+  rewards (weighted sum and each row)."""
+  adv_N = np.asarray(advantages).reshape(roll.tokens_NxC.shape[0], -1)
+  arrays = {"completion_length": roll.mask_NxC.sum(-1),
+            "advantage": adv_N.sum(-1) / np.maximum((adv_N != 0).sum(-1), 1)}
+  if roll.scores_KxPxG.shape[0]:
+    arrays["reward"] = roll.reward_PxG.reshape(-1)
+    arrays.update({f"reward/{name}": roll.scores_KxPxG[k].reshape(-1)
+                   for k, name in enumerate(names)})
+  return arrays
+
+
+def rm_examples(roll: Rollout, prm: bool) -> dict:
   """The reward model's training data from a rollout: tokens with the verifier's labels
-  (outcome, [N]; per step for a PRM, [N, S])."""
+  (outcome, [N]; per step for a PRM (`prm`), [N, S])."""
   out = dict(prompt_tokens=roll.prompt_ids_NxL, prompt_mask=roll.prompt_mask_NxL,
              completion_tokens=roll.tokens_NxC, completion_mask=roll.mask_NxC,
              labels=roll.verified_N)
-  if exp.settings.reward_model.kind == "prm":
+  if prm:
     out.update(step_end=roll.steps.end_NxS, step_mask=roll.steps.mask_NxS,
                labels=roll.steps.labels_NxS.astype(np.float32))
   return out
-
-
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host) global array as a NumPy array on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -32,7 +32,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from grpo_jax import checkpointing, experiment, models, paths, settings as settings_lib, trainer
+from grpo_jax import checkpointing, experiment, models, paths, runstate, settings as settings_lib
+from grpo_jax import defaults, weights
 from grpo_jax.experiment import Experiment
 from grpo_jax.models import lora
 from grpo_jax.settings import ConfigError, Settings
@@ -66,7 +67,7 @@ class Run:
 
   def device_params(self):
     """`params` on the experiment's mesh, sharded as the trainer places them."""
-    return jax.device_put(self.params, self.experiment.params_sh)
+    return jax.device_put(self.params, self.experiment.device.params_sh)
 
 
 def resolve(path: str) -> str:
@@ -99,10 +100,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _defaults() -> dict:
-  """The current config defaults (experiments/configs/arithmetic.py, which every config starts
-  from): fields a run written by an older grpo_jax lacks."""
-  from experiments.configs import arithmetic  # pylint: disable=import-outside-toplevel
-  return arithmetic.get_config("local").to_dict()
+  """The current config defaults: fields a run written by an older grpo_jax lacks."""
+  return defaults.config().to_dict()
 
 
 def _fill_defaults(data: dict, defaults: dict, prefix: str = "") -> list[str]:
@@ -165,12 +164,12 @@ def load_run(workdir: str, step: Optional[int] = None, *,
     state, extra, step, skipped = _restore(exp, ckpt, step)
   finally:
     ckpt.close()
-  loop = trainer.LoopState.from_json(extra)
+  loop = runstate.LoopState.from_json(extra)
   params = state["state"].params
-  if exp.lora and loop.phase == "grpo":  # the state trains the adapters; the base is frozen
+  if exp.device.lora and loop.phase == "grpo":  # the state trains the adapters; the base is frozen
     params = _merge_lora(exp, loop, params)
   return Run(workdir=workdir, config=cfg, settings=s, experiment=exp,
-             model_config=exp.base_config, tokenizer=exp.tokenizer,
+             model_config=exp.device.base_config, tokenizer=exp.data.tokenizer,
              params=jax.device_get(params), step=step, phase=loop.phase,
              phase_step=loop.step, skipped=skipped)
 
@@ -209,7 +208,7 @@ def _restore(exp: Experiment, ckpt: checkpointing.Checkpointer,
               "given that changes the model or the optimiser?)")
   if step is None:
     try:
-      restored = ckpt.restore_latest(lambda extra: trainer.restore_target(exp, extra))
+      restored = ckpt.restore_latest(lambda extra: runstate.restore_target(exp, extra))
     except checkpointing.TargetMismatchError as e:
       raise RunError(f"{e}; it {mismatch}") from None
     except checkpointing.CheckpointError as e:
@@ -221,7 +220,7 @@ def _restore(exp: Experiment, ckpt: checkpointing.Checkpointer,
   where = ckpt.step_directory(step)
   try:
     extra = ckpt.read_extra(step)
-    state, extra = ckpt.restore(step, trainer.restore_target(exp, extra))
+    state, extra = ckpt.restore(step, runstate.restore_target(exp, extra))
   except checkpointing.TargetMismatchError as e:
     raise RunError(f"{e}; it {mismatch}") from None
   except _UNREADABLE as e:
@@ -234,28 +233,29 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _merge_lora(exp: Experiment, loop: trainer.LoopState, adapters):
+def _merge_lora(exp: Experiment, loop: runstate.LoopState, adapters):
   """The LoRA policy as plain params: the frozen base the adapters were trained on (checked
   against the checkpoint's fingerprint, as a resume does), read in param_dtype, with
   W + (alpha / r) A B merged in float32 and stored in W's dtype."""
-  path = trainer.lora_base_dir(exp)
+  path = runstate.lora_base_dir(exp.settings, exp.workdir)
+  device = exp.device
   if not (paths.as_path(path) / CONFIG_FILE).exists():
     raise RunError(f"LoRA base model {path} is missing: the adapters in "
                    f"{exp.workdir}/{CHECKPOINTS} need the base they were trained on")
-  if path == exp.settings.model.hf_checkpoint and exp.host_params is not None:
-    base = exp.host_params  # experiment.build read it already, in param_dtype
+  if path == exp.settings.model.hf_checkpoint and device.host_params is not None:
+    base = device.host_params  # experiment.build read it already, in param_dtype
   else:
     try:
       _, base = models.load_hf_checkpoint(paths.local_dir(path),
-                                          dtype=exp.model_config.param_dtype)
+                                          dtype=device.model_config.param_dtype)
     except (OSError, ValueError) as e:
       raise RunError(f"LoRA base model {path} cannot be read: {e}") from None
   if loop.lora_base:
-    found = lora.fingerprint(exp.base_config, experiment.compute_params(exp, base))
+    found = lora.fingerprint(device.base_config, weights.compute_params(device, base))
     if found != loop.lora_base:
       raise RunError(f"the adapters in {exp.workdir}/{CHECKPOINTS} were trained on a base with "
                      f"fingerprint {loop.lora_base}, but {path} has {found}: a different base")
-  merged, _ = lora.merge(lora.combine(base, jax.device_get(adapters)), exp.model_config)
+  merged, _ = lora.merge(lora.combine(base, jax.device_get(adapters)), device.model_config)
   return merged
 
 

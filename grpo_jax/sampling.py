@@ -263,15 +263,24 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens_PxT, prompt_mask_
   return prefix, logits_PxV, jnp.sum(prompt_mask_PxT, axis=1)
 
 
+def prefill_and_draw(params: Params, config: ModelConfig, settings: SamplingSettings,
+                     prompt_tokens_PxT, prompt_mask_PxT, rng):
+  """`prefill`, then every row's first token (G rows per prompt, key fold_in(rng, 0)): (the
+  prompts' KV cache, their lengths [P], tokens [B], log-probs [B])."""
+  prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
+  tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, settings.num_samples, axis=0),
+                                       jax.random.fold_in(rng, 0), settings)
+  return prefix, prompt_len_P, tokens_B, logprobs_B
+
+
 def sample_with_settings(params: Params, config: ModelConfig, settings: SamplingSettings,
                          prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput:
   """`sample` with its static settings in one object (traceable; see `make_sampler`)."""
   P = prompt_tokens_PxT.shape[0]
   G, N = settings.num_samples, settings.max_new_tokens
   B = P * G
-  prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
-  tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, G, axis=0),
-                                       jax.random.fold_in(rng, 0), settings)
+  prefix, prompt_len_P, tokens_B, logprobs_B = prefill_and_draw(
+      params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng)
   state = SamplingState(
       step=jnp.zeros((), jnp.int32),
       last_token_B=jnp.zeros((B,), jnp.int32),

@@ -10,7 +10,7 @@ passes the BPF program, which this process loads with one prctl; Landlock is thr
 The order matters: read the code, unshare, mask paths, fork the PID namespace's init, then (in
 the code's process) drop rights, Landlock, seccomp, rlimits, say "ready" on the parent's pipe,
 run the code. `sandbox.py`'s docstring says what each layer blocks; `LAYERS` records what held,
-for `sandbox.isolation()`.
+for `sandbox_isolation.isolation()`.
 """
 
 import ctypes
@@ -291,24 +291,11 @@ def report(exc, module, code):
   raise SystemExit(1)
 
 
-def main():
-  a = json.loads(sys.argv[1])
-  code = sys.stdin.buffer.read()
-  fd = os.open("/dev/null", os.O_RDWR)
-  os.dup2(fd, 0)
-  os.close(fd)
-  os.umask(0o022)
-  root = os.geteuid() == 0
+def enter_namespaces(wanted, root):
+  """Enters the `wanted` namespaces the kernel allows (user: not as root); returns their names."""
   uid, gid = os.getuid(), os.getgid()
-  keep = python_dirs(a["hidden"])  # realpaths already (sandbox.hidden_realpaths)
-  bpf = bytes.fromhex(a["seccomp_bpf"])
-
-  prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-  if os.getppid() != a["ppid"]:
-    os._exit(137)  # the trainer is already gone
-
   namespaces = []
-  if not root and "user" in a["namespaces"] and LIBC.unshare(CLONE_FLAGS["user"]) == 0:
+  if not root and "user" in wanted and LIBC.unshare(CLONE_FLAGS["user"]) == 0:
     namespaces.append("user")
     try:
       for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
@@ -318,34 +305,31 @@ def main():
     except OSError:
       pass
   for name in ("net", "ipc", "mnt", "pid"):
-    if name in a["namespaces"] and LIBC.unshare(CLONE_FLAGS[name]) == 0:
+    if name in wanted and LIBC.unshare(CLONE_FLAGS[name]) == 0:
       namespaces.append(name)
   LAYERS["namespaces"] = namespaces
+  return namespaces
 
+
+def fork_pid_namespace(namespaces):
+  """Forks the PID namespace's init and, under it, the code's process: the one that returns."""
+  r, w = os.pipe()
+  child = os.fork()
+  if child:
+    relay(child, r, w)
+  os.close(r)
+  prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  if "mnt" in namespaces:
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+  child = os.fork()
+  if child:
+    init(child, w)
+  os.close(w)
+
+
+def confine(a, keep, namespaces, drop, bpf):
+  """In the code's process: its directory, rights dropped, Landlock, seccomp, rlimits."""
   cwd = a["workdir"]
-  if "mnt" in namespaces and mount(None, "/", None, MS_REC | MS_PRIVATE):
-    mask_paths(a, keep)
-  if not os.path.isdir(cwd):  # the parent's directory sits in a tmpfs we just mounted
-    os.makedirs(cwd, mode=0o700)
-    if root:
-      os.chown(cwd, NOBODY, NOBODY)
-  drop = root and all(first_blocked(p) is None for p in keep) and first_blocked(cwd) is None
-
-  if "pid" in namespaces:
-    r, w = os.pipe()
-    child = os.fork()
-    if child:
-      relay(child, r, w)
-    os.close(r)
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if "mnt" in namespaces:
-      mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    child = os.fork()
-    if child:
-      init(child, w)
-    os.close(w)
-
-  # The code's process.
   os.chdir(cwd)
   writable = [cwd]  # not the private temp dirs: a hidden path may lie under them (TMPDIR = cwd)
   LAYERS["interpreter"] = keep
@@ -368,6 +352,35 @@ def main():
   limit(resource.RLIMIT_NOFILE, 64)
   limit(resource.RLIMIT_CORE, 0)
 
+
+def main():
+  a = json.loads(sys.argv[1])
+  code = sys.stdin.buffer.read()
+  fd = os.open("/dev/null", os.O_RDWR)
+  os.dup2(fd, 0)
+  os.close(fd)
+  os.umask(0o022)
+  root = os.geteuid() == 0
+  keep = python_dirs(a["hidden"])  # realpaths already (sandbox.hidden_realpaths)
+  bpf = bytes.fromhex(a["seccomp_bpf"])
+  prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != a["ppid"]:
+    os._exit(137)  # the trainer is already gone
+
+  namespaces = enter_namespaces(a["namespaces"], root)
+  cwd = a["workdir"]
+  if "mnt" in namespaces and mount(None, "/", None, MS_REC | MS_PRIVATE):
+    mask_paths(a, keep)
+  if not os.path.isdir(cwd):  # the parent's directory sits in a tmpfs we just mounted
+    os.makedirs(cwd, mode=0o700)
+    if root:
+      os.chown(cwd, NOBODY, NOBODY)
+  drop = root and all(first_blocked(p) is None for p in keep) and first_blocked(cwd) is None
+  if "pid" in namespaces:
+    fork_pid_namespace(namespaces)
+
+  # The code's process.
+  confine(a, keep, namespaces, drop, bpf)
   main_module = types.ModuleType("__main__")
   sys.modules["__main__"] = main_module
   sys.argv = ["<tool>"]

@@ -6,7 +6,7 @@ before JAX is imported:
     is not optimised (init_params compiles in ~1 s instead of ~10 s). Results can differ from an
     optimised build in the last bits (summation order); every test compares runs made under the
     same flags, or with tolerances far above that.
-  * a persistent compilation cache in a fresh directory for this session only (removed at exit):
+  * a persistent compilation cache in a fresh directory for this pytest run only (removed at exit):
     a program compiled once (the same HLO, devices and flags) is loaded, not recompiled, by later
     tests and by the subprocesses the launcher, resume and multi-host tests start (they inherit
     the environment; see `multihost_worker.subprocess_env`), and by every pytest-xdist worker

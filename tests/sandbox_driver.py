@@ -33,7 +33,7 @@ def zombie_children() -> list[int]:
 
 def main():
   sys.path.insert(0, sys.argv[1])
-  from grpo_jax import sandbox  # pylint: disable=import-outside-toplevel
+  from grpo_jax import sandbox, sandbox_isolation  # pylint: disable=import-outside-toplevel
   spec = json.loads(sys.argv[2])
   if spec.get("subreaper"):
     import ctypes  # pylint: disable=import-outside-toplevel
@@ -49,7 +49,7 @@ def main():
       out[name] = {"status": "sandbox_error", "stdout": "", "stderr": str(e)}
   time.sleep(spec.get("zombie_wait_s", 0.0))
   out["zombies"] = zombie_children()
-  out["isolation"] = sandbox.isolation(tuple(spec.get("hidden_paths", ())))
+  out["isolation"] = sandbox_isolation.isolation(tuple(spec.get("hidden_paths", ())))
   print(json.dumps(out))
 
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 import grpo_jax
-from grpo_jax import checkpointing, experiment, metrics, settings, tasks, trainer
+from grpo_jax import checkpointing, experiment, metrics, reward_table, settings, tasks, trainer
 from grpo_jax.data import arithmetic, records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,16 +131,16 @@ def test_reward_functions_from_python_and_their_weights(byo):
   cfg.grpo.reward_fns = {}
   s = settings.from_config(cfg, 8)
   mine = lambda completions, **_: [1.0] * len(completions)  # noqa: E731
-  rw = tasks.reward_functions(s.rollout, s.reward_model, {"probe": mine, "bonus": mine})
+  rw = reward_table.reward_functions(s.rollout, s.reward_model, {"probe": mine, "bonus": mine})
   assert rw.names == ("probe", "bonus") and rw.weights == (1.0, 1.0)  # bonus: not in rewards
   cfg.grpo.rewards.probe = 0.5
-  rw = tasks.reward_functions(settings.from_config(cfg, 8).rollout, s.reward_model,
+  rw = reward_table.reward_functions(settings.from_config(cfg, 8).rollout, s.reward_model,
                               {"probe": mine})
   assert rw.weights == (0.5,)
   with pytest.raises(settings.ConfigError, match="unknown reward 'probe'"):
-    tasks.reward_functions(s.rollout, s.reward_model)
+    reward_table.reward_functions(s.rollout, s.reward_model)
   with pytest.raises(settings.ConfigError, match="'format' is a built-in"):
-    tasks.reward_functions(s.rollout, s.reward_model, {"probe": mine, "format": mine})
+    reward_table.reward_functions(s.rollout, s.reward_model, {"probe": mine, "format": mine})
 
 
 def _no_compile(monkeypatch):

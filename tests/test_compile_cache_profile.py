@@ -4,15 +4,15 @@ import glob
 import os
 
 from experiments.configs import arithmetic as arithmetic_config
-from grpo_jax import settings, trainer
+from grpo_jax import process, settings, trainer
 import test_trainer  # tests/ is on sys.path (pytest rootdir-less import mode), as multihost_worker
 
 
 def test_compile_cache_dir_settings(monkeypatch):
   monkeypatch.setenv("GRPO_JAX_COMPILE_CACHE", "off")
-  assert trainer.compile_cache_dir() is None
+  assert process.compile_cache_dir() is None
   monkeypatch.setenv("GRPO_JAX_COMPILE_CACHE", "/some/where")
-  assert trainer.compile_cache_dir() == "/some/where"
+  assert process.compile_cache_dir() == "/some/where"
 
 
 def test_second_launch_compiles_nothing(tmp_path):
@@ -48,8 +48,8 @@ def test_profile_steps_write_a_trace(tmp_path):
 
 _ARENA_PROBE = r"""
 import ctypes, os, re, sys, tempfile, threading
-from grpo_jax import trainer
-print("limit", trainer.limit_malloc_arenas())
+from grpo_jax import process
+print("limit", process.limit_malloc_arenas())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.fopen.restype = ctypes.c_void_p, ctypes.c_void_p
 barrier = threading.Barrier(8)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import arithmetic as arithmetic_config
-from grpo_jax import (evaluation, experiment, metrics, paradigms, rollout, settings, tasks,
-                      trainer, updates)
+from grpo_jax import (evaluation, experiment, metrics, paradigms, reward_table, rollout,
+                      samplers, settings, trainer, updates)
 from grpo_jax.rewards import overlong_penalty_reward
 
 
@@ -62,7 +62,7 @@ def test_overlong_penalty_does_not_count_the_eos():
   mask = np.zeros((4, C), np.int32)
   for i, n in enumerate(real):
     mask[i, :n + (not truncated[i])] = 1  # the EOS is in the mask
-  lengths = rollout.completion_lengths(mask, truncated)
+  lengths = samplers.completion_lengths(mask, truncated)
   np.testing.assert_array_equal(lengths, real)
   penalty = overlong_penalty_reward([""] * 4, completion_length=lengths.tolist(), max_length=10,
                                     cache_length=4)
@@ -91,8 +91,8 @@ def driver_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     # Every other completion rewarded: advantages with spread, so the policy moves.
     alternate = lambda completions, **_: [float(i % 2) for i in range(len(completions))]  # noqa: E731
-    mp.setattr(tasks, "reward_functions",
-               lambda r, rm, extra=None: tasks.Rewards((alternate,), ("alt",), (1.0,)))
+    mp.setattr(reward_table, "reward_functions",
+               lambda r, rm, extra=None: reward_table.Rewards((alternate,), ("alt",), (1.0,)))
     exp = experiment.build(_settings(cfg, jax.device_count()), workdir)
     mp.setattr(rollout, "collect", lambda *a, **k: (lambda out: (rollouts.append(out[0]), out)[1])(
         real(*a, **k)))
@@ -102,10 +102,11 @@ def driver_run(tmp_path_factory):
 
 def test_each_program_compiles_once_per_run(driver_run):
   exp, _, _ = driver_run
-  p = exp.programs
-  for name in ("policy_update", "logprobs", "sample_train", "sample_greedy", "sample_eval_k",
-               "sft_update"):
+  p = exp.device.programs
+  for name in ("policy_update", "logprobs", "sft_update"):
     assert getattr(p, name)._cache_size() == 1, name  # pylint: disable=protected-access
+  for name in ("sample_train", "sample_greedy", "sample_eval_k"):
+    assert getattr(p, name).compiles() == 1, name
 
 
 def test_logged_lengths_count_truncated_completions(driver_run):
@@ -131,19 +132,19 @@ def test_mu_updates_log_mean_first_and_last(driver_run):
 
 def test_eval_batches_draw_different_keys(driver_run):
   exp, _, _ = driver_run
-  keys, real = [], exp.programs.sample_eval_k
+  keys, real = [], exp.device.programs.sample_eval_k
 
-  def record(params, ids, mask, key):
-    keys.append(np.asarray(jax.random.key_data(key)).tobytes())
-    return real(params, ids, mask, key)
+  class Recording:  # the sampler protocol, recording the keys it is given
+    mesh, num_samples = real.mesh, real.num_samples
 
-  s = exp.settings
-  s = dataclasses.replace(s, eval=dataclasses.replace(s.eval, num_problems=32,
-                                                      pass_k_problems=32))
-  probe = dataclasses.replace(exp, settings=s, programs=dataclasses.replace(
-      exp.programs, sample_eval_k=record))
-  params = experiment.init_state(exp, "grpo").params
-  result = evaluation.evaluate(probe, params, step=3)
+    def __call__(self, params, ids, mask, key, records):
+      keys.append(np.asarray(jax.random.key_data(key)).tobytes())
+      return real(params, ids, mask, key, records)
+
+  e = dataclasses.replace(exp.settings.eval, num_problems=32, pass_k_problems=32)
+  programs = dataclasses.replace(exp.device.programs, sample_eval_k=Recording())
+  params = experiment.init_state(exp.device, exp.keys, "grpo").params
+  result = evaluation.evaluate(exp.data, programs, e, params, exp.keys, step=3)
   # 32 problems, 8 per batch (one per device of the 8 simulated): 4 batches, 4 distinct keys
   assert len(keys) == 4 and len(set(keys)) == 4
   assert 0.0 <= result.pass_at_k <= 1.0

@@ -25,7 +25,7 @@ from experiments.configs import gsm8k as gsm8k_config
 from grpo_jax import evaluation, metrics, models, runs, trainer
 from grpo_jax.data import arithmetic
 from grpo_jax.settings import ConfigError
-from grpo_jax.tokenizer import train_sentencepiece
+from grpo_jax.tokenizer_training import train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
@@ -164,7 +164,7 @@ def test_export_loads_in_transformers_with_the_same_logits(run, exported):
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       out, dtype=torch.float32, attn_implementation="eager").eval()
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-  texts = [r["question"] for r in policy.experiment.task.eval[:3]]
+  texts = [r["question"] for r in policy.experiment.data.task.eval[:3]]
   ids = [policy.tokenizer.encode(t)[:24] for t in texts]
   assert [hf_tok(t, add_special_tokens=False)["input_ids"][:24] for t in texts] == ids
   lengths = [len(x) for x in ids]

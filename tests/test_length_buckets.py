@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import losses, models, sharding, train_step, updates
+from grpo_jax import buckets, losses, models, sharding, train_step, updates
 from grpo_jax.train_step import TrainBatch
 
 B, TP, C = 16, 5, 24
@@ -88,7 +88,7 @@ def test_microbatch_plan_sorts_rows_and_sizes_each_micro_batch():
   mask = np.zeros((8, 40), np.int32)
   for row, n in enumerate([3, 40, 5, 17, 0, 33, 9, 16]):
     mask[row, :n] = 1
-  plan = train_step.microbatch_plan(mask, 2, 16)
+  plan = buckets.microbatch_plan(mask, 2, 16)
   assert [sorted(rows.tolist()) for rows, _ in plan] == [[1, 5], [3, 7], [2, 6], [0, 4]]
   assert [w for _, w in plan] == [40, 32, 16, 16]
   assert sorted(np.concatenate([r for r, _ in plan]).tolist()) == list(range(8))
@@ -127,17 +127,17 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
                                     loss_cfg=loss_cfg, num_microbatches=micro, frozen_sh=frozen_sh)
   logprobs = train_step.make_logprob_fn(mesh, params_sh, model_config=base_config,
                                         num_microbatches=micro)
-  programs = train_step.make_bucketed_programs(
+  programs = buckets.make_bucketed_programs(
       mesh, state_sh, params_sh, model_config=config, optimizer=optimizer, loss_cfg=loss_cfg,
       frozen_sh=frozen_sh, base_config=base_config)
   batch = _batch(2, process)
-  plan = train_step.microbatch_plan(batch.completion_mask, B // micro, 4)
+  plan = buckets.microbatch_plan(batch.completion_mask, B // micro, 4)
   assert len({w for _, w in plan}) > 1  # micro-batches really differ in width
   ref_params = jax.tree.map(lambda x: x * 0.9, base)
   placed = sharding.shard_batch((batch,), mesh)[0]
   ref_full = np.asarray(logprobs(jax.device_put(ref_params, params_sh), placed))
-  ref_bucketed = train_step.bucketed_logprobs(programs, jax.device_put(ref_params, params_sh),
-                                              batch, plan, mesh)
+  ref_bucketed = buckets.bucketed_logprobs(programs, jax.device_put(ref_params, params_sh),
+                                           batch, plan, mesh)
   m = batch.completion_mask > 0
   np.testing.assert_allclose(ref_bucketed[m], ref_full[m], atol=2e-6)
   batch = batch.replace(ref_logprobs=ref_full * m, old_logprobs=ref_full * m * 1.01)
@@ -145,8 +145,8 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
   s_fused, m_fused = fused(state, sharding.shard_batch((batch,), mesh)[0], *put_frozen())
   state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
-  s_buck, m_buck = train_step.bucketed_update(programs, state, batch, plan, mesh,
-                                              frozen=put_frozen()[0] if lora_rank else None)
+  s_buck, m_buck = buckets.bucketed_update(programs, state, batch, plan, mesh,
+                                           frozen=put_frozen()[0] if lora_rank else None)
   m_fused, m_buck = jax.device_get((m_fused, m_buck))
   for name in m_fused:
     np.testing.assert_allclose(m_buck[name], m_fused[name], rtol=5e-5, atol=1e-7, err_msg=name)
@@ -186,11 +186,11 @@ def test_new_widths_compile_ahead_and_together_and_the_calls_reuse_them():
   optimizer = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-3))
   params = jax.device_get(models.init_params(config, jax.random.key(1)))
   state_sh = train_step.state_shardings(mesh, config, optimizer, params)
-  programs = train_step.make_bucketed_programs(
+  programs = buckets.make_bucketed_programs(
       mesh, state_sh, state_sh.params, model_config=config, optimizer=optimizer,
       loss_cfg=losses.LossConfig(max_completion_length=C))
   batch = _batch(2)
-  plan = train_step.microbatch_plan(batch.completion_mask, 4, 4)
+  plan = buckets.microbatch_plan(batch.completion_mask, 4, 4)
   widths = {w for _, w in plan}
   assert len(widths) >= 3
   compiled, calls = [], []
@@ -200,7 +200,7 @@ def test_new_widths_compile_ahead_and_together_and_the_calls_reuse_them():
       if "Finished XLA compilation" in record.getMessage() and "jit(" in record.getMessage():
         compiled.append(record.getMessage())
 
-  real_compile_new = train_step.compile_new
+  real_compile_new = buckets.compile_new
 
   def spy(programs, name, args_list):
     real_compile_new(programs, name, args_list)
@@ -212,10 +212,10 @@ def test_new_widths_compile_ahead_and_together_and_the_calls_reuse_them():
   jax.config.update("jax_log_compiles", True)  # global: a context is thread-local
   try:
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(train_step, "compile_new", spy)
-      first = train_step.bucketed_logprobs(programs, placed, batch, plan, mesh)
+      mp.setattr(buckets, "compile_new", spy)
+      first = buckets.bucketed_logprobs(programs, placed, batch, plan, mesh)
       after_first = len(compiled)
-      again = train_step.bucketed_logprobs(programs, placed, batch, plan, mesh)
+      again = buckets.bucketed_logprobs(programs, placed, batch, plan, mesh)
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)

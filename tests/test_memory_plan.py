@@ -11,7 +11,7 @@ import pytest
 
 from experiments.configs import arithmetic as arithmetic_config
 from experiments.configs import gsm8k as gsm8k_config
-from grpo_jax import experiment, settings, sharding
+from grpo_jax import experiment, settings, sharding, weights
 from grpo_jax import train_step as ts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,19 +58,20 @@ def tiny(tmp_path_factory):
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
   s = settings.from_config(cfg, jax.device_count())
   exp = experiment.build(s, str(tmp_path_factory.mktemp("plan")))
-  plan = memory_plan.plan(exp.settings, exp.model_config, exp.mesh, layers="exact")
-  assert memory_plan.model_config(s) == exp.model_config  # what the CLI plans
+  plan = memory_plan.plan(exp.settings, exp.device.model_config, exp.device.mesh, layers="exact")
+  assert memory_plan.model_config(s) == exp.device.model_config  # what the CLI plans
   return exp, plan
 
 
 def test_plan_agrees_with_a_measured_run(tiny):
   exp, plan = tiny
-  dev = exp.mesh.devices.flat[0]
+  device = exp.device
+  dev = device.mesh.devices.flat[0]
   r = exp.settings.rollout
-  state = experiment.init_state(exp, "grpo")
-  reference = experiment.reference_copy(exp, state.params)
-  policy = experiment.policy_params(exp, state)
-  decode = experiment.decode_params(exp, policy)
+  state = experiment.init_state(device, exp.keys, "grpo")
+  reference = weights.reference_copy(device, state.params)
+  policy = weights.policy_params(device, state)
+  decode = weights.decode_params(device, policy)
   measured = dict(params=on_device(state.params, dev), optimizer=on_device(state.opt_state, dev),
                   reference=on_device(reference, dev), policy_copy=on_device(policy, dev),
                   decode_copy=on_device(decode, dev))
@@ -79,21 +80,21 @@ def test_plan_agrees_with_a_measured_run(tiny):
 
   # The sampler: its arguments and outputs on device 0, and the plan compiled its program.
   ids = np.zeros((r.num_prompts, r.max_prompt_length), np.int32)
-  ids_d, mask_d = exp.shard(ids, np.ones_like(ids))
-  key = exp.key(experiment.Stream.ROLLOUT, 0)
-  out = exp.programs.sample_train(decode, ids_d, mask_d, key)
+  ids_d, mask_d = device.shard(ids, np.ones_like(ids))
+  key = exp.keys(experiment.Stream.ROLLOUT, 0)
+  out = device.programs.sample_train.program(decode, ids_d, mask_d, key)
   sampler = plan["programs"]["sample_train"]
   assert sampler["argument"] == pytest.approx(on_device((decode, ids_d, mask_d), dev), rel=0.2)
   assert sampler["output"] == pytest.approx(on_device(out, dev), rel=0.2)  # + alignment
   real = memory_plan.ProgramMemory.of(
-      exp.programs.sample_train.lower(decode, ids_d, mask_d, key).compile())
+      device.programs.sample_train.program.lower(decode, ids_d, mask_d, key).compile())
   assert real.temp == sampler["temp"]
   del decode, out  # rollout.collect drops its decode copy before the update
 
   # The update phase: every buffer the step holds, measured on device 0, + the program's temp.
   N, C = r.num_prompts * r.num_samples, r.max_completion_length + 1
   f32 = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
-  batch = exp.shard(ts.TrainBatch(
+  batch = device.shard(ts.TrainBatch(
       prompt_tokens=np.zeros((N, r.max_prompt_length), np.int32),
       prompt_mask=np.ones((N, r.max_prompt_length), np.int32),
       completion_tokens=np.zeros((N, C), np.int32), completion_mask=np.ones((N, C), np.int32),
@@ -102,10 +103,10 @@ def test_plan_agrees_with_a_measured_run(tiny):
   update = plan["programs"]["update"]
   assert update["argument"] == on_device((state, batch), dev)
   real = memory_plan.ProgramMemory.of(
-      exp.programs.policy_update.lower(state, batch).compile())
+      device.programs.policy_update.lower(state, batch).compile())
   assert real == memory_plan.ProgramMemory(**{k: update[k] for k in (
       "argument", "output", "alias", "temp")})
-  new_state, metrics = exp.programs.policy_update(state, batch)
+  new_state, metrics = device.programs.policy_update(state, batch)
   assert update["output"] == pytest.approx(on_device((new_state, metrics), dev), rel=0.2)
   measured_peak = held + real.temp + real.output - real.alias
   assert plan["phase_peak_bytes"]["update"] == pytest.approx(measured_peak, rel=0.2)
@@ -126,11 +127,11 @@ class _FakePlanner(memory_plan.Planner):
 
 def test_search_finds_the_largest_batches_under_a_budget(tiny):
   exp, plan = tiny
-  planner = _FakePlanner(exp.mesh, "exact")
+  planner = _FakePlanner(exp.device.mesh, "exact")
   planner.calls = []
   b = dict(plan["state_bytes"], params=0, optimizer=0, step=0, reference=0, policy_copy=0,
            decode_copy=0)  # nothing held: the peaks are the fake programs'
-  probe = memory_plan.Probe(exp.settings, exp.model_config, plan["decode_layout"])
+  probe = memory_plan.Probe(exp.settings, exp.device.model_config, plan["decode_layout"])
   result = memory_plan.search(planner, probe, b, budget=20.5e6)
   assert result["micro_batch_size"] == 16  # 32 rows in micro-batches of 8, 16, 32: 16 MB fits
   assert result["update_peak_bytes"] == {16: 16e6, 32: 32e6}

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import metrics, tensorboard
+from grpo_jax import jsonl, metrics, tensorboard
+from grpo_jax import progress as progress_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT_TOOL = os.path.join(REPO, "tools", "plot_metrics.py")
@@ -83,7 +84,7 @@ def test_jsonl_and_tensorboard_agree(tmp_path):
   assert math.isnan(rows[3]["reward"]) and rows[3]["kl"] == math.inf
   assert all(isinstance(r["time"], float) for r in rows)
 
-  scalars = metrics.read_tensorboard_scalars(str(tmp_path / "tb"))
+  scalars = tensorboard.read_tensorboard_scalars(str(tmp_path / "tb"))
   assert set(scalars) == {"sft/loss", "sft/lr", "sft/tokens", "grpo/reward", "grpo/eval/accuracy",
                           "grpo/kl", "grpo/clip"}
   assert scalars["sft/loss"] == [(0, 2.5), (1, 1.75)]
@@ -95,7 +96,6 @@ def test_jsonl_and_tensorboard_agree(tmp_path):
   assert len(tb_files) == 1 and "tfevents" in tb_files[0]
   records = tensorboard.read_tfrecords(str(tmp_path / "tb" / tb_files[0]))
   assert tensorboard.decode_event(records[0])["file_version"] == "brain.Event:2"
-  assert metrics.read_tensorboard_scalars is tensorboard.read_tensorboard_scalars  # re-export
 
 
 def test_writer_rejects_bad_figures_and_can_be_disabled(tmp_path):
@@ -137,7 +137,7 @@ def test_write_samples(tmp_path):
           {"prompt": "2+2=", "completion": "5", "reward": 0.0}]
   metrics.write_samples(str(tmp_path), 7, rows, phase="eval")
   metrics.write_samples(str(tmp_path), 8, rows[:1])
-  lines = metrics.read_jsonl(str(tmp_path / "samples.jsonl"))
+  lines = jsonl.read_jsonl(str(tmp_path / "samples.jsonl"))
   assert lines[0] == {"step": 7, "phase": "eval", "prompt": "1+1=", "completion": "#### 2",
                       "reward": 1.0}
   assert lines[2]["step"] == 8 and "phase" not in lines[2] and len(lines) == 3
@@ -151,19 +151,19 @@ def test_sample_text():
 
 
 def test_progress_line():
-  progress = metrics.Progress(total_steps=200, phase="grpo", every=10, print_fn=lambda s: None)
+  progress = progress_lib.Progress(total_steps=200, phase="grpo", every=10, print_fn=lambda s: None)
   line = progress.format(40, elapsed=28.0, steps_timed=40, figures={
       "reward": 0.62, "acc": 0.71, "kl": 0.003, "clip": 0.01, "len": 23.1,
       "sample_s": 0.31, "score_s": 0.01, "update_s": 0.22, "tok_per_s": 1200.0})
   assert line == ("grpo   40/200 20% | 0:28<1:52 | reward 0.62 acc 0.71 kl 0.003 clip 0.01 "
                   "len 23.1 | sample 0.31s score 0.01s update 0.22s | 1.2k tok/s")
-  assert metrics.format_duration(3723) == "1:02:03"
-  assert metrics.format_number(1234567) == "1.23M"
+  assert progress_lib.format_duration(3723) == "1:02:03"
+  assert progress_lib.format_number(1234567) == "1.23M"
 
 
 def test_progress_logs_every_n_and_last():
   printed = []
-  progress = metrics.Progress(total_steps=5, phase="sft", every=2, print_fn=printed.append)
+  progress = progress_lib.Progress(total_steps=5, phase="sft", every=2, print_fn=printed.append)
   for step in range(1, 6):
     progress.update(step, {"eval/accuracy": 0.5}, loss=1.0)
   assert [line.split("|")[0].split()[1] for line in printed] == ["2/5", "4/5", "5/5"]
@@ -306,7 +306,7 @@ def test_tensorboard_reads_scalars_histograms_and_text(tmp_path):
   (event,) = run.Tensors("grpo/table")
   assert tensor_util.make_ndarray(event.tensor_proto).item().decode() == "| a | b |\n|---|---|"
   # Our own reader still sees the scalars and skips the rest.
-  assert metrics.read_tensorboard_scalars(f"file://{tmp_path}/tb")["grpo/reward"] == [
+  assert tensorboard.read_tensorboard_scalars(f"file://{tmp_path}/tb")["grpo/reward"] == [
       (1, 0.25), (2, 0.5)]
 
 
@@ -321,7 +321,7 @@ def test_file_url_workdir_resume_and_samples(tmp_path):
     assert writer.num_lines == 2
     writer.write(2, "grpo", {"reward": 20})
   assert [r["reward"] for r in metrics.read_metrics(url)] == [0, 1, 20]
-  assert [r["step"] for r in metrics.read_jsonl(f"{url}/samples.jsonl")] == [2, 3]
+  assert [r["step"] for r in jsonl.read_jsonl(f"{url}/samples.jsonl")] == [2, 3]
   assert os.path.exists(tmp_path / "run" / "metrics.jsonl")  # the URL named a local directory
   assert len(os.listdir(tmp_path / "run" / "tb")) == 2
 
@@ -330,12 +330,12 @@ def test_object_store_files_are_rewritten_whole(tmp_path, monkeypatch, caplog):
   """gs:// cannot append: a growing file is published by rewriting it (every SYNC_S s and at
   close); a run killed before publishing leaves fewer lines than its checkpoint counted."""
   path = metrics.paths.as_path(tmp_path / "lines")
-  with metrics._GrowingFile(path, b"kept\n", local=False, sync_s=3600) as f:
+  with jsonl.GrowingFile(path, b"kept\n", local=False, sync_s=3600) as f:
     assert path.read_bytes() == b"kept\n"
     f.write(b"a\n")
     assert path.read_bytes() == b"kept\n"  # not yet published
   assert path.read_bytes() == b"kept\na\n"
-  with metrics._GrowingFile(path, local=False, sync_s=0) as f:  # head None: continue the file
+  with jsonl.GrowingFile(path, local=False, sync_s=0) as f:  # head None: continue the file
     f.write(b"b\n")
     assert path.read_bytes() == b"kept\na\nb\n"
 
@@ -483,36 +483,36 @@ class _Shell:
 
 def test_progress_mode_follows_the_user(monkeypatch):
   from types import SimpleNamespace
-  monkeypatch.delenv(metrics.PROGRESS_ENV, raising=False)
+  monkeypatch.delenv(progress_lib.PROGRESS_ENV, raising=False)
   monkeypatch.setattr(sys, "stderr", SimpleNamespace(isatty=lambda: False, write=lambda s: 0))
   monkeypatch.delitem(sys.modules, "IPython", raising=False)
-  assert metrics.progress_mode() == "print"  # a script: absl would drop INFO lines
+  assert progress_lib.progress_mode() == "print"  # a script: absl would drop INFO lines
   parsed = SimpleNamespace(FLAGS=SimpleNamespace(is_parsed=lambda: True))
-  monkeypatch.setattr(metrics, "flags", parsed)
-  assert metrics.progress_mode() == "log"    # a launched job's logs
+  monkeypatch.setattr(progress_lib, "flags", parsed)
+  assert progress_lib.progress_mode() == "log"    # a launched job's logs
   monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: _Shell()))
-  assert metrics.progress_mode() == "bar"    # a notebook kernel
+  assert progress_lib.progress_mode() == "bar"    # a notebook kernel
   monkeypatch.delitem(sys.modules, "IPython")
   monkeypatch.setattr(sys, "stderr", SimpleNamespace(isatty=lambda: True, write=lambda s: 0))
-  assert metrics.progress_mode() == "bar"    # a terminal
+  assert progress_lib.progress_mode() == "bar"    # a terminal
   monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # tqdm not installed
-  assert metrics.progress_mode() == "print"
-  monkeypatch.setenv(metrics.PROGRESS_ENV, "log")
-  assert metrics.progress_mode() == "log"
+  assert progress_lib.progress_mode() == "print"
+  monkeypatch.setenv(progress_lib.PROGRESS_ENV, "log")
+  assert progress_lib.progress_mode() == "log"
 
 
 def test_progress_bar_and_print_reach_the_user(monkeypatch, capsys):
   from absl import logging as absl_logging
-  monkeypatch.setenv(metrics.PROGRESS_ENV, "bar")
+  monkeypatch.setenv(progress_lib.PROGRESS_ENV, "bar")
   absl_console = absl_logging.get_absl_handler().python_handler
   monkeypatch.setattr(absl_console, "stream", sys.stderr)
-  with metrics.Progress(total_steps=4, phase="grpo", every=2) as progress:
+  with progress_lib.Progress(total_steps=4, phase="grpo", every=2) as progress:
     lines = [progress.update(1, reward=0.5, update_s=0.2)]
     absl_console.stream.write("I1126 a log line while the bar is open\n")  # through tqdm.write
     lines += [progress.update(step, reward=0.5 * step, update_s=0.2) for step in range(2, 4)]
     lines.append(progress.update(4))  # no figures: the bar keeps step 3's
     assert progress._bar is None and absl_console.stream is sys.stderr  # closed, undone
-  metrics.announce("eval @ grpo step 4: accuracy 0.75")  # tqdm.write: above any open bar
+  progress_lib.announce("eval @ grpo step 4: accuracy 0.75")  # tqdm.write: above any open bar
   captured = capsys.readouterr()
   assert "grpo: 100%" in captured.err and "4/4" in captured.err
   assert "\rI1126 a log line while the bar is open\n" in captured.err  # the bar cleared first
@@ -520,19 +520,19 @@ def test_progress_bar_and_print_reach_the_user(monkeypatch, capsys):
   assert "4/4" in final and "reward 1.5 | update 0.2s" in final  # the figures: its postfix
   assert captured.out == "eval @ grpo step 4: accuracy 0.75\n"
   assert lines[0] is None and lines[1].startswith("grpo  2/4 50% | ")  # returned, not printed
-  monkeypatch.setenv(metrics.PROGRESS_ENV, "print")
-  progress = metrics.Progress(total_steps=3, phase="eval", every=2, unit="batch")
+  monkeypatch.setenv(progress_lib.PROGRESS_ENV, "print")
+  progress = progress_lib.Progress(total_steps=3, phase="eval", every=2, unit="batch")
   for batch in range(1, 4):
     progress.update(batch, accuracy=0.5)
-  metrics.announce("restored checkpoint 40")
+  progress_lib.announce("restored checkpoint 40")
   out = capsys.readouterr().out.splitlines()
   assert [line.split(" | ")[0] for line in out[:2]] == ["eval  2/3 66%", "eval  3/3 100%"]
   assert out[2] == "restored checkpoint 40"
 
 
 def test_progress_callback_shows_each_eval_pass(monkeypatch, capsys):
-  monkeypatch.setenv(metrics.PROGRESS_ENV, "print")
-  callback = metrics.progress_callback("eval")
+  monkeypatch.setenv(progress_lib.PROGRESS_ENV, "print")
+  callback = progress_lib.progress_callback("eval")
   for what, total in (("greedy", 20), ("samples", 3)):
     for done in range(1, total + 1):
       callback(what, done, total)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import models, multiturn, train_step
+from grpo_jax import models, multiturn, train_step, turn_programs
 from grpo_jax.multiturn import EnvStep
 from grpo_jax.sampling import SamplingSettings
 from grpo_jax.tokenizer import Tokenizer
@@ -56,12 +56,12 @@ def tiny_model(vocab):
 def run(env, *, C=40, S=128, max_turns=4, seed=0, P=2, G=6, temperature=1.0, eos=()):
   tok = CharTokenizer()
   config, params = tiny_model(tok.vocab_size)
-  settings = multiturn.TurnSettings(
+  settings = turn_programs.TurnSettings(
       sampling=SamplingSettings(num_samples=G, max_new_tokens=C, temperature=temperature,
                                 eos_ids=eos, pad_id=0),
       stop_seqs=multiturn.stop_sequences(tok, env.stop_strings), max_turns=max_turns, slots=S,
       max_observation_tokens=8)
-  programs = multiturn.make_programs(config, settings)
+  programs = turn_programs.make_programs(config, settings)
   prompts = ["12", "2<<1"]
   ids, mask = tok.encode_batch(prompts[:P], max_length=6)
   ep = multiturn.rollout(programs, params, ids, mask, jax.random.key(seed), env,

@@ -12,8 +12,10 @@ import types
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from grpo_jax import evaluation, models, multiturn, python_tool, rollout, tasks
+from grpo_jax import (evaluation, experiment, models, multiturn, python_tool, reward_table,
+                      rollout, samplers, tasks, turn_programs)
 from grpo_jax import rewards as rewards_lib
 from grpo_jax.multiturn import EnvStep
 from grpo_jax.sampling import SamplingSettings
@@ -74,13 +76,13 @@ class Echo:
 def episodes(env, follows, *, C=12, stop_seqs=None, max_obs=8, max_turns=3, prompt="12"):
   tok = Chars()
   config, params = bigram_model(tok, follows)
-  settings = multiturn.TurnSettings(
+  settings = turn_programs.TurnSettings(
       sampling=SamplingSettings(num_samples=2, max_new_tokens=C, temperature=0.0,
                                 eos_ids=(EOS,), pad_id=0),
       stop_seqs=(multiturn.stop_sequences(tok, env.stop_strings) if stop_seqs is None
                  else stop_seqs),
       max_turns=max_turns, slots=4 * C, max_observation_tokens=max_obs)
-  programs = multiturn.make_programs(config, settings)
+  programs = turn_programs.make_programs(config, settings)
   ids, mask = tok.encode_batch([prompt], max_length=6)
   ep = multiturn.rollout(programs, params, ids, mask, jax.random.key(0), env,
                          [{"q": prompt, "final_answer": "1"}], tok)
@@ -101,7 +103,7 @@ def test_a_resumed_row_that_ends_with_eos_is_not_truncated():
   assert tok.decode(ep.tokens_BxC[0][ep.policy_mask_BxC[0] > 0].tolist()) == "ab"
   assert ep.tokens_BxC[0, 6] == EOS
   assert not ep.truncated_B.any()
-  np.testing.assert_array_equal(rollout.completion_lengths(ep.policy_mask_BxC, ep.truncated_B),
+  np.testing.assert_array_equal(samplers.completion_lengths(ep.policy_mask_BxC, ep.truncated_B),
                                 [2, 2])
   # over-long filtering keeps the row's loss
   batch = rollout._batch(np.zeros((2, 1)), np.zeros((2, 1)), ep.tokens_BxC, ep.policy_mask_BxC,
@@ -175,22 +177,28 @@ def test_a_long_observation_keeps_the_template_whole():
       "12341")
 
 
-def _fake_experiment(tok, programs, env, reward_fns, names, C):
-  """What `rollout._sample` / `_score` and `evaluation._decode_batches` read of an Experiment."""
+def _parts(tok, programs, env, reward_fns, names):
+  """What `rollout._score` and `evaluation._decode_batches` read: the data side with one
+  training / eval record, the multi-turn sampler on one device, the rollout settings."""
   ids, mask = tok.encode_batch(["12"], max_length=6)
   record = {"q": "12", "question": "12", "final_answer": "1"}
-  return types.SimpleNamespace(
-      env=env, tokenizer=tok, shard=lambda *a: a,
-      programs=types.SimpleNamespace(sample_train=programs),
-      train_prompts=types.SimpleNamespace(ids_NxL=ids, mask_NxL=mask),
-      eval_prompts=types.SimpleNamespace(ids_NxL=ids, mask_NxL=mask),
-      task=types.SimpleNamespace(train=[record], eval=[record], prompt=lambda rec: rec["q"]),
-      rewards=types.SimpleNamespace(fns=tuple(reward_fns), names=tuple(names),
-                                    weights=(1.0,) * len(names)),
-      settings=types.SimpleNamespace(
-          rollout=types.SimpleNamespace(num_samples=2, reward_timeout_s=0.0,
-                                        reward_errors="raise"),
-          tools=types.SimpleNamespace(max_workers=2)))
+  prompts = tasks.Prompts(ids, mask, 0)
+  data = experiment.Data(
+      task=tasks.Task(train=[record], sft=[], eval=[record], prompt=lambda rec: rec["q"]),
+      tokenizer=tok, train_prompts=prompts, eval_prompts=prompts, teacher=None,
+      rewards=reward_table.Rewards(tuple(reward_fns), tuple(names), (1.0,) * len(names)),
+      eos_ids=(EOS,), env=env)
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  sampler = samplers.MultiTurn(programs, mesh, 2, env, tok, max_workers=2)
+  r = types.SimpleNamespace(num_samples=2, reward_timeout_s=0.0, reward_errors="raise")
+  return data, sampler, r
+
+
+def _draw_and_score(data, sampler, r, params):
+  records = data.task.train
+  drawn = sampler(params, data.train_prompts.ids_NxL, data.train_prompts.mask_NxL,
+                  jax.random.key(0), records)
+  return drawn, rollout._score(data, r, records, None, None, drawn, None)  # pylint: disable=protected-access
 
 
 def test_rewards_read_the_policy_text_and_the_episode_separately():
@@ -210,30 +218,29 @@ def test_rewards_read_the_policy_text_and_the_episode_separately():
   # the built-in "overlong" reward: L_max = max_completion_length, the budget is one more
   overlong = functools.partial(rewards_lib.overlong_penalty_reward, max_length=C - 1,
                                cache_length=4)
-  exp = _fake_experiment(tok, programs, Echo(), [rewards_lib.exact_answer_reward, spy, overlong],
-                         ["exact_answer", "spy", "overlong"], C)
-  drawn = rollout._sample(exp, params, np.array([0]), jax.random.key(0))
-  scored = rollout._score(exp, drawn, None)
+  parts = _parts(tok, programs, Echo(), [rewards_lib.exact_answer_reward, spy, overlong],
+                 ["exact_answer", "spy", "overlong"])
+  _, scored = _draw_and_score(*parts, params)
   assert seen["completions"] == ["ab", "ab"]
   assert [e["text"] for e in seen["episodes"]] == ["ab<1>\n", "ab<1>\n"]
   assert seen["completion_length"] == [2, 2]
   assert [e["length"] for e in seen["episodes"]] == [6, 6]
-  assert scored["scores"][0].tolist() == [0.0, 0.0]  # the tool's "1" is not the answer
-  assert scored["verified"].tolist() == [0.0, 0.0]
-  assert scored["scores"][2].tolist() == [0.0, 0.0]  # 6 tokens: far from the budget
+  assert scored.scores_KxN[0].tolist() == [0.0, 0.0]  # the tool's "1" is not the answer
+  assert scored.verified_N.tolist() == [0.0, 0.0]
+  assert scored.scores_KxN[2].tolist() == [0.0, 0.0]  # 6 tokens: far from the budget
   # "ab", the tool's "<1>\n", then "<>" to the budget: truncated at 12 tokens, 8 of them the
   # policy's; the over-long penalty is the full one, as for any completion cut at the budget
   tok, programs, params, _ = episodes(Echo(), LOOP | {"\n": "<"}, C=C)
-  exp = _fake_experiment(tok, programs, Echo(), [overlong], ["overlong"], C)
-  drawn = rollout._sample(exp, params, np.array([0]), jax.random.key(0))
-  assert drawn["truncated"].all() and drawn["lengths"].tolist() == [8, 8]
-  assert rollout._score(exp, drawn, None)["scores"][0].tolist() == [-1.0, -1.0]
+  drawn, scored = _draw_and_score(*_parts(tok, programs, Echo(), [overlong], ["overlong"]),
+                                   params)
+  assert drawn.truncated_B.all() and drawn.lengths_B.tolist() == [8, 8]
+  assert scored.scores_KxN[0].tolist() == [-1.0, -1.0]
   # evaluation reads the policy's text too
   tok, programs, params, _ = episodes(Echo(), LOOP, C=C)
-  exp = _fake_experiment(tok, programs, Echo(), [], [], C)
+  data, sampler, _ = _parts(tok, programs, Echo(), [], [])
   shown = []
-  texts = evaluation._decode_batches(exp, programs, params, 1, 1, jax.random.key(0),
-                                     episode_texts=shown)
+  texts = evaluation._decode_batches(data, sampler, params, 1, 1, jax.random.key(0),  # pylint: disable=protected-access
+                                     whole_texts=shown)
   assert texts == ["ab", "ab"] and shown == ["ab<1>\n", "ab<1>\n"]
   assert not evaluation._correct(texts, ["1", "1"], strict=False).any()
 
@@ -243,8 +250,8 @@ def test_single_turn_rewards_see_no_episodes():
   reads `completion_length`."""
   ids = np.array([[5, 6, EOS, 0], [5, 6, 7, 8]])
   mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
-  lengths = rollout.completion_lengths(mask, np.array([False, True]))
-  columns = tasks.reward_columns([{"final_answer": "3"}], ["p"], ids, mask, lengths, 2)
+  lengths = samplers.completion_lengths(mask, np.array([False, True]))
+  columns = reward_table.reward_columns([{"final_answer": "3"}], ["p"], ids, mask, lengths, 2)
   assert "episodes" not in columns and columns["completion_length"] == [2, 4]
   penalty = rewards_lib.overlong_penalty_reward(["", ""], max_length=3, cache_length=1,
                                                 **columns)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import arithmetic as arithmetic_config
-from grpo_jax import (advantages, experiment, metrics, rollout, settings, tasks, trainer,
-                      updates)
+from grpo_jax import (advantages, experiment, metrics, reward_table, rollout, settings, trainer,
+                      updates, weights)
 
 
 @pytest.mark.parametrize("variant", ["process_supervision", "length_buckets_dynamic_sampling"])
@@ -30,19 +30,19 @@ def test_step_overlaps_host_work_and_updates_on_the_unoverlapped_batch(tmp_path,
   with pytest.MonkeyPatch.context() as mp:
     alternate = lambda completions, **_: (events.append("score"),  # noqa: E731
                                           [float(i % 2) for i in range(len(completions))])[1]
-    mp.setattr(tasks, "reward_functions",
-               lambda r, rm, extra=None: tasks.Rewards((alternate,), ("alt",), (1.0,)))
+    mp.setattr(reward_table, "reward_functions",
+               lambda r, rm, extra=None: reward_table.Rewards((alternate,), ("alt",), (1.0,)))
     exp = experiment.build(settings.from_config(cfg, jax.device_count()), str(tmp_path))
-    decode = exp.tokenizer.decode_batch
-    mp.setattr(exp.tokenizer, "decode_batch",
+    decode = exp.data.tokenizer.decode_batch
+    mp.setattr(exp.data.tokenizer, "decode_batch",
                lambda *a, **k: (events.append("decode"), decode(*a, **k))[1])
     real_start, real_collect = updates.start_logprobs, rollout.collect
     real_coefficients, real_dispatch = advantages.coefficients, updates.dispatch_update
 
-    def start(exp_, policy, ref, batch):
+    def start(device, g, policy, ref, batch):
       events.append("start")
       seen.update(policy=policy, ref=ref)
-      return real_start(exp_, policy, ref, batch)
+      return real_start(device, g, policy, ref, batch)
 
     def collect(*a, **k):
       events.append("collect")
@@ -54,18 +54,20 @@ def test_step_overlaps_host_work_and_updates_on_the_unoverlapped_batch(tmp_path,
       seen["adv"] = real_coefficients(*a, **k)
       return seen["adv"]
 
-    def dispatch(exp_, state, batch, frozen=None):
+    def dispatch(device, g, state, ready, frozen=None):
       events.append("update")
       roll = seen["roll"]
-      expected = updates.finish(exp_, real_start(exp_, seen["policy"], seen["ref"], rollout.train_batch(
+      expected = updates.finish(device, real_start(device, g, seen["policy"], seen["ref"],
+                                                   rollout.train_batch(
           roll, seen["adv"], mask_truncated=True)), seen["adv"])  # = updates.with_logprobs
-      got, expected = jax.device_get((batch, expected))
+      assert (ready.plan is None) == (expected.plan is None)
+      got, expected = jax.device_get((ready.batch, expected.batch))
       for field in ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask",
                     "advantages", "ref_logprobs", "old_logprobs"):
         np.testing.assert_array_equal(getattr(got, field), getattr(expected, field),
                                       err_msg=field)
       checked.append(got.completion_tokens.shape)
-      return real_dispatch(exp_, state, batch, frozen)
+      return real_dispatch(device, g, state, ready, frozen)
 
     mp.setattr(updates, "start_logprobs", start)
     mp.setattr(rollout, "collect", collect)
@@ -114,7 +116,8 @@ def test_fixed_length_batches_take_the_fused_programs_even_with_length_buckets(t
   exp = experiment.build(settings.from_config(cfg, jax.device_count()), str(tmp_path))
   N, C = 32, exp.settings.rollout.max_completion_length + 1
   rng = np.random.default_rng(0)
-  prompts = exp.train_prompts
+  prompts = exp.data.train_prompts
+  device, g = exp.device, exp.settings.grpo
   lengths = {"fixed": np.full(N, C), "varied": rng.integers(1, C + 1, N)}
   for name, length in lengths.items():
     mask = (np.arange(C)[None] < length[:, None]).astype(np.int32)
@@ -122,15 +125,15 @@ def test_fixed_length_batches_take_the_fused_programs_even_with_length_buckets(t
         prompt_tokens=prompts.ids_NxL[:N], prompt_mask=prompts.mask_NxL[:N],
         completion_tokens=rng.integers(3, 50, (N, C)).astype(np.int32) * mask,
         completion_mask=mask, advantages=rng.normal(size=N).astype(np.float32))
-    plan = updates.bucketed_plan(exp, batch)
+    plan = updates.plan(device, g, batch)
     assert (plan is None) == (name == "fixed")
-    state = experiment.init_state(exp, "grpo")
-    ref = experiment.reference_copy(exp, state.params)
-    policy = experiment.policy_params(exp, state)
-    step = updates.with_logprobs(exp, policy, ref, batch)
-    assert isinstance(step.completion_mask, np.ndarray) == (name == "varied")  # host: bucketed
-    _, figures = updates.update(exp, state, step)
-    bucketed_calls = exp.programs.bucketed.grads._cache_size()  # pylint: disable=protected-access
+    state = experiment.init_state(device, exp.keys, "grpo")
+    ref = weights.reference_copy(device, state.params)
+    ready = updates.with_logprobs(device, g, weights.update_params(state), ref, batch)
+    assert (ready.plan is not None) == (name == "varied")
+    assert isinstance(ready.batch.completion_mask, np.ndarray) == (name == "varied")  # host
+    _, figures = updates.update(device, g, state, ready)
+    bucketed_calls = device.programs.bucketed.grads._cache_size()  # pylint: disable=protected-access
     assert (bucketed_calls > 0) == (name == "varied")
     assert np.isfinite(figures["loss"]) and figures["grad_norm"] > 0
-  assert exp.programs.policy_update._cache_size() == 1  # pylint: disable=protected-access
+  assert device.programs.policy_update._cache_size() == 1  # pylint: disable=protected-access

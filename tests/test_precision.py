@@ -129,8 +129,8 @@ def _rollout_batch(exp, seed: int) -> ts.TrainBatch:
   r = exp.settings.rollout
   N, C = r.num_prompts * r.num_samples, r.max_completion_length + 1
   mask = (np.arange(C)[None] < rng.integers(1, C + 1, N)[:, None]).astype(np.int32)
-  return ts.TrainBatch(prompt_tokens=exp.train_prompts.ids_NxL[:N],
-                       prompt_mask=exp.train_prompts.mask_NxL[:N],
+  return ts.TrainBatch(prompt_tokens=exp.data.train_prompts.ids_NxL[:N],
+                       prompt_mask=exp.data.train_prompts.mask_NxL[:N],
                        completion_tokens=rng.integers(3, 50, (N, C)).astype(np.int32) * mask,
                        completion_mask=mask, advantages=rng.normal(size=N).astype(np.float32))
 
@@ -145,7 +145,7 @@ def test_ratio_is_exactly_1_before_the_first_of_mu_steps_and_kl_0_at_init(
   off the bfloat16 grid, nonzero adapters); the reference pass gives KL exactly 0 at init (LoRA:
   the base, zero adapters). With a zero-width clip range, a ratio off 1 in the direction its
   advantage favours counts as clipped (clip_frac)."""
-  from grpo_jax import experiment, updates
+  from grpo_jax import experiment, runstate, updates, weights
   cfg = arithmetic_config.get_config("smoke")
   cfg.model.dtype, cfg.model.lora.rank = dtype, lora_rank
   cfg.model.overrides.num_layers = 1
@@ -155,14 +155,15 @@ def test_ratio_is_exactly_1_before_the_first_of_mu_steps_and_kl_0_at_init(
   cfg.grpo.length_bucket = length_bucket
   cfg.grpo.optim.learning_rate = 1e-2
   exp = experiment.build(settings.from_config(cfg, jax.device_count()), str(tmp_path))
-  base = experiment.lora_base(exp) if exp.lora else None
-  state = experiment.init_state(exp, "grpo")
-  reference = base if exp.lora else experiment.reference_copy(exp, state.params)
+  device, g = exp.device, exp.settings.grpo
+  models = runstate.initial_grpo_models(exp)
+  base, state = models.base, models.state
+  reference = models.reference
   for step in range(2):  # step 1 starts from the weights step 0's two updates moved
     batch = _rollout_batch(exp, step)
-    assert (updates.bucketed_plan(exp, batch) is not None) == bool(length_bucket)
-    batch = updates.with_logprobs(exp, updates.update_params(exp, state, base), reference, batch)
-    state, figures = updates.update(exp, state, batch, frozen=base)
+    assert (updates.plan(device, g, batch) is not None) == bool(length_bucket)
+    ready = updates.with_logprobs(device, g, weights.update_params(state, base), reference, batch)
+    state, figures = updates.update(device, g, state, ready, frozen=base)
     assert figures["clip_frac/first"] == 0.0, (step, figures["clip_frac/first"])
     if step == 0:
       assert figures["kl/first"] == 0.0

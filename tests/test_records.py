@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from grpo_jax import tasks
+from grpo_jax import reward_table, tasks
 from grpo_jax.data import arithmetic, gsm8k, records, tool_arithmetic
 
 SHARED_GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
@@ -82,7 +82,7 @@ def test_readers_take_the_roles_and_rewards_see_the_source():
   n = int(targets.mask_NxC[0].sum())
   assert "".join(map(chr, targets.ids_NxC[0, :n - 1])) == " " + ROW["solution"]
   ids = np.zeros((1, 1), np.int32)
-  columns = tasks.reward_columns(recs, ["prompt"], ids, ids + 1, [3], 2)
+  columns = reward_table.reward_columns(recs, ["prompt"], ids, ids + 1, [3], 2)
   assert columns["answer"] == ["(0, 2)"] * 2 and columns["final_answer"] == ["(0, 2)"] * 2
   assert columns["solution"] == [ROW["solution"]] * 2 and columns["level"] == [3, 3]
 

@@ -2,14 +2,13 @@
 call (`episodes` in multi-turn runs), and a reward may return None for rows it does not apply to
 (TRL's semantic: the weighted sum skips it, per-reward means ignore it)."""
 
-import types
 
 import numpy as np
 import pytest
 
 from experiments.configs import arithmetic as arithmetic_config
 from experiments.configs import tool_arithmetic as tool_config
-from grpo_jax import advantages, rewards, rollout, settings, tasks, trainer
+from grpo_jax import advantages, reward_table, rewards, rollout, settings, tasks
 from grpo_jax.data import arithmetic, tool_arithmetic
 
 
@@ -28,9 +27,9 @@ def test_the_check_gives_episodes_to_a_multi_turn_run():
   train, _ = tool_arithmetic.make_splits(16, 1, 0)
   rows = [next(r for r in train if r["uses_tool"]), next(r for r in train if not r["uses_tool"])]
   task = tasks.Task(train=rows, sft=rows, eval=rows, prompt=lambda rec: rec["question"])
-  rw = tasks.reward_functions(s.rollout, s.reward_model, {"tool_use": tool_use})
+  rw = reward_table.reward_functions(s.rollout, s.reward_model, {"tool_use": tool_use})
   env = tasks.make_env(s)
-  tasks.check_rewards(rw, task, s.rollout, env=env)
+  reward_table.check_rewards(rw, task, s.rollout, env=env)
   (completions, episodes), = seen
   # As in a rollout: completions are the policy's text, the episode holds the tool's output too.
   policy = ["".join(t for t, is_obs in env.teacher_segments(r["solution"]) if not is_obs)
@@ -48,10 +47,10 @@ def test_a_single_turn_run_says_where_episodes_come_from():
   s = settings.from_config(arithmetic_config.get_config("smoke"), 1)
   rows = arithmetic.generate(2, seed=0)
   task = tasks.Task(train=rows, sft=rows, eval=rows, prompt=lambda rec: rec["question"])
-  rw = tasks.reward_functions(s.rollout, s.reward_model, {"tool_use": _tool_use})
+  rw = reward_table.reward_functions(s.rollout, s.reward_model, {"tool_use": _tool_use})
   with pytest.raises(settings.ConfigError,
                      match=r"tool_use .*needs \['episodes'\].*only .*config\.tools\.env"):
-    tasks.check_rewards(rw, task, s.rollout)
+    reward_table.check_rewards(rw, task, s.rollout)
 
 
 # Two kinds of rows, a reward for each: None where a reward does not apply.
@@ -109,15 +108,14 @@ def test_per_reward_figures_ignore_missing_values():
       prompt_ids_NxL=np.zeros((6, 1), np.int32), prompt_mask_NxL=np.ones((6, 1), np.int32),
       tokens_NxC=np.zeros((6, 2), np.int32), mask_NxC=np.ones((6, 2), np.int32),
       truncated_N=np.zeros(6, bool), scores_KxPxG=scores.reshape(2, P, G),
+      reward_PxG=rewards.weighted_sum((1.0, 0.5), scores.reshape(2, P, G)),
       verified_N=np.zeros(6, np.float32), texts=tuple(COMPLETIONS), records=(), steps=None,
       figures={})
-  rw = tasks.Rewards(fns=(_math, _code), names=("math", "code"), weights=(1.0, 0.5))
-  figures = rollout._figures(roll, rw, None, P, G)  # pylint: disable=protected-access
+  figures = rollout._figures(roll, ("math", "code"), None)  # pylint: disable=protected-access
   assert figures["reward/math"] == pytest.approx(2 / 3)
   assert figures["reward/code"] == pytest.approx((0.8 + 0.1 + 1.3) / 3)
   assert figures["reward"] == pytest.approx((2 + 0.5 * 2.2) / 6)
-  exp = types.SimpleNamespace(rewards=rw)
-  arrays = trainer._histograms(exp, roll, np.zeros(6))  # pylint: disable=protected-access
+  arrays = rollout.histograms(roll, ("math", "code"), np.zeros(6))
   assert np.all(np.isfinite(arrays["reward"]))
 
 
@@ -126,8 +124,8 @@ def test_none_passes_the_check_before_training():
   rows = [{**rec, "kind": kind} for rec, kind in zip(arithmetic.generate(2, seed=0),
                                                      ["math", "code"])]
   task = tasks.Task(train=rows, sft=rows, eval=rows, prompt=lambda rec: rec["question"])
-  both = tasks.Rewards(fns=(_math, _code), names=("math", "code"), weights=(1.0, 1.0))
-  tasks.check_rewards(both, task, s.rollout)
-  alone = tasks.Rewards(fns=(_math,), names=("math",), weights=(1.0,))
+  both = reward_table.Rewards(fns=(_math, _code), names=("math", "code"), weights=(1.0, 1.0))
+  reward_table.check_rewards(both, task, s.rollout)
+  alone = reward_table.Rewards(fns=(_math,), names=("math",), weights=(1.0,))
   with pytest.raises(settings.ConfigError, match=r"row 1 .*every reward function returned None"):
-    tasks.check_rewards(alone, task, s.rollout)
+    reward_table.check_rewards(alone, task, s.rollout)

@@ -22,7 +22,7 @@ from grpo_jax.data import arithmetic
 from grpo_jax.rewards import replay
 from grpo_jax.rewards import reward_model as rm
 from grpo_jax.rewards import steps
-from grpo_jax.tokenizer import train_sentencepiece
+from grpo_jax.tokenizer_training import train_sentencepiece
 
 MODEL = models.get_config("tiny_qwen2")
 orm_scores = jax.jit(functools.partial(rm.orm_scores, model_config=MODEL))

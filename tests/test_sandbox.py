@@ -16,7 +16,8 @@ import uuid
 import pytest
 
 from grpo_jax import sandbox
-from grpo_jax.sandbox import ToolResult, isolation, run_python, run_python_batch
+from grpo_jax.sandbox import ToolResult, run_python, run_python_batch
+from grpo_jax.sandbox_isolation import isolation
 
 pytestmark = pytest.mark.usefixtures("sandbox_lock")  # one sandbox test at a time (conftest)
 

@@ -22,7 +22,7 @@ import landlock
 import pytest
 import pyseccomp
 
-from grpo_jax import python_tool, sandbox, sandbox_child
+from grpo_jax import python_tool, sandbox, sandbox_child, sandbox_isolation
 
 
 pytestmark = pytest.mark.usefixtures("sandbox_lock")  # one sandbox test at a time (conftest)
@@ -62,7 +62,8 @@ def _lib_dir(root: str) -> str:
   lib = os.path.join(root, "lib")
   os.makedirs(os.path.join(lib, "grpo_jax"))
   open(os.path.join(lib, "grpo_jax", "__init__.py"), "w").close()
-  for name in ("sandbox.py", "sandbox_child.py"):
+  for name in ("sandbox.py", "sandbox_child.py", "sandbox_isolation.py", "sandbox_probe.py",
+               "sandbox_process.py"):
     shutil.copy(os.path.join(REPO, "grpo_jax", name), os.path.join(lib, "grpo_jax", name))
   shutil.copy(os.path.join(REPO, "tests", "sandbox_driver.py"), lib)
   shutil.copy(pyseccomp.__file__, lib)
@@ -282,15 +283,15 @@ def test_a_tool_that_cannot_start_stops_the_run(monkeypatch, tmp_path):
 
 
 def test_require_isolation_refuses_unless_allowed(monkeypatch, caplog):
-  report = dict(sandbox.isolation())
+  report = dict(sandbox_isolation.isolation())
   assert report["confined"]  # this machine: nobody + Landlock
-  assert sandbox.require_isolation()["confined"]
+  assert sandbox_isolation.require_isolation()["confined"]
   weak = {**report, "confined": False, "landlock": 0, "missing": ["Landlock: ..."]}
-  monkeypatch.setattr(sandbox, "isolation", lambda hidden=(): weak)
+  monkeypatch.setattr(sandbox_isolation, "isolation", lambda hidden=(): weak)
   with pytest.raises(sandbox.SandboxError, match="allow_unisolated"):
-    sandbox.require_isolation()
+    sandbox_isolation.require_isolation()
   with caplog.at_level("WARNING"):
-    assert sandbox.require_isolation(allow_unisolated=True) is weak
+    assert sandbox_isolation.require_isolation(allow_unisolated=True) is weak
   assert "UNCONFINED" in caplog.text
 
 
@@ -366,6 +367,6 @@ def test_landlock_constants_match_the_landlock_package():
 
 def test_a_hidden_path_holding_the_interpreter_shows_only_the_way_to_it():
   venv = ["/repo/.venv", "/home/u/.pyenv/versions/3.11"]
-  assert sandbox._leaked({"/repo": [".venv"], "/home/u": [".pyenv"]}, venv) == []
-  assert sandbox._leaked({"/repo": [".venv", "checkpoints"]}, venv) == ["/repo"]
-  assert sandbox._leaked({"/data": ["x"]}, venv) == ["/data"]
+  assert sandbox_isolation._leaked({"/repo": [".venv"], "/home/u": [".pyenv"]}, venv) == []
+  assert sandbox_isolation._leaked({"/repo": [".venv", "checkpoints"]}, venv) == ["/repo"]
+  assert sandbox_isolation._leaked({"/data": ["x"]}, venv) == ["/data"]

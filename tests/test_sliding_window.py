@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import models, multiturn, sampling, train_step
+from grpo_jax import models, multiturn, sampling, train_step, turn_programs
 from grpo_jax.multiturn import EnvStep
 from grpo_jax.sampling import SamplingSettings
 
@@ -161,13 +161,13 @@ def test_multiturn_logprobs_with_holes_equal_the_teacher_forced_logprobs(name):
   config = _config(name, vocab_size=tok.vocab_size)
   params = _sharp_params(config, scale=0.15)
   G, C = 4, 32
-  settings = multiturn.TurnSettings(
+  settings = turn_programs.TurnSettings(
       sampling=SamplingSettings(num_samples=G, max_new_tokens=C, pad_id=0),
       stop_seqs=multiturn.stop_sequences(tok, FrequentToolEnv.stop_strings), max_turns=4,
       slots=96, max_observation_tokens=8)
   prompts = ["12", "2<<1 3"]
   ids, mask = tok.encode_batch(prompts, max_length=8)
-  ep = multiturn.rollout(multiturn.make_programs(config, settings), params, ids, mask,
+  ep = multiturn.rollout(turn_programs.make_programs(config, settings), params, ids, mask,
                          jax.random.key(0), FrequentToolEnv(), [{} for _ in prompts], tok,
                          max_workers=2)
   calls = [sum(t.observation is not None for t in row) for row in ep.turns]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import tokenizer as tokenizer_lib
+from grpo_jax import tokenizer_training
 from grpo_jax.data import arithmetic, prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def _corpus(n=2000):
 @pytest.fixture(scope="module")
 def sp_tok(tmp_path_factory):
   prefix = str(tmp_path_factory.mktemp("sp") / "arith")
-  return tokenizer_lib.train_sentencepiece(_corpus(), model_prefix=prefix, vocab_size=200)
+  return tokenizer_training.train_sentencepiece(_corpus(), model_prefix=prefix, vocab_size=200)
 
 
 @pytest.fixture(scope="module")

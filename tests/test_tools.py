@@ -14,7 +14,7 @@ from experiments.configs import tool_arithmetic as tool_config
 from grpo_jax import metrics, python_tool, sandbox, settings, tasks
 from grpo_jax.data import tool_arithmetic
 from grpo_jax.multiturn import EnvStep
-from grpo_jax.tokenizer import train_sentencepiece
+from grpo_jax.tokenizer_training import train_sentencepiece
 import test_trainer  # tests/ is on sys.path (pytest rootdir-less import mode), as multihost_worker
 
 TIMING = test_trainer.TIMING + ("episode/tool_s", "episode/decode_s")

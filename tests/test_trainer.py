@@ -19,9 +19,10 @@ import pytest
 import multihost_worker as mw
 from experiments.configs import arithmetic as arithmetic_config
 from experiments.configs import gsm8k as gsm8k_config
-from grpo_jax import advantages, metrics, models, rollout, settings, tasks, trainer, updates
+from grpo_jax import (metrics, models, reward_table, rollout, settings, tasks,
+                      tensorboard, trainer, updates)
 from grpo_jax.data import arithmetic
-from grpo_jax.tokenizer import train_sentencepiece
+from grpo_jax.tokenizer_training import train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config=experiments/configs/arithmetic.py:smoke"]
@@ -73,7 +74,7 @@ def test_launcher_writes_metrics_checkpoints_samples(reference_run):
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   assert os.path.exists(os.path.join(workdir, "samples.jsonl"))
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
-  assert metrics.read_tensorboard_scalars(os.path.join(workdir, "tb"))["grpo/reward"]
+  assert tensorboard.read_tensorboard_scalars(os.path.join(workdir, "tb"))["grpo/reward"]
   json.load(open(os.path.join(workdir, "config.json")))
 
 
@@ -201,7 +202,7 @@ def test_unknown_reward_names_it():
   cfg.grpo.rewards.nonsense = 1.0
   s = settings.from_config(cfg, 1)
   with pytest.raises(settings.ConfigError, match="unknown reward 'nonsense'"):
-    tasks.reward_functions(s.rollout, s.reward_model)
+    reward_table.reward_functions(s.rollout, s.reward_model)
 
 
 def test_unknown_config_key_and_missing_paths(tmp_path):
@@ -224,15 +225,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def _fixed_rewards(monkeypatch, fn):
-  monkeypatch.setattr(tasks, "reward_functions",
-                      lambda r, rm, extra=None: tasks.Rewards((fn,), ("r",), (1.0,)))
+  monkeypatch.setattr(reward_table, "reward_functions",
+                      lambda r, rm, extra=None: reward_table.Rewards((fn,), ("r",), (1.0,)))
 
 
 def _record_updates(monkeypatch, seen):
   """Every batch an update step gets (the trainer's step queues it with dispatch_update)."""
   real = updates.dispatch_update
-  monkeypatch.setattr(updates, "dispatch_update", lambda exp, state, batch, frozen=None: (
-      seen.append(jax.device_get(batch)), real(exp, state, batch, frozen))[1])
+  monkeypatch.setattr(updates, "dispatch_update", lambda device, g, state, ready, frozen=None: (
+      seen.append(jax.device_get(ready.batch)), real(device, g, state, ready, frozen))[1])
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "rft", "online_rft"])
@@ -244,9 +245,10 @@ def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
   sampled_with, batches = [], []
   real_collect = rollout.collect
 
-  def collect(exp, params, *args, **kw):
-    sampled_with.append(np.asarray(jax.tree.leaves(params)[0]))  # before donation
-    return real_collect(exp, params, *args, **kw)
+  def collect(data, sampler, r, params, *args, **kw):
+    if params is not None:  # teacher data: nothing sampled
+      sampled_with.append(np.asarray(jax.tree.leaves(params)[0]))  # before donation
+    return real_collect(data, sampler, r, params, *args, **kw)
 
   monkeypatch.setattr(rollout, "collect", collect)
   _record_updates(monkeypatch, batches)
@@ -265,7 +267,7 @@ def test_paradigm_baselines_use_their_data(tmp_path, algorithm, monkeypatch):
   assert same == (algorithm == "rft")
 
 
-ITERATIVE = ["--config=experiments/configs/paradigm_iterative_grpo.py:smoke"]
+ITERATIVE = ["--config=experiments/configs/paradigm.py:iterative_grpo,smoke"]
 
 
 @pytest.fixture(scope="module")
@@ -299,8 +301,8 @@ def test_iterative_grpo_resume_mid_iteration_is_exact(iterative_run, tmp_path):
 
 
 def test_process_supervision_uses_per_token_step_advantages(tmp_path, monkeypatch):
-  from experiments.configs import paradigm_grpo_process
-  cfg = paradigm_grpo_process.get_config("smoke")
+  from experiments.configs import paradigm
+  cfg = paradigm.get_config("grpo_process,smoke")
   cfg.grpo.num_prompts, cfg.grpo.steps, cfg.eval.every = 8, 1, 0
   seen = []
   _record_updates(monkeypatch, seen)
@@ -345,13 +347,13 @@ def test_stop_tokens_are_single_token_eos_ids(tmp_path):
 def test_reference_update_policies():
   import types
   cfg = arithmetic_config.get_config("smoke")
-  exp = lambda: types.SimpleNamespace(  # noqa: E731  (what next_reference reads)
-      settings=settings.from_config(cfg, 1), model_config=models.get_config("tiny_llama"))
+  device = types.SimpleNamespace(model_config=models.get_config("tiny_llama"))  # what it reads
+  g = lambda: settings.from_config(cfg, 1).grpo  # noqa: E731
   ref, pol = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
   cfg.grpo.loss.beta = 0.0  # no KL: the reference is never touched
-  assert updates.next_reference(exp(), ref, pol, 4) is ref
+  assert updates.next_reference(device, g(), ref, pol, 4) is ref
   cfg.grpo.loss.beta, cfg.grpo.ref_reset_every = 0.04, 2
-  np.testing.assert_array_equal(updates.next_reference(exp(), ref, pol, 3)["w"], 1.0)  # frozen
-  np.testing.assert_array_equal(updates.next_reference(exp(), ref, pol, 4)["w"], 0.0)  # reset
+  np.testing.assert_array_equal(updates.next_reference(device, g(), ref, pol, 3)["w"], 1.0)  # frozen
+  np.testing.assert_array_equal(updates.next_reference(device, g(), ref, pol, 4)["w"], 0.0)  # reset
   cfg.grpo.ref_reset_every, cfg.grpo.ref_ema = 0, 0.25
-  np.testing.assert_allclose(updates.next_reference(exp(), ref, pol, 3)["w"], 0.75)  # EMA
+  np.testing.assert_allclose(updates.next_reference(device, g(), ref, pol, 3)["w"], 0.75)  # EMA

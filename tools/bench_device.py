@@ -142,7 +142,7 @@ def bench(args) -> dict:
   rng = np.random.default_rng(0)
 
   # Master weights (float32) in their shards, and the compute-dtype copy the sampler and the
-  # reference pass read (experiment.compute_params / reference_copy).
+  # reference pass read (weights.compute_params / reference_copy).
   optimizer = ts.make_optimizer(ts.OptimConfig(learning_rate=1e-6, max_grad_norm=None))
   shapes = jax.eval_shape(lambda r: models.init_params(config, r), jax.random.key(0))
   state_sh = ts.state_shardings(mesh, config, optimizer, shapes)

@@ -3,7 +3,7 @@
     python tools/bench_sandbox.py [--calls=40] [--baseline=OLD_SANDBOX.py]
 
 --baseline times another sandbox.py (e.g. `git show REV:grpo_jax/sandbox.py > /tmp/old.py`)
-in the same sitting, alternating with the current one so that load drifts hit both alike.
+in the same run, alternating with the current one so that load drifts hit both alike.
 Prints one JSON line per variant: median and p90 seconds per call, and which layers held.
 """
 

@@ -26,12 +26,12 @@ trl_grpo_bench.py, so both load identical weights), else grpo_jax's random init 
 experiments/configs/arithmetic.py. Each step is `trainer.grpo_step`'s four calls, timed one by
 one (each timer waits for its device work):
 
-    policy = experiment.policy_params(exp, state)               # compute-dtype copy (no-op f32)
-    roll, position = rollout.collect(exp, policy, position, step)   # gen_s (+ score_s)
-    adv = advantages.coefficients(...); batch = rollout.train_batch(roll, adv, ...)
-    batch = updates.with_logprobs(exp, state.params, ref, batch)  # ref_s: to device + ref pass
-    state, figures = updates.update(exp, state, batch)          # update_s
-    ref = updates.next_reference(exp, ref, state.params, step + 1)
+    policy = weights.decode_params(device, weights.policy_params(device, state))  # no-op f32
+    roll, position = rollout.collect(data, sampler, r, policy, position, key)    # gen_s, score_s
+    adv = rollout.coefficients(roll, r, weights); batch = rollout.train_batch(roll, adv, ...)
+    ready = updates.with_logprobs(device, g, state.params, ref, batch)  # ref_s: device + ref pass
+    state, figures = updates.update(device, g, state, ready)            # update_s
+    ref = updates.next_reference(device, g, ref, state.params, step + 1)
 
 (`grpo_step` also builds the logged samples and histograms; they are not timed here.) With
 `--driver=trainer` each step is `trainer.grpo_step` itself, which overlaps: its log-prob passes
@@ -154,21 +154,22 @@ def make_config(args, data_path: str, tokenizer_dir: str, weights_dir: str):
 def timed_step(exp, state, ref, position, step: int):
   """`trainer.grpo_step`'s calls, each timed to the end of its device work."""
   import jax
-  from grpo_jax import advantages, experiment, rollout, updates
-  r = exp.settings.rollout
+  from grpo_jax import experiment, rollout, updates, weights
+  r, g, device = exp.settings.rollout, exp.settings.grpo, exp.device
   t0 = time.perf_counter()
-  policy = experiment.policy_params(exp, state)
-  roll, position = rollout.collect(exp, policy, position, step)
+  policy = weights.decode_params(device, weights.policy_params(device, state))
+  roll, position = rollout.collect(exp.data, device.programs.sample_train, r, policy, position,
+                                   exp.keys(experiment.Stream.ROLLOUT, step))
   t1 = time.perf_counter()
-  adv = advantages.coefficients(r.paradigm.coefficient, roll.scores_KxPxG, exp.rewards.weights,
-                                scale=r.advantage_scale, num_tokens=roll.tokens_NxC.shape[1])
+  adv = rollout.coefficients(roll, r, exp.data.rewards.weights)
   batch = rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions)
   t2 = time.perf_counter()
-  batch = updates.with_logprobs(exp, updates.update_params(exp, state), ref, batch)
+  ready = updates.with_logprobs(device, g, weights.update_params(state), ref, batch)
+  batch = ready.batch
   jax.block_until_ready(batch.ref_logprobs)
   t3 = time.perf_counter()
-  state, figures = updates.update(exp, state, batch)  # waits: it reads the step's metrics
-  ref = updates.next_reference(exp, ref, state.params, step + 1)
+  state, figures = updates.update(device, g, state, ready)  # waits: it reads the step's metrics
+  ref = updates.next_reference(device, g, ref, state.params, step + 1)
   jax.block_until_ready((state, ref))
   t4 = time.perf_counter()
   f = roll.figures
@@ -186,10 +187,11 @@ def trainer_step(exp, state, ref, position, step: int):
   """One `trainer.grpo_step`, as a run does it (log-prob passes overlapped with the host's text
   decoding and scoring, the update with its bookkeeping): its own timeline figures."""
   import jax
-  from grpo_jax import trainer
-  loop = trainer.LoopState("grpo", step, position)
+  from grpo_jax import runstate, trainer
+  loop = runstate.LoopState("grpo", step, position)
   t0 = time.perf_counter()
-  loop, models, f = trainer.grpo_step(exp, loop, trainer.Models(state, ref), step)
+  loop, models, out = trainer.grpo_step(exp, loop, runstate.Models(state, ref), step)
+  f = out.figures
   state, ref = models.state, models.ref_params
   jax.block_until_ready((state, ref))
   times = dict(step_s=time.perf_counter() - t0, rollout_s=f["sample_s"] + f["score_s"],
@@ -204,11 +206,11 @@ def trainer_step(exp, state, ref, position, step: int):
 
 def bench(args) -> dict:
   import jax
-  from grpo_jax import experiment, settings as settings_lib, trainer
+  from grpo_jax import experiment, process, settings as settings_lib, weights
   from grpo_jax.data import iterator
 
-  arenas = trainer.limit_malloc_arenas()  # as a launch does (GRPO_JAX_MALLOC_ARENAS=0: glibc's)
-  cache_dir = trainer.enable_compile_cache()  # as a launch does (GRPO_JAX_COMPILE_CACHE=off: none)
+  arenas = process.limit_malloc_arenas()  # as a launch does (GRPO_JAX_MALLOC_ARENAS=0: glibc's)
+  cache_dir = process.enable_compile_cache()  # as a launch does (GRPO_JAX_COMPILE_CACHE=off: none)
 
   P, G, N = args.prompts, args.samples, args.new_tokens
   with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
@@ -222,8 +224,8 @@ def bench(args) -> dict:
     t0 = time.perf_counter()
     s = settings_lib.from_config(cfg, jax.device_count())
     exp = experiment.build(s, os.path.join(tmp, "workdir"), reward_fns={"even": even_fraction})
-    state = experiment.init_state(exp, "grpo")
-    ref = experiment.reference_copy(exp, state.params)
+    state = experiment.init_state(exp.device, exp.keys, "grpo")
+    ref = weights.reference_copy(exp.device, state.params)
     jax.block_until_ready((state, ref))
     setup_s = time.perf_counter() - t0
     position = iterator.Position(0, 0, s.seed + 1)  # as trainer.sft_phase starts GRPO
@@ -236,7 +238,7 @@ def bench(args) -> dict:
             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in steps[-1].items() if k != "lengths"),
             file=sys.stderr, flush=True)
-    num_params = exp.num_params()
+    num_params = exp.device.num_params()
     counted = steps[args.warmup:]
     result = {"impl": "grpo_jax"}
     keys = ("gen_s", "step_s", "ref_s", "update_s", "score_s", "rollout_s", "advantages_s")

@@ -1,4 +1,4 @@
-"""Benchmark of the GRPO update step and the reference log-prob pass (workload: shared/bench/SPEC.md).
+"""Benchmark of the GRPO update step and the reference log-prob pass (workload: bench/SPEC.md).
 
   python tools/bench_update.py                      # CPU: float32, bf16, lora16 + a torch/transformers baseline
   python tools/bench_update.py --skip_torch         # ours only (the three modes)
@@ -15,7 +15,7 @@ Precision / LoRA modes (`--modes`, comma list, each measured in its own subproce
 RSS is that mode's alone):
   float32  float32 params, Adam and compute; the reference a float32 copy (SPEC.md's setting).
   bf16     float32 master params and Adam, bfloat16 compute (`param_dtype="float32",
-           dtype="bfloat16"`); the reference stored in bfloat16 (experiment.reference_copy).
+           dtype="bfloat16"`); the reference stored in bfloat16 (weights.reference_copy).
   loraR    LoRA rank R (e.g. lora16) on qkv, o, gate_up and down of every layer, alpha 2R; only
            the float32 adapters and their Adam state are trained; the frozen base is held in the
            compute dtype and is also the reference (no copy). Compute dtype float32, as in the
@@ -169,7 +169,7 @@ def bench_ours(args, mode: str = "float32") -> dict:
   cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p), out_shardings=base_sh)
   if spec["lora_rank"]:
     # LoRA: fresh adapters (A random, B zero) trained beside the frozen base, which is held in
-    # the compute dtype and is also the reference policy (no copy), as experiment.lora_base does.
+    # the compute dtype and is also the reference policy (no copy), as runstate.initial_grpo_models does.
     config = config.replace(lora_rank=spec["lora_rank"], lora_alpha=2.0 * spec["lora_rank"],
                             lora_targets=("qkv", "o", "gate_up", "down"))
     init_adapters = lambda r: lora.split(models.init_params(config, r))[0]  # noqa: E731
@@ -183,7 +183,7 @@ def bench_ours(args, mode: str = "float32") -> dict:
   else:
     state_sh = ts.state_shardings(mesh, config, optimizer, jax.eval_shape(lambda: params))
     state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sh)(params)
-    # The reference: a copy in the compute dtype (experiment.reference_copy).
+    # The reference: a copy in the compute dtype (weights.reference_copy).
     ref_params = cast(params) if compute != jnp.float32 else jax.device_put(
         jax.tree.map(jnp.copy, params), base_sh)
     del params

@@ -3,7 +3,7 @@
 
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --out=$OUT      # a lent GPU (one call)
   python tools/device_benchmarks.py --small --out=/tmp/dev              # CPU: the same runs, tiny
-  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=varlen --out=$OUT   # #15's figures
+  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=varlen --out=$OUT   # variable lengths
 
 A lent GPU comes with minutes, not hours: this runs the benchmarks in priority order, each in
 its own process under its own time limit, and appends one line per benchmark to
@@ -34,7 +34,7 @@ FULL = (
     ("bench_update_spec", ["bench_update.py", "--skip_torch", "--modes=float32,bf16,lora16",
                            "--repeats=10"], 100),
 )
-# #15 (speed on variable-length batches), 0.5B shape in bf16: lengths spread by stop ids (1500
+# Variable-length batches, 0.5B shape in bf16: lengths spread by stop ids (1500
 # of 151936 ids end a completion: ~1/100 per token under random weights), padded (length_bucket
 # 0) then bucketed (64); the trainer's overlapped step against the phase-timed one; the SPEC
 # workload's variable-length variant. The compile cache (~/.cache/grpo_jax) is shared by the runs.
@@ -85,7 +85,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--small", action="store_true", help="tiny sizes: a check of this script")
   parser.add_argument("--only", default="", help="comma list of benchmark names")
   parser.add_argument("--set", default="all", choices=("all", "varlen"),
-                      help="all: the accelerator figures of #11 / #13; varlen: #15's")
+                      help="all: bench_device, bench_step and bench_update; "
+                           "varlen: variable-length batches (BENCHMARKS.md)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   runs = {("all", False): FULL, ("all", True): SMALL, ("varlen", False): VARLEN,

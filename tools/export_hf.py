@@ -64,7 +64,7 @@ def export(workdir: str, out: str, *, step: Optional[int] = None,
     raise ConfigError(f"--dtype={dtype!r}: expected one of {FLOAT_DTYPES}")
   run = runs.load_run(workdir, step)
   dtype = dtype or run.model_config.param_dtype
-  eos_ids = list(dict.fromkeys(int(i) for i in run.experiment.eos_ids))
+  eos_ids = list(dict.fromkeys(int(i) for i in run.experiment.data.eos_ids))
 
   def write(local: str) -> None:
     models.save_hf_checkpoint(local, dataclasses.replace(run.model_config, param_dtype=dtype,

@@ -4,7 +4,7 @@
       --config.mesh.fsdp=8 --config.mesh.data=1 [--num_devices=8] [--chip=h100] [--out=plan.json]
 
 No weights are allocated and no accelerator is needed. The run's own jitted programs (what
-`experiment._programs` builds: policy update, log-prob pass, samplers, the decode-layout cast)
+`experiment.make_device` builds: policy update, log-prob pass, samplers, the decode-layout cast)
 are lowered on abstract inputs (`jax.ShapeDtypeStruct`s with the run's shardings; shapes from
 `jax.eval_shape`) over simulated CPU devices (`--num_devices`, default the mesh's product),
 compiled, and read with `compiled.memory_analysis()`: argument, output, alias (donated) and
@@ -78,6 +78,11 @@ EXACT_MAX_LAYERS = 4   # --layers=auto compiles deeper models at DEPTHS layers
 # step); from 2 layers on each layer adds the same bytes (2 -> 3 -> 6 layers: equal steps).
 DEPTHS = (2, 3)
 _EOS, _PAD = (1,), 0   # token ids: no compiled program's memory depends on their values
+
+
+class _NoTokenizer:
+  """What the samplers read of a tokenizer when they are built: the pad id."""
+  pad_id = _PAD
 SAMPLERS = ("sample_train", "sample_greedy", "sample_eval_k")
 
 
@@ -210,32 +215,28 @@ class Setup:
 
 def build_setup(s: settings_lib.Settings, config: models.ModelConfig, mesh,
                 decode_layout: str) -> Setup:
-  """`experiment.build` without data, tokenizer or weights: the same optimizers and shardings,
-  and `experiment._programs` itself, so the plan is of the programs a run compiles."""
-  key = jax.random.key(s.seed)
-  optimizers = {"sft": ts.make_optimizer(s.sft.optim), "grpo": ts.make_optimizer(s.grpo.optim)}
-  base_config = lora.base_config(config)
-  params_shapes = jax.eval_shape(functools.partial(models.init_params, base_config), key)
+  """`experiment.build` without data, tokenizer or weights: `experiment.make_device` itself (the
+  same optimizers, shardings and programs), so the plan is of the programs a run compiles."""
+  keys = experiment.Keys(jax.random.key(s.seed))
+  data = experiment.Data(task=None, tokenizer=_NoTokenizer(), train_prompts=None,
+                         eval_prompts=None, teacher=None, rewards=None, eos_ids=_EOS)
+  device = experiment.make_device(dataclasses.replace(s, decode_layout=decode_layout), mesh,
+                                  data, config, None, keys)
+  programs, optimizers, state_sh = device.programs, device.optimizers, device.state_sh
+  base_config, params_sh, decode_sh = device.base_config, device.params_sh, device.decode_sh
+  params_shapes = jax.eval_shape(functools.partial(models.init_params, base_config), keys.base)
   trained_shapes = (lora.split(jax.eval_shape(functools.partial(models.init_params, config),
-                                              key))[0] if config.lora_rank else params_shapes)
-  state_sh = {"sft": ts.state_shardings(mesh, base_config, optimizers["sft"], params_shapes),
-              "grpo": ts.state_shardings(mesh, config, optimizers["grpo"], trained_shapes)}
-  params_sh = state_sh["sft"].params
-  decode_sh = experiment._decode_shardings(  # pylint: disable=protected-access
-      dataclasses.replace(s, decode_layout=decode_layout), mesh, base_config, params_sh,
-      params_shapes)
-  programs = experiment._programs(  # pylint: disable=protected-access
-      s, mesh, config, optimizers, state_sh, params_sh, _EOS, _PAD, decode_sh)
+                                              keys.base))[0] if config.lora_rank else params_shapes)
   state_shapes = jax.eval_shape(functools.partial(ts.init_train_state,
-                                                  optimizer=optimizers["grpo"]), trained_shapes)
+                                                  optimizer=optimizers.grpo), trained_shapes)
   params = as_dtype(with_shardings(params_shapes, params_sh), config.dtype)
   reference = None
   if config.lora_rank:
     reference = params
-  elif s.use_reference:  # experiment.reference_copy: compute dtype; the master's for an EMA
+  elif s.use_reference:  # weights.reference_copy: compute dtype; the master's for an EMA
     reference = as_dtype(params, config.param_dtype) if s.grpo.ref_ema else params
   return Setup(settings=s, config=config, mesh=mesh, programs=programs,
-               state=with_shardings(state_shapes, state_sh["grpo"]), params=params,
+               state=with_shardings(state_shapes, state_sh.grpo), params=params,
                decode=as_dtype(with_shardings(params_shapes, decode_sh), config.dtype),
                reference=reference)
 
@@ -278,7 +279,7 @@ def program_args(setup: Setup, program: str, size: int) -> tuple[Callable, tuple
   if program == "to_decode":
     return p.to_decode, (setup.params,)
   if program in SAMPLERS:
-    return getattr(p, program), (setup.decode,) + abstract_prompts(setup, size)
+    return getattr(p, program).program, (setup.decode,) + abstract_prompts(setup, size)
   raise ValueError(f"unknown program {program!r}")
 
 

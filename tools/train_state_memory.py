@@ -87,7 +87,7 @@ def abstract_state(config: ModelConfig, mode: str, lora_rank: int = 16,
   trained = lora.split(params)[0] if mode == "lora" else params
   opt_state = jax.eval_shape(make_optimizer(optim or OptimConfig()).init, trained)
   reference = None
-  if mode != "lora":  # experiment.abstract_reference: the params in the compute dtype
+  if mode != "lora":  # weights.abstract_reference: the params in the compute dtype
     dtype = jnp.dtype(cfg.dtype)
     reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
   return params, trained, opt_state, reference

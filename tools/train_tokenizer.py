@@ -4,8 +4,9 @@
     python tools/train_tokenizer.py --arithmetic=20000 --model_prefix=/tmp/arith   # offline task
 
 Writes `{model_prefix}.model` and `.vocab`. Ids: pad=0, unk=1, bos=2, eos=3; digits split; `####`
-and newline are single pieces. The function behind it is `grpo_jax.tokenizer.train_sentencepiece`
-(re-exported here) so the installed package can train without this script.
+and newline are single pieces. The function behind it is
+`grpo_jax.tokenizer_training.train_sentencepiece` (re-exported here) so the installed package can
+train without this script.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 import time
 
-from grpo_jax.tokenizer import train_sentencepiece
+from grpo_jax.tokenizer_training import train_sentencepiece
 
 __all__ = ["train_sentencepiece", "main"]
 

@@ -14,34 +14,25 @@ so a reward reading the dataset's own `answer` gets it), plus three roles under 
 A column with a role's name is that role's source (GSM8K's `question`) or an error: a role
 never replaces another column.
 
-GSM8K is FieldMap(marker="####", cleanup=r"<<[^<>]*>>") on its jsonl files; the arithmetic
+`FieldMap` (grpo_jax/record_fields.py) is config.data.fields. GSM8K is
+FieldMap(marker="####", cleanup=r"<<[^<>]*>>") on its jsonl files; the arithmetic
 generator yields the same records directly. A malformed line or a missing field raises
 ValueError naming `file:line` (or `name[split] row i`) and the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from typing import Iterator
 
 from grpo_jax import paths
+from grpo_jax.record_fields import FieldMap
 
 FORMATS = (".jsonl", ".json", ".parquet")
 RESERVED = ("prompts", "completions", "completion_ids", "completion_length", "episodes")  # reward arguments
 # A run of thousands groups that is a whole number: not "1,23", "1234,567" or "(1, 2]".
 _THOUSANDS_RE = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d,])")
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldMap:
-  """Which source columns hold the question, the solution and the final answer."""
-  question: str = "question"
-  answer: str = "answer"          # the worked solution ("solution" role); "" = none in the data
-  final_answer: str = "answer"
-  marker: str = "####"            # final answer = text after the last marker ("" = whole value)
-  cleanup: str = ""               # regex removed from the solution (GSM8K calculator notes)
 
 
 GSM8K = FieldMap(marker="####", cleanup=r"<<[^<>]*>>")
