@@ -23,8 +23,8 @@ import time
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
-import numpy as np
 import ml_collections
+import numpy as np
 from absl import logging
 
 from grpo_jax import checkpointing, evaluation, experiment, iterative, metrics, paths
