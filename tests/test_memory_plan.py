@@ -15,7 +15,7 @@ from grpo_jax import experiment, settings, sharding, weights
 from grpo_jax import train_step as ts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import memory_plan  # noqa: E402  (tools/ is not an installed package)
+from tools import memory_plan, memory_programs  # noqa: E402  (tools/ is not an installed package)
 
 
 def test_qwen25_7b_state_per_device_with_fsdp8():
@@ -23,13 +23,13 @@ def test_qwen25_7b_state_per_device_with_fsdp8():
   cfg.mesh.data, cfg.mesh.fsdp = 1, 8
   s = settings.from_config(cfg, 8)
   config = memory_plan.model_config(s)  # the preset the variant names: no checkpoint needed
-  setup = memory_plan.build_setup(s, config, sharding.make_mesh(*s.mesh), "replicated")
+  setup = memory_programs.build_setup(s, config, sharding.make_mesh(*s.mesh), "replicated")
   b = memory_plan.state_bytes(setup)
   assert b["params"] == pytest.approx(7.6e9 * 4 / 8, rel=0.05)  # float32 master weights / 8
   assert b["gradients"] == b["params"]
   assert b["optimizer"] == pytest.approx(2 * b["params"], rel=1e-6)  # Adam's mu and nu
   assert b["reference"] == b["policy_copy"] == b["params"] // 2  # bfloat16 (beta = 0.04)
-  assert b["decode_copy"] == memory_plan.tree_bytes(setup.decode)  # whole on every device
+  assert b["decode_copy"] == memory_programs.tree_bytes(setup.decode)  # whole on every device
 
 
 def on_device(tree, device) -> int:
@@ -86,7 +86,7 @@ def test_plan_agrees_with_a_measured_run(tiny):
   sampler = plan["programs"]["sample_train"]
   assert sampler["argument"] == pytest.approx(on_device((decode, ids_d, mask_d), dev), rel=0.2)
   assert sampler["output"] == pytest.approx(on_device(out, dev), rel=0.2)  # + alignment
-  real = memory_plan.ProgramMemory.of(
+  real = memory_programs.ProgramMemory.of(
       device.programs.sample_train.program.lower(decode, ids_d, mask_d, key).compile())
   assert real.temp == sampler["temp"]
   del decode, out  # rollout.collect drops its decode copy before the update
@@ -102,9 +102,9 @@ def test_plan_agrees_with_a_measured_run(tiny):
   held = on_device((state, reference, policy, batch), dev)  # what grpo_step holds
   update = plan["programs"]["update"]
   assert update["argument"] == on_device((state, batch), dev)
-  real = memory_plan.ProgramMemory.of(
+  real = memory_programs.ProgramMemory.of(
       device.programs.policy_update.lower(state, batch).compile())
-  assert real == memory_plan.ProgramMemory(**{k: update[k] for k in (
+  assert real == memory_programs.ProgramMemory(**{k: update[k] for k in (
       "argument", "output", "alias", "temp")})
   new_state, metrics = device.programs.policy_update(state, batch)
   assert update["output"] == pytest.approx(on_device((new_state, metrics), dev), rel=0.2)
@@ -120,9 +120,10 @@ class _FakePlanner(memory_plan.Planner):
     self.calls.append((program, size))
     if program == "update":
       micro_batch = size // probe.settings.grpo.num_microbatches
-      return memory_plan.ProgramMemory(0, 0, 0, 10 ** 6 * micro_batch)
+      return memory_programs.ProgramMemory(0, 0, 0, 10 ** 6 * micro_batch)
     prompts = size // 8
-    return memory_plan.ProgramMemory(0, 0, 0, 10 ** 5 * prompts + 10 ** 6 * max(0, prompts - 100))
+    return memory_programs.ProgramMemory(0, 0, 0,
+                                         10 ** 5 * prompts + 10 ** 6 * max(0, prompts - 100))
 
 
 def test_search_finds_the_largest_batches_under_a_budget(tiny):
@@ -166,8 +167,8 @@ def test_largest_bisects_or_follows_a_guess():
 
 
 def test_extrapolation_is_linear_in_depth():
-  one = memory_plan.ProgramMemory(10, 4, 2, 100)
-  per_layer = memory_plan.ProgramMemory(3, 1, 1, 20)
+  one = memory_programs.ProgramMemory(10, 4, 2, 100)
+  per_layer = memory_programs.ProgramMemory(3, 1, 1, 20)
   m = one.plus(per_layer, 26, "x")
   assert (m.argument, m.output, m.alias, m.temp) == (88, 30, 28, 620)
   assert m.peak == 88 + 30 - 28 + 620

@@ -52,7 +52,7 @@ from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.models import lora  # noqa: E402
 from grpo_jax.models.config import LORA_TARGETS, ModelConfig, PRESETS, get_config  # noqa: E402
 from grpo_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
-from tools.memory_plan import device_bytes, tree_bytes, with_shardings  # noqa: E402
+from tools.memory_programs import device_bytes, tree_bytes, with_shardings  # noqa: E402
 
 GIB = 2 ** 30
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
