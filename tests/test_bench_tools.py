@@ -1,4 +1,5 @@
-"""tools/bench_step.py and tools/bench_device.py at a tiny size: one run each, in this process.
+"""tools/bench_step.py, tools/bench_device.py and tools/bench_rollout.py at a tiny size, in this
+process.
 
 Each tool's last stdout line is one JSON object; checked here for its keys and sane values (not
 for speed). The accelerator peaks are checked on the device kinds JAX reports.
@@ -97,3 +98,32 @@ def test_decode_bytes_by_hand(bench_device):
   kv_tokens = sum(P * Tp + P * G * step for step in range(1, N))  # what decode step `step` reads
   expected = (N - 1) * 1_000_000 + kv_per_token * kv_tokens
   assert bench_device.decode_bytes(c, 1_000_000, 1, P, G, Tp, N) == pytest.approx(expected)
+
+
+def test_bench_rollout_tiny(capsys):
+  """The variable-length workload at a small size: lengths from exactly uniform draws (the
+  final norm zeroed), so the stop ids' share sets them on any machine; the counts agree with
+  the lengths; the compile part emits one figure per program and depth."""
+  bench_rollout = load_tool("bench_rollout")
+  N = 64
+  assert bench_rollout.stop_ids("fixed", 4096, N) == ()
+  k = len(bench_rollout.stop_ids("varlen", 4096, N))
+  assert (1 - k / 4096) ** N == pytest.approx(0.1, rel=0.05)  # P(no stop in N steps)
+  config = os.path.join(REPO, "experiments/configs/arithmetic.py:smoke")
+  figures = bench_rollout.main(["--part=all", "--prompts=8", "--samples=8", f"--new_tokens={N}",
+                                "--prompt_len=4", "--repeats=1", f"--config={config}",
+                                "--layers=1", "--set=grpo.num_prompts=8"])
+  lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert lines == json.loads(json.dumps(figures))
+  fixed, varlen = figures[:2]
+  assert fixed["useful_fraction"] == 1.0 and fixed["tokens"] == 64 * N
+  assert varlen["stop_ids"] == k and varlen["decode_slots"] <= 64 * N
+  assert varlen["tokens"] < varlen["decode_slots"]
+  assert varlen["useful_fraction"] == pytest.approx(varlen["tokens"] / varlen["decode_slots"],
+                                                    abs=1e-4)
+  assert 0.02 <= varlen["at_budget_fraction"] <= 0.3  # 0.1 expected, 64 rows
+  assert 0.25 <= varlen["mean_length_fraction"] <= 0.55  # ~0.39 expected
+  compiled = figures[2:]
+  assert [(f["program"], f["layers"]) for f in compiled] == [
+      ("sample_train", 1), ("update", 1), ("logprobs", 1)]
+  assert all(f["compile_s"] > 0 for f in compiled)

@@ -1,0 +1,167 @@
+"""Rollout benchmark: the decode work a static batch spends on finished rows, and compile time
+against depth.
+
+  python -m tools.bench_rollout --part=generation             # CPU, about a minute
+  python -m tools.bench_rollout --part=compile --layers=2,8,24  # qwen2.5-0.5b shape, minutes
+
+generation: the SPEC model (the bench_qwen2 preset: vocab 4096, 4 layers, float32, random
+weights), 16 prompts x 8 samples of up to N = 128 new tokens at temperature 1, its final norm
+zeroed so that every step's distribution is exactly uniform: a row ends at one of k stop ids
+with probability q = k / V per step, whatever the machine. Workloads:
+  fixed   no stop ids: every row runs to the budget (the SPEC workload);
+  varlen  k ids for q = 1 - 0.1^(1/N): geometric lengths, 10% of rows at the budget, a mean of
+          ~39% of it (GSM8K-like).
+Per workload: seconds per call (median of --repeats after a warm-up call), the rows' real
+tokens, the decode slots the loop ran (rows x its steps: a static batch runs until its longest
+row ends) and their ratio, the useful fraction of the decode work.
+
+compile: the run's own programs on abstract weights (tools/memory_programs.py: what
+`experiment.make_device` builds) of a config (default gsm8k.py:qwen2.5-0.5b, bfloat16 compute)
+at each depth of --layers: seconds to lower and compile the sampler, the update and the
+log-prob pass (no persistent compile cache).
+
+One JSON line per figure on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+PROMPTS, SAMPLES, NEW_TOKENS, PROMPT_LEN = 16, 8, 128, 32
+AT_BUDGET = 0.1  # varlen: fraction of rows that reach the budget
+
+
+def stop_ids(workload: str, vocab: int, new_tokens: int) -> tuple[int, ...]:
+  """The workload's stop ids (the last k of the vocabulary): none for "fixed"; for "varlen" k
+  with k / V = 1 - AT_BUDGET^(1 / N), so that a fraction AT_BUDGET of the rows draws none."""
+  if workload == "fixed":
+    return ()
+  k = max(1, round(vocab * (1 - AT_BUDGET ** (1 / new_tokens))))
+  return tuple(range(vocab - k, vocab))
+
+
+def emit(**figure) -> dict:
+  print(json.dumps(figure), flush=True)
+  return figure
+
+
+def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROMPTS,
+               samples: int = SAMPLES, new_tokens: int = NEW_TOKENS,
+               prompt_len: int = PROMPT_LEN, repeats: int = 3) -> dict:
+  """Times the static sampler on `workload` (see the module docstring); one JSON figure."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from grpo_jax import models, sampling  # pylint: disable=import-outside-toplevel
+
+  config = models.get_config(model)
+  params = models.init_params(config, jax.random.key(0))
+  params["final_norm"]["scale"] = np.zeros_like(params["final_norm"]["scale"])  # uniform
+  stops = stop_ids(workload, config.vocab_size, new_tokens)
+  settings = sampling.SamplingSettings(num_samples=samples, max_new_tokens=new_tokens,
+                                       temperature=1.0, eos_ids=stops, pad_id=0)
+  sampler = sampling.make_sampler(config, settings)
+  ids = np.random.default_rng(0).integers(10, config.vocab_size - len(stops) or 10,
+                                           (prompts, prompt_len)).astype(np.int32)
+  mask = np.ones_like(ids)
+  out = jax.block_until_ready(sampler(params, ids, mask, jax.random.key(0)))  # compiles
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(sampler(params, ids, mask, jax.random.key(i + 1)))
+    times.append(time.perf_counter() - t0)
+  lengths = np.asarray(out.lengths)
+  tokens, slots = int(lengths.sum()), len(lengths) * int(lengths.max())
+  return emit(figure="generation", workload=workload, model=model, rows=len(lengths),
+              budget=new_tokens, stop_ids=len(stops), gen_s=round(statistics.median(times), 4),
+              times_s=[round(t, 4) for t in times], tokens=tokens, decode_slots=slots,
+              useful_fraction=round(tokens / slots, 4),
+              mean_length_fraction=round(float(lengths.mean()) / new_tokens, 4),
+              at_budget_fraction=round(float(np.asarray(out.truncated).mean()), 4),
+              device=jax.devices()[0].device_kind)
+
+
+def load_config(spec: str, overrides: list[str]):
+  """`FILE.py[:arg]`'s get_config(arg), with dotted `key=value` overrides."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+      node = node[name]
+    old = node[leaf]
+    node[leaf] = (value.lower() in ("1", "true") if isinstance(old, bool)
+                  else value if isinstance(old, str) else type(old)(value))
+  return cfg
+
+
+def compile_times(config_path: str, layers: list[int], overrides: list[str]) -> list[dict]:
+  """Lower + compile seconds of the sampler, the update and the log-prob pass at each depth."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from grpo_jax import settings as settings_lib, sharding  # pylint: disable=import-outside-toplevel
+  from tools import memory_programs as mp  # pylint: disable=import-outside-toplevel
+
+  s = settings_lib.from_config(load_config(config_path, overrides), jax.device_count())
+  mesh = sharding.make_mesh(*s.mesh)
+  base = mp.model_config(s)
+  rows = s.rollout.num_prompts * s.rollout.num_samples
+  figures = []
+  for depth in layers:
+    config = mp.with_depth(base, depth)
+    setup = mp.build_setup(s, config, mesh, "training")
+    for program, size in (("sample_train", s.rollout.num_prompts), ("update", rows),
+                          ("logprobs", rows)):
+      fn, args = mp.program_args(setup, program, size)
+      t0 = time.perf_counter()
+      fn.lower(*args).compile()
+      figures.append(emit(figure="compile", program=program, layers=depth, config=config_path,
+                          compute_dtype=config.dtype, size=size,
+                          compile_s=round(time.perf_counter() - t0, 2),
+                          device=jax.devices()[0].device_kind))
+  return figures
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--part", choices=("generation", "compile", "all"), default="all")
+  parser.add_argument("--model", default="bench_qwen2", help="generation: a models preset")
+  parser.add_argument("--prompts", type=int, default=PROMPTS)
+  parser.add_argument("--samples", type=int, default=SAMPLES)
+  parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
+  parser.add_argument("--prompt_len", type=int, default=PROMPT_LEN)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--config", default=os.path.join(ROOT, "experiments/configs/gsm8k.py:"
+                                                              "qwen2.5-0.5b"))
+  parser.add_argument("--layers", default="2,8,24", help="compile: depths, comma-separated")
+  parser.add_argument("--set", action="append", default=[],
+                      help="compile: a config override, e.g. --set=grpo.num_prompts=8")
+  args = parser.parse_args(argv)
+  figures = []
+  if args.part in ("generation", "all"):
+    for workload in ("fixed", "varlen"):
+      figures.append(generation(workload, model=args.model, prompts=args.prompts,
+                                samples=args.samples, new_tokens=args.new_tokens,
+                                prompt_len=args.prompt_len, repeats=args.repeats))
+  if args.part in ("compile", "all"):
+    figures += compile_times(args.config, [int(n) for n in args.layers.split(",")], args.set)
+  return figures
+
+
+if __name__ == "__main__":
+  main()
