@@ -18,9 +18,11 @@ Design (decode speed on CPU, see BENCHMARKS.md for the measured effect of each c
   vocabulary, then one block), with cumulative sums as small triangular matmuls: XLA CPU's
   `argmax` (used by `jax.random.categorical` / Gumbel-max) over the vocabulary cost more per step
   than the rest of the sampling.
-- Randomness: the key of step s is `fold_in(rng, s)`; each row draws its own uniforms from it,
-  so every token of every call uses fresh randomness and the same key reproduces the samples
-  (independently of how the batch is sharded: JAX's threefry is partitionable).
+- Randomness is keyed per sample and position: token t of sample i draws its uniforms from
+  `fold_in(fold_in(rng, i), t)` (`sample_keys`), i = its row p * G + g. A sample's tokens depend
+  on the call's key, its id and its prompt only: not on the batch it shares, its slot or the
+  step it ran in (what a decoder that refills finished rows' slots needs), nor on how the batch
+  is sharded; the same key reproduces the samples.
 
 Log-probs: `logprobs[b, s]` is log softmax(logits / T)[token], the UNFILTERED tempered
 distribution (what `train_step.sequence_logprobs` recomputes and what TRL returns), even when
@@ -118,7 +120,7 @@ class SamplingState:
   tokens_BxN: jax.Array     # int32 [B, N]
   logprobs_BxN: jax.Array   # float32 [B, N]
   cache: KVCache            # per-row completion cache, slot s holds token s
-  rng: jax.Array            # the call's key; step s uses fold_in(rng, s)
+  rng: jax.Array            # the call's key (token t of sample i: `sample_keys`)
 
 
 # ----------------------------------------------------------------------------- token draw
@@ -187,8 +189,22 @@ def inverse_cdf_sample(weights_BxV: jax.Array, u_Bx2: jax.Array) -> jax.Array:
   return (block_B * width + _pick(row_BxW, u_Bx2[:, 1])).astype(jnp.int32)
 
 
-def sample_tokens(logits_BxV: jax.Array, rng: jax.Array, settings: SamplingSettings):
-  """One token per row and its log-prob under the unfiltered tempered distribution.
+def sample_keys(rng: jax.Array, sample_ids_B: jax.Array, position) -> jax.Array:
+  """The keys of token `position` (a scalar or [B]) of samples `sample_ids_B`:
+  fold_in(fold_in(rng, id), position), one per row."""
+  position_B = jnp.broadcast_to(jnp.asarray(position, jnp.int32), sample_ids_B.shape)
+  return jax.vmap(lambda i, t: jax.random.fold_in(jax.random.fold_in(rng, i), t))(
+      sample_ids_B, position_B)
+
+
+def row_uniforms(keys_B: jax.Array) -> jax.Array:
+  """Two uniforms in [0, 1) per row, from the row's own key: [B, 2] float32."""
+  return jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys_B)
+
+
+def sample_tokens(logits_BxV: jax.Array, u_Bx2: jax.Array, settings: SamplingSettings):
+  """One token per row (drawn with the row's uniforms `u_Bx2`, [B, 2] in [0, 1)) and its
+  log-prob under the unfiltered tempered distribution.
 
   Returns (tokens_B int32, logprobs_B float32). Greedy (temperature 0): argmax, log-prob at T=1.
   """
@@ -200,7 +216,6 @@ def sample_tokens(logits_BxV: jax.Array, rng: jax.Array, settings: SamplingSetti
     z_BxV = logits_BxV / settings.temperature
     drawn_BxV = filter_logits(z_BxV, settings) if settings.filtered else z_BxV
     max_Bx1 = jnp.max(drawn_BxV, axis=-1, keepdims=True)
-    u_Bx2 = jax.random.uniform(rng, (logits_BxV.shape[0], 2), jnp.float32)
     weights_BxV = jnp.exp(drawn_BxV - max_Bx1)
     tokens_B = inverse_cdf_sample(weights_BxV, u_Bx2)
     if not settings.filtered:  # reuse the exponentials: one pass over the logits, not two
@@ -264,12 +279,12 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens_PxT, prompt_mask_
 
 
 def prefill_and_draw(params: Params, config: ModelConfig, settings: SamplingSettings,
-                     prompt_tokens_PxT, prompt_mask_PxT, rng):
-  """`prefill`, then every row's first token (G rows per prompt, key fold_in(rng, 0)): (the
-  prompts' KV cache, their lengths [P], tokens [B], log-probs [B])."""
+                     prompt_tokens_PxT, prompt_mask_PxT, u_Bx2):
+  """`prefill`, then every row's first token (G rows per prompt) with the uniforms `u_Bx2`:
+  (the prompts' KV cache, their lengths [P], tokens [B], log-probs [B])."""
   prefix, logits_PxV, prompt_len_P = prefill(params, config, prompt_tokens_PxT, prompt_mask_PxT)
   tokens_B, logprobs_B = sample_tokens(jnp.repeat(logits_PxV, settings.num_samples, axis=0),
-                                       jax.random.fold_in(rng, 0), settings)
+                                       u_Bx2, settings)
   return prefix, prompt_len_P, tokens_B, logprobs_B
 
 
@@ -279,8 +294,10 @@ def sample_with_settings(params: Params, config: ModelConfig, settings: Sampling
   P = prompt_tokens_PxT.shape[0]
   G, N = settings.num_samples, settings.max_new_tokens
   B = P * G
+  sample_ids_B = jnp.arange(B, dtype=jnp.int32)
+  draw = lambda position: row_uniforms(sample_keys(rng, sample_ids_B, position))  # noqa: E731
   prefix, prompt_len_P, tokens_B, logprobs_B = prefill_and_draw(
-      params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng)
+      params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, draw(0))
   state = SamplingState(
       step=jnp.zeros((), jnp.int32),
       last_token_B=jnp.zeros((B,), jnp.int32),
@@ -300,8 +317,7 @@ def sample_with_settings(params: Params, config: ModelConfig, settings: Sampling
     logits_Bx1xV, cache = models.forward(params, config, tok_Bx1, pos_Bx1,
                                          jnp.ones_like(tok_Bx1), state.cache, prefix=prefix,
                                          rope_tables=tables)
-    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
-                                         jax.random.fold_in(state.rng, state.step), settings)
+    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0], draw(state.step), settings)
     return _record(state.replace(cache=cache), tokens_B, logprobs_B, settings)
 
   for end in _block_ends(settings):

@@ -137,6 +137,12 @@ def _record(state: TurnState, tokens_B, logprobs_B, drew_B, settings: TurnSettin
       logprobs_BxS=put(state.logprobs_BxS, jnp.where(drew_B, logprobs_B, 0.0)))
 
 
+def _uniforms(rng: jax.Array, draw: jax.Array, rows: int) -> jax.Array:
+  """The uniforms of the episode's `draw`-th decode step, [rows, 2]: one key per step of the
+  shared timeline (fold_in(rng, draw)), rows drawing in turn from it."""
+  return jax.random.uniform(jax.random.fold_in(rng, draw), (rows, 2), jnp.float32)
+
+
 def _positions(state: TurnState) -> jax.Array:
   """[B] position of the next token fed: prompt length + real slots already in the cache."""
   fed_B = jnp.sum((state.kind_BxS != HOLE) & (jnp.arange(state.kind_BxS.shape[1]) < state.index),
@@ -155,7 +161,7 @@ def start(params, prompt_tokens_PxT, prompt_mask_PxT, rng, *, config: ModelConfi
   G, S = s.num_samples, settings.slots
   B = P * G
   prefix, prompt_len_P, tokens_B, logprobs_B = prefill_and_draw(
-      params, config, s, prompt_tokens_PxT, prompt_mask_PxT, rng)
+      params, config, s, prompt_tokens_PxT, prompt_mask_PxT, _uniforms(rng, 0, B))
   state = TurnState(
       index=jnp.zeros((), jnp.int32), draws=jnp.ones((), jnp.int32),
       pending_B=jnp.zeros((B,), bool), active_B=jnp.ones((B,), bool),
@@ -183,9 +189,8 @@ def decode(params, prefix: KVCache, state: TurnState, *, config: ModelConfig,
     logits_Bx1xV, cache = models.forward(
         params, config, state.tokens_BxS[:, state.index][:, None], pos_Bx1,
         feed_B[:, None].astype(jnp.int32), cache, prefix=prefix, rope_tables=tables)
-    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0],
-                                         jax.random.fold_in(state.rng, state.draws),
-                                         settings.sampling)
+    u_Bx2 = _uniforms(state.rng, state.draws, state.active_B.shape[0])
+    tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0], u_Bx2, settings.sampling)
     state = state.replace(cache=cache, index=state.index + 1, draws=state.draws + 1)
     return _record(state, tokens_B, logprobs_B, state.active_B, settings)
 
@@ -232,7 +237,7 @@ def inject(params, prefix: KVCache, state: TurnState, keep_BxS, obs_BxK, obs_mas
       count_B=state.count_B + n_obs_B,
       active_B=resume_B, stopped_B=jnp.zeros_like(resume_B), done_B=state.done_B | done_B,
       recent_BxL=jnp.full_like(state.recent_BxL, -1))
-  tokens_B, logprobs_B = sample_tokens(logits_BxV, jax.random.fold_in(state.rng, state.draws),
+  tokens_B, logprobs_B = sample_tokens(logits_BxV, _uniforms(state.rng, state.draws, B),
                                        settings.sampling)
   state = state.replace(draws=state.draws + 1)
   return _record(state, tokens_B, logprobs_B, resume_B, settings)

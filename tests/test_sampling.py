@@ -154,8 +154,8 @@ FILTER_CASES = [
 def test_sample_tokens_follow_the_filtered_distribution(case):
   settings = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, **case)
   logits = jnp.broadcast_to(jnp.asarray(_LOGITS), (_N_DRAWS, len(_LOGITS)))
-  tokens, logprobs = jax.jit(lambda l, k: sampling.sample_tokens(l, k, settings))(
-      logits, jax.random.key(7))
+  tokens, logprobs = jax.jit(lambda l, u: sampling.sample_tokens(l, u, settings))(
+      logits, jax.random.uniform(jax.random.key(7), (_N_DRAWS, 2)))
   counts = np.bincount(np.asarray(tokens), minlength=len(_LOGITS))
   assert _chi2(counts, _expected(_LOGITS, **case)) < _CHI2_OK
   # Log-probs: the unfiltered tempered distribution, whatever the filter.
@@ -173,8 +173,8 @@ def test_distribution_test_detects_wrong_filters(case, wrong):
   """The statistic above rejects near-miss filters (so the test can fail)."""
   settings = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, **FILTER_CASES[case])
   logits = jnp.broadcast_to(jnp.asarray(_LOGITS), (_N_DRAWS, len(_LOGITS)))
-  tokens, _ = jax.jit(lambda l, k: sampling.sample_tokens(l, k, settings))(
-      logits, jax.random.key(7))
+  tokens, _ = jax.jit(lambda l, u: sampling.sample_tokens(l, u, settings))(
+      logits, jax.random.uniform(jax.random.key(7), (_N_DRAWS, 2)))
   counts = np.bincount(np.asarray(tokens), minlength=len(_LOGITS))
   assert _chi2(counts, _expected(_LOGITS, **wrong)) > 10 * _CHI2_OK
 
@@ -286,6 +286,28 @@ def test_keys_same_samples_same_key_fresh_randomness_per_token():
   # Near-uniform over 128 tokens: no stream repeats a token pattern step after step.
   assert (a[:, 1:] == a[:, :-1]).mean() < 0.1
   assert len(np.unique(a)) > 60
+
+
+def test_a_samples_tokens_depend_on_its_key_id_and_position_only():
+  """Token t of sample i is drawn with the uniforms of fold_in(fold_in(key, i), t), whatever
+  slot or step it runs in: recomputed here for the first two tokens of every sample from the
+  model's logits; prompt [a]'s samples are the same alone and as the first group of [a, b]."""
+  flat = jax.tree.map(lambda x: x * 0.01, PARAMS)  # near-uniform next-token distribution
+  both, mask_both = _prompts([4, 4], 4)
+  key, G = jax.random.key(3), 3
+  run = lambda ids, mask, n=12: sampling.sample(  # noqa: E731
+      flat, CONFIG, ids, mask, rng=key, num_samples=G, max_new_tokens=n)
+  pair = run(both, mask_both)
+  np.testing.assert_array_equal(np.asarray(pair.tokens)[:G],
+                                np.asarray(run(both[:1], mask_both[:1]).tokens))
+  out = run(both, mask_both, n=2)
+  for t in range(2):  # the logits of token t: the prompt, then the sampled tokens before it
+    seq = jnp.concatenate([jnp.repeat(both, G, axis=0), out.tokens[:, :t]], axis=1)
+    logits = models.compute_logits(CONFIG, flat, seq)[:, -1]
+    for i in range(2 * G):
+      u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, i), t), (1, 2))
+      weights = jnp.exp(logits[i:i + 1] - jnp.max(logits[i]))
+      assert int(sampling.inverse_cdf_sample(weights, u)[0]) == int(out.tokens[i, t]), (i, t)
 
 
 def test_make_sampler_compiles_once():
