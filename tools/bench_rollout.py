@@ -110,7 +110,8 @@ def load_config(spec: str, overrides: list[str]):
   return cfg
 
 
-def compile_times(config_path: str, layers: list[int], overrides: list[str]) -> list[dict]:
+def compile_times(config_path: str, layers: list[int], overrides: list[str],
+                  programs=("sample_train", "update", "logprobs")) -> list[dict]:
   """Lower + compile seconds of the sampler, the update and the log-prob pass at each depth."""
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -125,8 +126,9 @@ def compile_times(config_path: str, layers: list[int], overrides: list[str]) -> 
   for depth in layers:
     config = mp.with_depth(base, depth)
     setup = mp.build_setup(s, config, mesh, "training")
-    for program, size in (("sample_train", s.rollout.num_prompts), ("update", rows),
-                          ("logprobs", rows)):
+    sizes = {"sample_train": s.rollout.num_prompts, "update": rows, "logprobs": rows}
+    for program in programs:
+      size = sizes[program]
       fn, args = mp.program_args(setup, program, size)
       t0 = time.perf_counter()
       fn.lower(*args).compile()
@@ -146,6 +148,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
   parser.add_argument("--prompt_len", type=int, default=PROMPT_LEN)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--workloads", default="fixed,varlen", help="generation: comma-separated")
+  parser.add_argument("--programs", default="sample_train,update,logprobs",
+                      help="compile: comma-separated")
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments/configs/gsm8k.py:"
                                                               "qwen2.5-0.5b"))
   parser.add_argument("--layers", default="2,8,24", help="compile: depths, comma-separated")
@@ -154,12 +159,13 @@ def main(argv=None) -> list[dict]:
   args = parser.parse_args(argv)
   figures = []
   if args.part in ("generation", "all"):
-    for workload in ("fixed", "varlen"):
+    for workload in args.workloads.split(","):
       figures.append(generation(workload, model=args.model, prompts=args.prompts,
                                 samples=args.samples, new_tokens=args.new_tokens,
                                 prompt_len=args.prompt_len, repeats=args.repeats))
   if args.part in ("compile", "all"):
-    figures += compile_times(args.config, [int(n) for n in args.layers.split(",")], args.set)
+    figures += compile_times(args.config, [int(n) for n in args.layers.split(",")], args.set,
+                             args.programs.split(","))
   return figures
 
 

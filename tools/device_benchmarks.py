@@ -4,6 +4,7 @@
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --out=$OUT      # a lent GPU (one call)
   python tools/device_benchmarks.py --small --out=/tmp/dev              # CPU: the same runs, tiny
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=varlen --out=$OUT   # variable lengths
+  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=rollout --out=$OUT  # decode, compile
 
 A lent GPU comes with minutes, not hours: this runs the benchmarks in priority order, each in
 its own process under its own time limit, and appends one line per benchmark to
@@ -51,6 +52,24 @@ VARLEN = (
                                  "--length_bucket=0"], 35),
     ("step_spec_fixed_trainer", ["bench_step.py", "--dtype=bfloat16", "--driver=trainer"], 35),
 )
+# Rollouts: a static batch's decode time on the fixed (SPEC) and variable-length workloads, and
+# the 0.5B bf16 sampler's compile time at 2 and 24 layers (tools/bench_rollout.py).
+_COMPILE = ["bench_rollout.py", "--part=compile", "--programs=sample_train"]
+ROLLOUT = (
+    ("rollout_spec_fixed", ["bench_rollout.py", "--part=generation", "--workloads=fixed",
+                            "--repeats=5"], 60),
+    ("rollout_spec_varlen", ["bench_rollout.py", "--part=generation", "--workloads=varlen",
+                             "--repeats=5"], 60),
+    ("compile_sampler_0.5b_2_layers", _COMPILE + ["--layers=2"], 120),
+    ("compile_sampler_0.5b_24_layers", _COMPILE + ["--layers=24"], 240),
+)
+_SMOKE = os.path.join(os.path.dirname(TOOLS), "experiments/configs/arithmetic.py:smoke")
+SMALL_ROLLOUT = (
+    ("rollout_tiny_varlen", ["bench_rollout.py", "--part=generation", "--workloads=varlen",
+                             "--prompts=4", "--samples=4", "--new_tokens=32", "--repeats=1"],
+     300),
+    ("compile_sampler_tiny", _COMPILE + [f"--config={_SMOKE}", "--layers=1"], 300),
+)
 _TINY = ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2", "--prompt_len=8",
          "--new_tokens=16", "--steps=1", "--dtype=bfloat16", "--micro_batch_size=4"]
 SMALL_VARLEN = (
@@ -84,13 +103,15 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default=os.environ.get("OUT", "device_out"))
   parser.add_argument("--small", action="store_true", help="tiny sizes: a check of this script")
   parser.add_argument("--only", default="", help="comma list of benchmark names")
-  parser.add_argument("--set", default="all", choices=("all", "varlen"),
+  parser.add_argument("--set", default="all", choices=("all", "varlen", "rollout"),
                       help="all: bench_device, bench_step and bench_update; "
-                           "varlen: variable-length batches (BENCHMARKS.md)")
+                           "varlen: variable-length batches; rollout: bench_rollout "
+                           "(BENCHMARKS.md)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   runs = {("all", False): FULL, ("all", True): SMALL, ("varlen", False): VARLEN,
-          ("varlen", True): SMALL_VARLEN}[args.set, args.small]
+          ("varlen", True): SMALL_VARLEN, ("rollout", False): ROLLOUT,
+          ("rollout", True): SMALL_ROLLOUT}[args.set, args.small]
   if args.only:
     runs = [r for r in runs if r[0] in args.only.split(",")]
   lines = []
