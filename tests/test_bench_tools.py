@@ -127,3 +127,16 @@ def test_bench_rollout_tiny(capsys):
   assert [(f["program"], f["layers"]) for f in compiled] == [
       ("sample_train", 1), ("update", 1), ("logprobs", 1)]
   assert all(f["compile_s"] > 0 for f in compiled)
+
+
+def test_bench_rollout_decode_step_parts(capsys):
+  bench_rollout = load_tool("bench_rollout")
+  figures = bench_rollout.main(["--part=step", "--step_model=tiny_qwen2", "--step_rows=8",
+                                "--step_context=16", "--repeats=1"])
+  assert [f["part"] for f in figures] == ["layers", "unembed", "draw", "draw_top_p_0.95_flat",
+                                          "draw_top_p_0.95_peaked"]
+  assert all(f["seconds"] > 0 for f in figures)
+  step = sum(f["seconds"] for f in figures[:3])
+  assert sum(f["share_of_step"] for f in figures[:3]) == pytest.approx(1.0, abs=0.01)
+  assert figures[3]["share_of_step"] == pytest.approx(figures[3]["seconds"] / step, abs=0.01)
+  capsys.readouterr()

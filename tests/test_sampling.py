@@ -164,6 +164,32 @@ def test_sample_tokens_follow_the_filtered_distribution(case):
   np.testing.assert_allclose(np.asarray(logprobs), full[np.asarray(tokens)], atol=1e-6)
 
 
+@pytest.mark.parametrize("case", [c for c in FILTER_CASES if c.get("top_p")],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_top_p_from_the_most_likely_candidates_draws_the_same_distribution(case, monkeypatch):
+  """With 4 candidates instead of the whole (10-token) vocabulary: top-p's threshold from the
+  candidates when they hold the mass, else from the full sort; the draws follow the same
+  filtered distribution."""
+  monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 4)
+  test_sample_tokens_follow_the_filtered_distribution(case)
+
+
+def test_top_p_threshold_from_candidates_equals_the_full_sort():
+  """Peaked rows (the candidates hold the mass) and flat rows (they do not: the full sort):
+  the threshold is the full sort's, row for row."""
+  rng = np.random.default_rng(0)
+  peaked = rng.normal(size=(16, 5000)).astype(np.float32) * 4.0
+  flat = rng.normal(size=(16, 5000)).astype(np.float32) * 0.01
+  threshold = jax.jit(sampling.top_p_threshold, static_argnums=(1, 2))
+  for z in (peaked, flat, np.concatenate([peaked[:8], flat[:8]])):
+    for top_p in (0.3, 0.9, 0.95):
+      want = np.asarray(sampling._top_p_threshold_sorted(jnp.asarray(z), top_p))  # pylint: disable=protected-access
+      np.testing.assert_array_equal(np.asarray(threshold(jnp.asarray(z), top_p, 256)), want)
+  p = np.exp(peaked * 1.0 - peaked.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  assert (np.sort(p, -1)[:, ::-1][:, :256].sum(-1) >= 0.95).all()  # the fast path ran there
+
+
 @pytest.mark.parametrize("case,wrong", [
     (2, dict(temperature=2.0, top_k=2)), (2, dict(temperature=2.0, top_k=4)),  # off-by-one k
     (3, dict(temperature=1.0, top_p=0.7, top_p_excludes_boundary=True)),

@@ -90,6 +90,58 @@ def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROM
               device=jax.devices()[0].device_kind)
 
 
+def step_parts(model: str, rows: int, context: int, *, layers: int = 0, dtype: str = "bfloat16",
+               top_p: float = 0.95, repeats: int = 5) -> list[dict]:
+  """Seconds of the parts of one decode step of `rows` rows over `context` cached tokens: the
+  layers (forward to the final norm), the unembedding, the draw (unfiltered; with top-p on the
+  random model's flat logits and on peaked ones)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from grpo_jax import models, sampling  # pylint: disable=import-outside-toplevel
+
+  config = models.get_config(model, dtype=dtype, param_dtype=dtype,
+                             **({"num_layers": layers} if layers else {}))
+  params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(0))
+  cache = models.init_cache(config, rows, context + 1)
+  cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :context].set(True),
+                        pos_BxS=jnp.broadcast_to(jnp.arange(context + 1), (rows, context + 1)),
+                        index=jnp.asarray(context, jnp.int32))
+  tok, pos = jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), context, jnp.int32)
+  plain = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, temperature=1.0)
+  nucleus = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, temperature=1.0,
+                                      top_p=top_p)
+  layers_fn = jax.jit(lambda p, c: models.forward(p, config, tok, pos, jnp.ones_like(tok), c,
+                                                  return_hidden=True)[0])
+  hidden = layers_fn(params, cache)
+  unembed_fn = jax.jit(lambda p, h: models.unembed(p, config, h)[:, 0])
+  logits = unembed_fn(params, hidden)
+  u = jax.random.uniform(jax.random.key(1), (rows, 2))
+  # A random model's logits are nearly flat: top-p then keeps most of the vocabulary (its
+  # threshold from the full sort). A trained model's are peaked: N(0, 5^2) logits put >= 99% of
+  # the mass in the 1024 most likely of 150k tokens (the threshold from those candidates).
+  peaked = 5.0 * jax.random.normal(jax.random.key(2), logits.shape, jnp.float32)
+  draw, draw_top_p = (jax.jit(lambda l, v, s=s: sampling.sample_tokens(l, v, s))
+                      for s in (plain, nucleus))
+  parts = (("layers", layers_fn, (params, cache)), ("unembed", unembed_fn, (params, hidden)),
+           ("draw", draw, (logits, u)), (f"draw_top_p_{top_p}_flat", draw_top_p, (logits, u)),
+           (f"draw_top_p_{top_p}_peaked", draw_top_p, (peaked, u)))
+  times = {}
+  for name, fn, args in parts:
+    jax.block_until_ready(fn(*args))
+    runs = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      runs.append(time.perf_counter() - t0)
+    times[name] = statistics.median(runs)
+  step = times["layers"] + times["unembed"] + times["draw"]
+  return [emit(figure="decode_step", part=name, model=model, layers=config.num_layers,
+               dtype=dtype, rows=rows, context=context, vocab=config.vocab_size,
+               seconds=round(t, 6), share_of_step=round(t / step, 3),
+               device=jax.devices()[0].device_kind) for name, t in times.items()]
+
+
 def load_config(spec: str, overrides: list[str]):
   """`FILE.py[:arg]`'s get_config(arg), with dotted `key=value` overrides."""
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -141,7 +193,11 @@ def compile_times(config_path: str, layers: list[int], overrides: list[str],
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--part", choices=("generation", "compile", "all"), default="all")
+  parser.add_argument("--part", choices=("generation", "compile", "step", "all"), default="all")
+  parser.add_argument("--step_model", default="qwen2.5-0.5b", help="step: a models preset")
+  parser.add_argument("--step_layers", type=int, default=0, help="step: 0 = the preset's")
+  parser.add_argument("--step_rows", type=int, default=128)
+  parser.add_argument("--step_context", type=int, default=256)
   parser.add_argument("--model", default="bench_qwen2", help="generation: a models preset")
   parser.add_argument("--prompts", type=int, default=PROMPTS)
   parser.add_argument("--samples", type=int, default=SAMPLES)
@@ -163,6 +219,9 @@ def main(argv=None) -> list[dict]:
       figures.append(generation(workload, model=args.model, prompts=args.prompts,
                                 samples=args.samples, new_tokens=args.new_tokens,
                                 prompt_len=args.prompt_len, repeats=args.repeats))
+  if args.part == "step":
+    figures += step_parts(args.step_model, args.step_rows, args.step_context,
+                          layers=args.step_layers, repeats=args.repeats)
   if args.part in ("compile", "all"):
     figures += compile_times(args.config, [int(n) for n in args.layers.split(",")], args.set,
                              args.programs.split(","))
