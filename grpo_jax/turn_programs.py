@@ -42,7 +42,8 @@ from jax import lax
 
 from grpo_jax import models
 from grpo_jax.models import KVCache, ModelConfig
-from grpo_jax.sampling import SamplingSettings, is_eos, prefill_and_draw, sample_tokens
+from grpo_jax.draws import sample_tokens
+from grpo_jax.sampling import SamplingSettings, is_eos, prefill_and_draw
 
 HOLE, POLICY, ENV = 0, 1, 2  # kind of a timeline slot
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import models, sampling, sharding, train_step
+from grpo_jax import draws, models, sampling, sharding, train_step
 
 CONFIG = models.get_config("tiny_qwen2")
 
@@ -154,7 +154,7 @@ FILTER_CASES = [
 def test_sample_tokens_follow_the_filtered_distribution(case):
   settings = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, **case)
   logits = jnp.broadcast_to(jnp.asarray(_LOGITS), (_N_DRAWS, len(_LOGITS)))
-  tokens, logprobs = jax.jit(lambda l, u: sampling.sample_tokens(l, u, settings))(
+  tokens, logprobs = jax.jit(lambda l, u: draws.sample_tokens(l, u, settings))(
       logits, jax.random.uniform(jax.random.key(7), (_N_DRAWS, 2)))
   counts = np.bincount(np.asarray(tokens), minlength=len(_LOGITS))
   assert _chi2(counts, _expected(_LOGITS, **case)) < _CHI2_OK
@@ -170,7 +170,7 @@ def test_top_p_from_the_most_likely_candidates_draws_the_same_distribution(case,
   """With 4 candidates instead of the whole (10-token) vocabulary: top-p's threshold from the
   candidates when they hold the mass, else from the full sort; the draws follow the same
   filtered distribution."""
-  monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 4)
+  monkeypatch.setattr(draws, "TOP_P_CANDIDATES", 4)
   test_sample_tokens_follow_the_filtered_distribution(case)
 
 
@@ -180,10 +180,10 @@ def test_top_p_threshold_from_candidates_equals_the_full_sort():
   rng = np.random.default_rng(0)
   peaked = rng.normal(size=(16, 5000)).astype(np.float32) * 4.0
   flat = rng.normal(size=(16, 5000)).astype(np.float32) * 0.01
-  threshold = jax.jit(sampling.top_p_threshold, static_argnums=(1, 2))
+  threshold = jax.jit(draws.top_p_threshold, static_argnums=(1, 2))
   for z in (peaked, flat, np.concatenate([peaked[:8], flat[:8]])):
     for top_p in (0.3, 0.9, 0.95):
-      want = np.asarray(sampling._top_p_threshold_sorted(jnp.asarray(z), top_p))  # pylint: disable=protected-access
+      want = np.asarray(draws._top_p_threshold_sorted(jnp.asarray(z), top_p))  # pylint: disable=protected-access
       np.testing.assert_array_equal(np.asarray(threshold(jnp.asarray(z), top_p, 256)), want)
   p = np.exp(peaked * 1.0 - peaked.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -199,7 +199,7 @@ def test_distribution_test_detects_wrong_filters(case, wrong):
   """The statistic above rejects near-miss filters (so the test can fail)."""
   settings = sampling.SamplingSettings(num_samples=1, max_new_tokens=1, **FILTER_CASES[case])
   logits = jnp.broadcast_to(jnp.asarray(_LOGITS), (_N_DRAWS, len(_LOGITS)))
-  tokens, _ = jax.jit(lambda l, u: sampling.sample_tokens(l, u, settings))(
+  tokens, _ = jax.jit(lambda l, u: draws.sample_tokens(l, u, settings))(
       logits, jax.random.uniform(jax.random.key(7), (_N_DRAWS, 2)))
   counts = np.bincount(np.asarray(tokens), minlength=len(_LOGITS))
   assert _chi2(counts, _expected(_LOGITS, **wrong)) > 10 * _CHI2_OK
@@ -211,7 +211,7 @@ def test_inverse_cdf_is_exact_on_large_padded_vocabularies():
   w = np.zeros(V, np.float32)
   w[[0, 37, 500, 999]] = [1.0, 2.0, 3.0, 4.0]
   u = jax.random.uniform(jax.random.key(0), (100_000, 2))
-  tokens = np.asarray(jax.jit(sampling.inverse_cdf_sample)(
+  tokens = np.asarray(jax.jit(draws.inverse_cdf_sample)(
       jnp.broadcast_to(jnp.asarray(w), (100_000, V)), u))
   counts = np.bincount(tokens, minlength=V)
   assert counts.sum() == counts[[0, 37, 500, 999]].sum()
@@ -333,7 +333,7 @@ def test_a_samples_tokens_depend_on_its_key_id_and_position_only():
     for i in range(2 * G):
       u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, i), t), (1, 2))
       weights = jnp.exp(logits[i:i + 1] - jnp.max(logits[i]))
-      assert int(sampling.inverse_cdf_sample(weights, u)[0]) == int(out.tokens[i, t]), (i, t)
+      assert int(draws.inverse_cdf_sample(weights, u)[0]) == int(out.tokens[i, t]), (i, t)
 
 
 def test_make_sampler_compiles_once():

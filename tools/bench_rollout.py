@@ -98,7 +98,7 @@ def step_parts(model: str, rows: int, context: int, *, layers: int = 0, dtype: s
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from grpo_jax import models, sampling  # pylint: disable=import-outside-toplevel
+  from grpo_jax import draws, models, sampling  # pylint: disable=import-outside-toplevel
 
   config = models.get_config(model, dtype=dtype, param_dtype=dtype,
                              **({"num_layers": layers} if layers else {}))
@@ -121,7 +121,7 @@ def step_parts(model: str, rows: int, context: int, *, layers: int = 0, dtype: s
   # threshold from the full sort). A trained model's are peaked: N(0, 5^2) logits put >= 99% of
   # the mass in the 1024 most likely of 150k tokens (the threshold from those candidates).
   peaked = 5.0 * jax.random.normal(jax.random.key(2), logits.shape, jnp.float32)
-  draw, draw_top_p = (jax.jit(lambda l, v, s=s: sampling.sample_tokens(l, v, s))
+  draw, draw_top_p = (jax.jit(lambda l, v, s=s: draws.sample_tokens(l, v, s))
                       for s in (plain, nucleus))
   parts = (("layers", layers_fn, (params, cache)), ("unembed", unembed_fn, (params, hidden)),
            ("draw", draw, (logits, u)), (f"draw_top_p_{top_p}_flat", draw_top_p, (logits, u)),
