@@ -205,15 +205,15 @@ def export_lora(exp: Experiment, models: Models) -> None:
 def record_run(exp: Experiment) -> None:
   """run.json: what the run really is (model config, dtypes, devices), beside config.json."""
   s, device, data = exp.settings, exp.device, exp.data
-  c = device.model_config
+  c, num_params = device.model_config, device.num_params()
   logging.info("model: %s, %.2fM params; mesh %s; %d train / %d eval problems", c.family,
-               device.num_params() / 1e6, dict(device.mesh.shape), len(data.task.train),
+               num_params / 1e6, dict(device.mesh.shape), len(data.task.train),
                len(data.task.eval))
   if data.train_prompts.num_truncated:
     logging.warning("%d of %d training prompts were truncated on the left to %d tokens",
                     data.train_prompts.num_truncated, len(data.task.train),
                     s.rollout.max_prompt_length)
-  info = {"model": dataclasses.asdict(c), "num_params": device.num_params(),
+  info = {"model": dataclasses.asdict(c), "num_params": num_params,
           "precision": {"params": c.param_dtype, "compute": c.dtype,
                         "optimizer_state": c.param_dtype,
                         "reference": (c.param_dtype if s.grpo.ref_ema else c.dtype)

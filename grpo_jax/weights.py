@@ -76,9 +76,7 @@ def reference_copy(device: Device, params, ema: bool = False):
   """A reference policy (or LoRA's frozen base) from `params`: a copy in the compute dtype (it
   is never trained), except for an EMA reference (`ema`, grpo.ref_ema), which accumulates
   small steps in the master dtype. A copy: it survives the donation of `params`."""
-  if ema:
-    return jax.tree.map(jnp.copy, params)
-  copied = compute_params(device, params)
+  copied = params if ema else compute_params(device, params)
   return jax.tree.map(jnp.copy, params) if copied is params else copied
 
 

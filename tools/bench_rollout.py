@@ -143,23 +143,25 @@ def step_parts(model: str, rows: int, context: int, *, layers: int = 0, dtype: s
 
 
 def load_config(spec: str, overrides: list[str]):
-  """`FILE.py[:arg]`'s get_config(arg), with dotted `key=value` overrides."""
+  """`FILE.py[:arg]`'s get_config(arg), with dotted `key=value` overrides (JSON values, else
+  strings; `runs.apply_overrides` names a field that cannot be set)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+
+  from grpo_jax import runs  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   cfg = module.get_config(arg) if arg else module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = cfg
-    for name in parents:
-      node = node[name]
-    old = node[leaf]
-    node[leaf] = (value.lower() in ("1", "true") if isinstance(old, bool)
-                  else value if isinstance(old, str) else type(old)(value))
-  return cfg
+
+  def value(text: str):
+    try:
+      return json.loads(text.lower() if text.lower() in ("true", "false") else text)
+    except ValueError:
+      return text
+
+  return runs.apply_overrides(cfg, {k: value(v) for k, v in
+                                    (item.split("=", 1) for item in overrides)})
 
 
 def compile_times(config_path: str, layers: list[int], overrides: list[str],
