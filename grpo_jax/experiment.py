@@ -276,7 +276,8 @@ def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,
   settings = sampling.SamplingSettings(
       num_samples=num_samples, max_new_tokens=s.rollout.max_completion_length + 1,
       temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
-      eos_ids=data.eos_ids, pad_id=tokenizer.pad_id)
+      eos_ids=data.eos_ids, pad_id=tokenizer.pad_id,
+      continuous=s.rollout.batching == "continuous", decode_slots=s.rollout.decode_slots)
   if data.env is None:
     return samplers.SingleTurn(sampling.make_sampler(model_config, settings, mesh), mesh,
                                num_samples)

@@ -65,6 +65,10 @@ class SamplingSettings:
   eos_ids:        token ids that end a completion (included in it, mask 1).
   pad_id:         emitted after the EOS (mask 0, log-prob 0).
   block_size:     completion-cache block (slots); >= max_new_tokens gives one loop.
+  continuous:     False: a static batch (every row decodes until the longest ends); True:
+                  continuous batching (`slots.py`): the same samples, ended rows' work saved.
+  decode_slots:   continuous: the slots (0 or >= rows: one per row, the tail compacted;
+                  fewer: a slot takes the next pending sample when its sample ends).
   """
   num_samples: int
   max_new_tokens: int
@@ -75,11 +79,15 @@ class SamplingSettings:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   block_size: int = 32
+  continuous: bool = False
+  decode_slots: int = 0
 
   def __post_init__(self):
     if self.num_samples < 1 or self.max_new_tokens < 1 or self.block_size < 1:
       raise ValueError(f"SamplingSettings: num_samples, max_new_tokens and block_size must be "
                        f">= 1, got {self}")
+    if self.decode_slots < 0:
+      raise ValueError(f"SamplingSettings: decode_slots must be >= 0, got {self.decode_slots}")
     if not self.temperature >= 0:
       raise ValueError(f"SamplingSettings: temperature must be >= 0, got {self.temperature}")
     if self.top_k is not None and self.top_k < 1:
@@ -143,7 +151,7 @@ def _record(state: SamplingState, tokens_B, logprobs_B, settings: SamplingSettin
                                                    state.step, axis=1))
 
 
-def _grow_cache(cache: KVCache, slots: int) -> KVCache:
+def grow_cache(cache: KVCache, slots: int) -> KVCache:
   """The same cache with `slots` slots (new ones empty): the next block of the completion."""
   extra = slots - cache.max_len
   if extra == 0:
@@ -156,7 +164,7 @@ def _grow_cache(cache: KVCache, slots: int) -> KVCache:
                        pos_BxS=jnp.pad(cache.pos_BxS, ((0, 0), (0, extra))))
 
 
-def _block_ends(settings: SamplingSettings) -> list[int]:
+def block_ends(settings: SamplingSettings) -> list[int]:
   """Cache capacity of each block loop; the last equals the N - 1 tokens that are fed back."""
   fed = settings.max_new_tokens - 1
   ends = list(range(settings.block_size, fed, settings.block_size)) + [fed]
@@ -188,10 +196,14 @@ def prefill_and_draw(params: Params, config: ModelConfig, settings: SamplingSett
 
 def sample_with_settings(params: Params, config: ModelConfig, settings: SamplingSettings,
                          prompt_tokens_PxT, prompt_mask_PxT, rng) -> SampleOutput:
-  """`sample` with its static settings in one object (traceable; see `make_sampler`)."""
+  """`sample` with its static settings in one object (traceable; see `make_sampler`): in
+  decode slots with `settings.continuous`, else a static batch."""
   P = prompt_tokens_PxT.shape[0]
   G, N = settings.num_samples, settings.max_new_tokens
   B = P * G
+  if settings.continuous and N > 1:
+    from grpo_jax import slots  # pylint: disable=import-outside-toplevel  (slots imports this)
+    return slots.decode(params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng)
   sample_ids_B = jnp.arange(B, dtype=jnp.int32)
   draw = lambda position: row_uniforms(sample_keys(rng, sample_ids_B, position))  # noqa: E731
   prefix, prompt_len_P, tokens_B, logprobs_B = prefill_and_draw(
@@ -218,16 +230,21 @@ def sample_with_settings(params: Params, config: ModelConfig, settings: Sampling
     tokens_B, logprobs_B = sample_tokens(logits_Bx1xV[:, 0], draw(state.step), settings)
     return _record(state.replace(cache=cache), tokens_B, logprobs_B, settings)
 
-  for end in _block_ends(settings):
-    state = state.replace(cache=_grow_cache(state.cache, end))
+  for end in block_ends(settings):
+    state = state.replace(cache=grow_cache(state.cache, end))
     # The loop feeds tokens step-1 = cache.index .. end-1, i.e. generates up to step end.
     cond_fn = lambda s, end=end: (s.step <= end) & ~jnp.all(s.done_B)
     state = lax.while_loop(cond_fn, step_fn, state)
 
-  mask_BxN = _completion_mask(state.tokens_BxN, settings)
-  return SampleOutput(tokens=state.tokens_BxN, logprobs=state.logprobs_BxN * mask_BxN,
-                      mask=mask_BxN, lengths=jnp.sum(mask_BxN, axis=1),
-                      truncated=~state.done_B)
+  return finish(state.tokens_BxN, state.logprobs_BxN, settings)
+
+
+def finish(tokens_BxN, logprobs_BxN, settings: SamplingSettings) -> SampleOutput:
+  """The output of decoded tokens (pad after each EOS) and their log-probs."""
+  mask_BxN = _completion_mask(tokens_BxN, settings)
+  return SampleOutput(tokens=tokens_BxN, logprobs=logprobs_BxN * mask_BxN, mask=mask_BxN,
+                      lengths=jnp.sum(mask_BxN, axis=1),
+                      truncated=~jnp.any(is_eos(tokens_BxN, settings.eos_ids), axis=1))
 
 
 def is_eos(tokens, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -262,7 +279,8 @@ def sample(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, *, r
            num_samples: int, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None,
            min_p: Optional[float] = None, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-           block_size: int = 32) -> SampleOutput:
+           block_size: int = 32, continuous: bool = False,
+           decode_slots: int = 0) -> SampleOutput:
   """G = num_samples completions of each left-padded prompt ([P, T] tokens and 0/1 mask).
 
   Jitted per (config, settings, shapes): repeated calls with new keys or prompts reuse the
@@ -271,7 +289,8 @@ def sample(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, *, r
   settings = SamplingSettings(
       num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=float(temperature),
       top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=tuple(int(e) for e in eos_ids),
-      pad_id=pad_id, block_size=block_size)
+      pad_id=pad_id, block_size=block_size, continuous=continuous,
+      decode_slots=decode_slots)
   return _sample_jit(params, config, settings, prompt_tokens, prompt_mask, rng)
 
 

@@ -119,7 +119,8 @@ def _rollout(g: _Fields, rm: _Fields) -> RolloutSettings:
       mask_truncated_completions=bool(g.mask_truncated_completions),
       dynamic_sampling=bool(g.dynamic_sampling), max_resample_rounds=g.max_resample_rounds,
       process_reward=g.process_reward, max_steps=g.max_steps, step_delimiter=g.step_delimiter,
-      step_rewards=paradigm.coefficient == "process" or prm)
+      step_rewards=paradigm.coefficient == "process" or prm, batching=g.batching,
+      decode_slots=g.decode_slots)
 
 
 def _grpo(g: _Fields, rows: int, dp: int) -> GRPOSettings:

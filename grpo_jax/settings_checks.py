@@ -65,6 +65,11 @@ def _check_sizes(s: Settings, dp: int) -> None:
 def _check_run(s: Settings) -> None:
   """The rollout's and the run's named choices, and the dtypes."""
   r, g = s.rollout, s.grpo
+  if r.batching not in ("static", "continuous"):
+    raise ConfigError(f"config.grpo.batching = {r.batching!r}: expected static or continuous")
+  if r.decode_slots < 0:
+    raise ConfigError(f"config.grpo.decode_slots = {r.decode_slots} must be >= 0 (0: one per "
+                      "row)")
   if r.advantage_scale not in ("group", "batch", "none"):
     raise ConfigError(f"config.grpo.advantage_scale = {r.advantage_scale!r}: expected group, "
                       "batch or none")

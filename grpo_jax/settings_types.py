@@ -123,6 +123,8 @@ class RolloutSettings:
   # Step boundaries and the verifier's step labels are computed: process supervision, or a
   # learned PRM (its training labels).
   step_rewards: bool = False
+  batching: str = "static"  # single-turn sampler: "static" | "continuous" (slots.py)
+  decode_slots: int = 0     # continuous: 0 = one per row
 
 
 @dataclasses.dataclass(frozen=True)

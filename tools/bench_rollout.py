@@ -56,8 +56,10 @@ def emit(**figure) -> dict:
 
 def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROMPTS,
                samples: int = SAMPLES, new_tokens: int = NEW_TOKENS,
-               prompt_len: int = PROMPT_LEN, repeats: int = 3) -> dict:
-  """Times the static sampler on `workload` (see the module docstring); one JSON figure."""
+               prompt_len: int = PROMPT_LEN, repeats: int = 3,
+               slots: tuple[int, ...] = (0,)) -> list[dict]:
+  """Times the sampler on `workload` (see the module docstring) with each decode-slot count of
+  `slots` (0: the static batch), the calls alternated; one JSON figure per count."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -67,27 +69,41 @@ def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROM
   params = models.init_params(config, jax.random.key(0))
   params["final_norm"]["scale"] = np.zeros_like(params["final_norm"]["scale"])  # uniform
   stops = stop_ids(workload, config.vocab_size, new_tokens)
-  settings = sampling.SamplingSettings(num_samples=samples, max_new_tokens=new_tokens,
-                                       temperature=1.0, eos_ids=stops, pad_id=0)
-  sampler = sampling.make_sampler(config, settings)
+  samplers = {w: sampling.make_sampler(config, sampling.SamplingSettings(
+      num_samples=samples, max_new_tokens=new_tokens, temperature=1.0, eos_ids=stops, pad_id=0,
+      continuous=w > 0, decode_slots=w)) for w in slots}
   ids = np.random.default_rng(0).integers(10, config.vocab_size - len(stops) or 10,
                                            (prompts, prompt_len)).astype(np.int32)
   mask = np.ones_like(ids)
-  out = jax.block_until_ready(sampler(params, ids, mask, jax.random.key(0)))  # compiles
-  times = []
+  outs = {w: jax.block_until_ready(f(params, ids, mask, jax.random.key(0)))  # compiles
+          for w, f in samplers.items()}
+  times = {w: [] for w in slots}
   for i in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sampler(params, ids, mask, jax.random.key(i + 1)))
-    times.append(time.perf_counter() - t0)
-  lengths = np.asarray(out.lengths)
-  tokens, slots = int(lengths.sum()), len(lengths) * int(lengths.max())
-  return emit(figure="generation", workload=workload, model=model, rows=len(lengths),
-              budget=new_tokens, stop_ids=len(stops), gen_s=round(statistics.median(times), 4),
-              times_s=[round(t, 4) for t in times], tokens=tokens, decode_slots=slots,
-              useful_fraction=round(tokens / slots, 4),
-              mean_length_fraction=round(float(lengths.mean()) / new_tokens, 4),
-              at_budget_fraction=round(float(np.asarray(out.truncated).mean()), 4),
-              device=jax.devices()[0].device_kind)
+    for w, f in samplers.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params, ids, mask, jax.random.key(i + 1)))
+      times[w].append(time.perf_counter() - t0)
+  first = outs[slots[0]]
+  lengths = np.asarray(first.lengths)
+  tokens, steps = int(lengths.sum()), int(lengths.max())
+  static_s = statistics.median(times[0]) if 0 in times else None
+  figures = []
+  for w in slots:
+    gen_s = statistics.median(times[w])
+    figures.append(emit(
+        figure="generation", workload=workload, model=model, rows=len(lengths),
+        budget=new_tokens, stop_ids=len(stops), slots=w or len(lengths),
+        batching="static" if w == 0 else "continuous", gen_s=round(gen_s, 4),
+        times_s=[round(t, 4) for t in times[w]], tokens=tokens,
+        static_useful_fraction=round(tokens / (len(lengths) * steps), 4),
+        speedup_vs_static=None if static_s is None else round(static_s / gen_s, 3),
+        same_samples=bool(np.array_equal(np.asarray(outs[w].tokens), np.asarray(first.tokens))),
+        max_logprob_diff=float(np.abs(np.asarray(outs[w].logprobs)
+                                      - np.asarray(first.logprobs)).max()),
+        mean_length_fraction=round(float(lengths.mean()) / new_tokens, 4),
+        at_budget_fraction=round(float(np.asarray(first.truncated).mean()), 4),
+        device=jax.devices()[0].device_kind))
+  return figures
 
 
 def step_parts(model: str, rows: int, context: int, *, layers: int = 0, dtype: str = "bfloat16",
@@ -207,6 +223,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--prompt_len", type=int, default=PROMPT_LEN)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--workloads", default="fixed,varlen", help="generation: comma-separated")
+  parser.add_argument("--slots", default="0,32,64",
+                      help="generation: decode-slot counts, 0 = static batch (first: the "
+                           "reference samples)")
   parser.add_argument("--programs", default="sample_train,update,logprobs",
                       help="compile: comma-separated")
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments/configs/gsm8k.py:"
@@ -218,9 +237,10 @@ def main(argv=None) -> list[dict]:
   figures = []
   if args.part in ("generation", "all"):
     for workload in args.workloads.split(","):
-      figures.append(generation(workload, model=args.model, prompts=args.prompts,
-                                samples=args.samples, new_tokens=args.new_tokens,
-                                prompt_len=args.prompt_len, repeats=args.repeats))
+      figures += generation(workload, model=args.model, prompts=args.prompts,
+                            samples=args.samples, new_tokens=args.new_tokens,
+                            prompt_len=args.prompt_len, repeats=args.repeats,
+                            slots=tuple(int(w) for w in args.slots.split(",")))
   if args.part == "step":
     figures += step_parts(args.step_model, args.step_rows, args.step_context,
                           layers=args.step_layers, repeats=args.repeats)

@@ -19,7 +19,9 @@ on CPU), values [B, K, S, D], a validity mask [B, S], each slot's position [B, S
 window's distance) and one scalar write index shared by all rows (left-padded prompts align the
 rows). A forward with a cache writes its T tokens at slots [index, index + T) and advances the
 index; the caller keeps index + T <= S (out-of-range writes would be clamped by
-`lax.dynamic_update_slice`).
+`lax.dynamic_update_slice`). A ring cache (`ring=True`, continuous batching's) takes one token
+per forward at the index its caller sets (step mod S); every valid slot counts as the past,
+since a row's slots are invalidated when a new sample takes the row.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class KVCache:
   valid_BxS: jax.Array  # bool: slot holds a real token
   pos_BxS: jax.Array  # int32: RoPE position of the slot's token (sliding windows measure in it)
   index: jax.Array  # int32 scalar: next slot to write
+  # A ring (continuous batching's per-slot completion cache): one token per forward, written at
+  # `index` (the caller wraps it); every valid slot is in the past, whatever its place.
+  ring: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def max_len(self) -> int:
@@ -238,7 +243,12 @@ def attention_masks(config: ModelConfig, positions_BxT, attention_mask_BxT,
     valid_BxS = lax.dynamic_update_slice(cache.valid_BxS, new_valid_BxT, (0, cache.index))
     pos_BxS = lax.dynamic_update_slice(cache.pos_BxS, positions_BxT, (0, cache.index))
     q_slot_T, k_slot_S = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
-  causal_TxS = q_slot_T[:, None] >= k_slot_S[None, :]
+  if cache is not None and cache.ring:
+    if T != 1:
+      raise ValueError(f"a ring cache takes one token per forward, got {T}")
+    causal_TxS = jnp.ones((T, cache.max_len), jnp.bool_)
+  else:
+    causal_TxS = q_slot_T[:, None] >= k_slot_S[None, :]
   full_BxTxS = valid_BxS[:, None, :] & causal_TxS[None]
   sliding_BxTxS = None
   if config.has_sliding_layers:

@@ -279,7 +279,8 @@ class Decoder(nn.Module):
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k_BxKxDxS=tuple(new_k), v_BxKxSxD=tuple(new_v), valid_BxS=valid_BxS,
-                          pos_BxS=pos_BxS, index=cache.index + tokens_BxT.shape[1])
+                          pos_BxS=pos_BxS, index=cache.index + tokens_BxT.shape[1],
+                          ring=cache.ring)
     if return_hidden:
       return x_BxTxE, new_cache
     return _unembed(c, embedding, lm_head, x_BxTxE), new_cache
