@@ -1,34 +1,37 @@
-"""Continuous batching: G completions of P prompts decoded in W < P * G slots, inside jit.
+"""Continuous batching: G completions of P prompts decoded in W <= P * G slots, inside jit.
 
     out = decode(params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng)
     # settings.continuous, decode_slots = W (0: one per row); the static batch's samples
 
 A static batch decodes all B = P * G rows until the longest one ends: on GSM8K-like lengths
 (mean ~40% of the budget, a tail to it) most of its decode work belongs to rows that have
-ended. Here W slots decode; when a sample ends (EOS, stop id, budget) its slot takes the next
-pending sample (in sample order) at the end of the same step, with no host round trip:
+ended. Here the ended rows' work is saved, with no host round trip:
 
 - The prompts are prefilled once, as in the static path, and every sample's first token drawn
-  from its prompt's last logits (`sampling.prefill_and_draw`). A slot that takes sample i copies
-  its prompt's KV prefix into the slot's own prefix rows (at most `refills` slots per step) and
-  feeds the first token at the next step.
-- Each slot's completion cache is a ring of N - 1 slots written at (step mod N - 1): a sample
-  occupies at most N - 1 consecutive steps, so it never meets its own tokens; a slot's ring row
-  is invalidated when a new sample takes the slot (`KVCache.ring`).
+  from its prompt's last logits (`sampling.prefill_and_draw`).
+- W < B slots: when a sample ends (EOS, stop id, budget) its slot takes the next pending sample
+  (in sample order) at the end of the same step (at most W / 4 per step), copying its prompt's
+  prefill into the slot's prefix rows. W = B (`decode_slots` 0): slot s holds sample s and the
+  group shares its prompt's rows, as in the static path, until the first compaction.
+- Each slot's completion cache is a ring (`KVCache.ring`) written at step mod (N - 1), which
+  grows with the steps as the static path's cache does (before step N - 1 no sample is older
+  than the steps run); a sample occupies at most N - 1 consecutive steps, so it never meets its
+  own tokens; a slot's ring row is invalidated when a new sample takes the slot.
 - Once no sample is pending and at most half the slots are live, the live slots are compacted
-  into W / 2 slots (a second loop of half the width), down to W / 4: the tail of long samples
-  does not keep W slots busy.
+  into W / 2 slots (a loop of half the width), down to W / 4 (not below 8 slots): the tail of
+  long samples does not keep W slots busy. After that the ring is read at its full N - 1 slots.
 - Draws are keyed per sample and position (`draws.sample_keys`), as in the static path: a
   sample's tokens and log-probs do not depend on its slot or step (equal to the static batch's
   up to float rounding in the attention's sums: tests/test_slots.py).
 
-Every step reads each slot's whole ring (the static path's cache grows in blocks), so per step
-the attention costs more at long budgets; the slots save the steps of ended rows.
+What it saves depends on the cost of a step against its rows: on CPU a step costs a fixed part
+(the loop's dispatch, the draw) plus a part per row, so one slot per row with the tail compacted
+measured best (BENCHMARKS.md, "Rollout").
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -40,7 +43,8 @@ from grpo_jax.draws import row_uniforms, sample_keys, sample_tokens
 from grpo_jax.models import KVCache, ModelConfig
 
 Params = Any
-MIN_WIDTH_DIVISOR = 4  # the tail's compaction stops at W / 4 slots
+MIN_WIDTH_DIVISOR = 4  # the tail's compaction stops at W / 4 slots,
+MIN_WIDTH = 8          # and at 8: a narrower loop saves less than its compile costs
 
 
 @flax.struct.dataclass
@@ -51,7 +55,9 @@ class Slots:
   last_W: jax.Array     # int32: its last drawn token (fed at the next step)
   live_W: jax.Array     # bool: the sample still draws tokens
   own: KVCache          # [W, ..., N - 1] ring: the sample's fed tokens
-  prefix: KVCache       # [W, ..., T]: a copy of the sample's prompt's prefill
+  # [W, ..., T]: a copy of the sample's prompt's prefill; None while slot s holds sample s
+  # (one slot per row, before the first compaction): the group then shares its prompt's rows.
+  prefix: Optional[KVCache]
 
 
 @flax.struct.dataclass
@@ -73,9 +79,9 @@ class Prompts:
 
 
 def widths(settings: sampling.SamplingSettings, rows: int) -> list[int]:
-  """The slot count of each loop: W, W / 2, ... down to W / 4 (at least 1), W <= rows."""
+  """The slot count of each loop: W, W / 2, ... down to W / 4 and not below 8, W <= rows."""
   width = min(settings.decode_slots or rows, rows)
-  floor = max(1, width // MIN_WIDTH_DIVISOR)
+  floor = max(MIN_WIDTH, width // MIN_WIDTH_DIVISOR)
   out = [width]
   while out[-1] // 2 >= floor:
     out.append(out[-1] // 2)
@@ -134,7 +140,8 @@ def decode_step(state: DecodeState, params: Params, config: ModelConfig,
   position_W = prompts.length_P[jnp.minimum(sl.sample_W, B - 1) // G] + sl.drawn_W - 1
   logits_Wx1xV, own = models.forward(
       params, config, sl.last_W[:, None], position_W[:, None],
-      sl.live_W[:, None].astype(jnp.int32), own, prefix=sl.prefix, rope_tables=tables)
+      sl.live_W[:, None].astype(jnp.int32), own,
+      prefix=prompts.prefix if sl.prefix is None else sl.prefix, rope_tables=tables)
   u_Wx2 = row_uniforms(sample_keys(rng, sl.sample_W, sl.drawn_W))
   tokens_W, logprobs_W = sample_tokens(logits_Wx1xV[:, 0], u_Wx2, settings)
   row_W = jnp.where(sl.live_W, sl.sample_W, B)  # ended slots write nothing
@@ -149,21 +156,31 @@ def decode_step(state: DecodeState, params: Params, config: ModelConfig,
       logprobs_BxN=state.logprobs_BxN.at[row_W, sl.drawn_W].set(logprobs_W, mode="drop"))
 
 
-def compact(state: DecodeState, width: int) -> DecodeState:
+def compact(state: DecodeState, width: int, prompts: Prompts, num_samples: int) -> DecodeState:
   """The slots with live samples first, cut to `width` (the caller ensures they fit)."""
   keep_M = jnp.argsort(~state.slots.live_W, stable=True)[:width]
   sl = state.slots
+  sample_M = sl.sample_W[keep_M]
+  if sl.prefix is None:  # the group's shared rows -> a copy per slot
+    prefix = _gather_rows(prompts.prefix, jnp.minimum(sample_M, prompts.first_B.shape[0] - 1)
+                          // num_samples)
+  else:
+    prefix = _gather_rows(sl.prefix, keep_M)
   return state.replace(slots=Slots(
-      sample_W=sl.sample_W[keep_M], drawn_W=sl.drawn_W[keep_M], last_W=sl.last_W[keep_M],
-      live_W=sl.live_W[keep_M], own=_gather_rows(sl.own, keep_M),
-      prefix=_gather_rows(sl.prefix, keep_M)))
+      sample_W=sample_M, drawn_W=sl.drawn_W[keep_M], last_W=sl.last_W[keep_M],
+      live_W=sl.live_W[keep_M], own=_gather_rows(sl.own, keep_M), prefix=prefix))
 
 
-def _empty_slots(config: ModelConfig, width: int, ring: int, prompt_len: int, B: int) -> Slots:
+def _first_slots(config: ModelConfig, width: int, prompt_len: int, prompts: Prompts) -> Slots:
+  """W empty slots (the first refill fills them), or with W = B slot s holding sample s."""
+  B = prompts.first_B.shape[0]
+  own = models.init_cache(config, width, 0).replace(ring=True)
+  if width == B:
+    return Slots(sample_W=jnp.arange(B, dtype=jnp.int32), drawn_W=jnp.ones((B,), jnp.int32),
+                 last_W=prompts.first_B, live_W=~prompts.ended_B, own=own, prefix=None)
   zeros = jnp.zeros((width,), jnp.int32)
   return Slots(sample_W=jnp.full((width,), B, jnp.int32), drawn_W=zeros, last_W=zeros,
-               live_W=jnp.zeros((width,), jnp.bool_),
-               own=models.init_cache(config, width, ring).replace(ring=True),
+               live_W=jnp.zeros((width,), jnp.bool_), own=own,
                prefix=models.init_cache(config, width, prompt_len))
 
 
@@ -179,15 +196,22 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
   prompts = Prompts(prefix=prefix, length_P=length_P, first_B=first_B,
                     ended_B=sampling.is_eos(first_B, settings.eos_ids) | (N == 1))
   plan = widths(settings, B)
+  refills = plan[0] < B
   state = DecodeState(
-      slots=_empty_slots(config, plan[0], 0, T, B),
-      next_sample=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32),
+      slots=_first_slots(config, plan[0], T, prompts),
+      next_sample=jnp.asarray(0 if refills else B, jnp.int32), step=jnp.zeros((), jnp.int32),
       tokens_BxN=jnp.full((B, N), settings.pad_id, jnp.int32).at[:, 0].set(first_B),
       logprobs_BxN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprobs_B))
-  state = refill(state, prompts, G, plan[0])
+  if refills:
+    state = refill(state, prompts, G, plan[0])
   tables = models.rope_tables(config, T + N + 1)
-  body = lambda most: lambda s: _maybe_refill(  # noqa: E731
-      decode_step(s, params, config, settings, prompts, rng, tables), prompts, G, most)
+
+  def body(most: int):
+    def step(s: DecodeState) -> DecodeState:
+      s = decode_step(s, params, config, settings, prompts, rng, tables)
+      return _maybe_refill(s, prompts, G, most) if refills else s
+    return step
+
   busy = lambda s: jnp.any(s.slots.live_W) | (s.next_sample < B)  # noqa: E731
   shrink = lambda s, width: (s.next_sample >= B) & (  # noqa: E731
       jnp.sum(s.slots.live_W) <= width // 2)
@@ -202,7 +226,7 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
   # The tail: once nothing is pending and half the slots or fewer are live, half the width.
   for level, width in enumerate(plan):
     if level:
-      state = compact(state, width)
+      state = compact(state, width, prompts, G)
     last = level == len(plan) - 1
     state = lax.while_loop(
         lambda s, width=width, last=last: busy(s) if last else busy(s) & ~shrink(s, width),

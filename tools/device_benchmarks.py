@@ -52,21 +52,22 @@ VARLEN = (
                                  "--length_bucket=0"], 35),
     ("step_spec_fixed_trainer", ["bench_step.py", "--dtype=bfloat16", "--driver=trainer"], 35),
 )
-# Rollouts: a static batch's decode time on the fixed (SPEC) and variable-length workloads, and
-# the 0.5B bf16 sampler's compile time at 2 and 24 layers (tools/bench_rollout.py).
+# Rollouts: static and continuous batching's decode time on the fixed (SPEC) and variable-length
+# workloads, and the 0.5B bf16 sampler's compile time at 2 and 24 layers (tools/bench_rollout.py).
 _COMPILE = ["bench_rollout.py", "--part=compile", "--programs=sample_train"]
 ROLLOUT = (
     ("rollout_spec_fixed", ["bench_rollout.py", "--part=generation", "--workloads=fixed",
-                            "--repeats=5"], 60),
+                            "--slots=0,128,64", "--repeats=5"], 90),
     ("rollout_spec_varlen", ["bench_rollout.py", "--part=generation", "--workloads=varlen",
-                             "--repeats=5"], 60),
+                             "--slots=0,128,64", "--repeats=5"], 90),
     ("compile_sampler_0.5b_2_layers", _COMPILE + ["--layers=2"], 120),
     ("compile_sampler_0.5b_24_layers", _COMPILE + ["--layers=24"], 240),
 )
 _SMOKE = os.path.join(os.path.dirname(TOOLS), "experiments/configs/arithmetic.py:smoke")
 SMALL_ROLLOUT = (
     ("rollout_tiny_varlen", ["bench_rollout.py", "--part=generation", "--workloads=varlen",
-                             "--prompts=4", "--samples=4", "--new_tokens=32", "--repeats=1"],
+                             "--prompts=4", "--samples=4", "--new_tokens=32", "--slots=0,16,8",
+                             "--repeats=1"],
      300),
     ("compile_sampler_tiny", _COMPILE + [f"--config={_SMOKE}", "--layers=1"], 300),
 )
