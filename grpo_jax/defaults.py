@@ -58,7 +58,8 @@ def config() -> ml_collections.ConfigDict:
       prompt_truncation="left", temperature=1.0, top_k=0, top_p=0.0, min_p=0.0,
       # "continuous": rows that end free their decode work (the same samples as "static", which
       # decodes every row until the longest ends); decode_slots 0 = one slot per row, the tail
-      # compacted; fewer: a slot takes the next pending sample (sampling.py, slots.py).
+      # compacted; fewer: a slot takes the next pending sample (sampling.py, slots.py). The
+      # single-turn sampler's: tool-using episodes (config.tools) decode in their own loop.
       batching="continuous", decode_slots=0,
       rewards=dict(exact_answer=1.0, format=0.0, overlong=0.0),  # weight 0 = off
       # Your own rewards: name -> "module:function" or "path/to/file.py:function", called as

@@ -141,6 +141,7 @@ def make_config(args, data_path: str, tokenizer_dir: str, weights_dir: str):
   # probability ~1/vocab per step under near-uniform random weights.
   g.stop_tokens = ",".join(str(FIRST_ID + i) for i in range(args.stop_ids))
   g.length_bucket = args.length_bucket
+  g.batching = args.batching
   g.rewards.exact_answer = 0.0
   g.rewards.even = 1.0
   g.loss.update(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.04, kl_estimator="k3",
@@ -257,7 +258,8 @@ def bench(args) -> dict:
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
-        length_bucket=args.length_bucket, compile_cache=cache_dir, malloc_arenas=arenas,
+        length_bucket=args.length_bucket, batching=args.batching, compile_cache=cache_dir,
+        malloc_arenas=arenas,
         peak_rss_mb=peak_rss_mb(),
         warmup_step_s=steps[0]["step_s"] if args.warmup else None, setup_s=setup_s,
         all_completions_full=all(st["full_length"] for st in steps),
@@ -298,6 +300,8 @@ def parse_args(argv=None):
                       "~16..128")
   parser.add_argument("--length_bucket", type=int, default=16,
                       help="config.grpo.length_bucket (0: update and passes on the whole budget)")
+  parser.add_argument("--batching", default="continuous", choices=("continuous", "static"),
+                      help="config.grpo.batching: the sampler's (one decode slot per row)")
   parser.add_argument("--driver", default="phases", choices=("phases", "trainer"),
                       help="phases: the step's calls one by one, each timed to the end of its "
                       "device work (gen / ref / update); trainer: trainer.grpo_step itself, with "
