@@ -18,7 +18,7 @@ ended. Here the ended rows' work is saved, with no host round trip:
   than the steps run); a sample occupies at most N - 1 consecutive steps, so it never meets its
   own tokens; a slot's ring row is invalidated when a new sample takes the slot.
 - Once no sample is pending and at most half the slots are live, the live slots are compacted
-  into W / 2 slots (a loop of half the width), down to W / 4 (not below 8 slots): the tail of
+  into W / 2 slots (a loop of half the width), down to W / 4 (not below 16 slots): the tail of
   long samples does not keep W slots busy. After that the ring is read at its full N - 1 slots.
 - Draws are keyed per sample and position (`draws.sample_keys`), as in the static path: a
   sample's tokens and log-probs do not depend on its slot or step (equal to the static batch's
@@ -44,7 +44,7 @@ from grpo_jax.models import KVCache, ModelConfig
 
 Params = Any
 MIN_WIDTH_DIVISOR = 4  # the tail's compaction stops at W / 4 slots,
-MIN_WIDTH = 8          # and at 8: a narrower loop saves less than its compile costs
+MIN_WIDTH = 16         # and at 16: a narrower loop saves less than its compile costs
 
 
 @flax.struct.dataclass
@@ -79,7 +79,7 @@ class Prompts:
 
 
 def widths(settings: sampling.SamplingSettings, rows: int) -> list[int]:
-  """The slot count of each loop: W, W / 2, ... down to W / 4 and not below 8, W <= rows."""
+  """The slot count of each loop: W, W / 2, ... down to W / 4 and not below 16, W <= rows."""
   width = min(settings.decode_slots or rows, rows)
   floor = max(MIN_WIDTH, width // MIN_WIDTH_DIVISOR)
   out = [width]
@@ -218,11 +218,15 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
   # The ring grows with the steps as the static path's cache does: before step N - 1 no sample
   # is older than the steps run, so the first blocks need fewer slots (and never wrap). A
   # fixed-length batch with as many slots as rows decodes exactly as the static path.
+  compacts = len(plan) > 1
   for end in sampling.block_ends(settings):
     state = state.replace(slots=state.slots.replace(
         own=sampling.grow_cache(state.slots.own, end)))
-    state = lax.while_loop(lambda s, end=end: busy(s) & (s.step < end) & ~shrink(s, plan[0]),
-                           body(max(1, plan[0] // 4)), state)
+    state = lax.while_loop(
+        lambda s, end=end: busy(s) & (s.step < end) & ~(compacts & shrink(s, plan[0])),
+        body(max(1, plan[0] // 4)), state)
+  if not (refills or compacts):  # every sample has had its N - 1 steps: done
+    return sampling.finish(state.tokens_BxN, state.logprobs_BxN, settings)
   # The tail: once nothing is pending and half the slots or fewer are live, half the width.
   for level, width in enumerate(plan):
     if level:

@@ -21,7 +21,7 @@ def _case(family):
   config = models.get_config(family, dtype="float32")
   params = models.init_params(config, jax.random.key(1))
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, config.vocab_size, (3, 6)).astype(np.int32)
+  ids = rng.integers(3, config.vocab_size, (4, 6)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[0, :2] = 0  # a left-padded prompt
   ids = ids * mask
@@ -45,7 +45,7 @@ CASES = [(f, "filtered") for f in FAMILIES] + [("tiny_gemma3", d) for d in ("sam
 @pytest.mark.parametrize("family, decoding", CASES)
 def test_continuous_gives_the_static_samples(family, decoding):
   """W = 2 slots (refills; the ring wraps: more tokens than 2 x the budget) and 0 (one per row
-  of 24: the tail compacted to 12) against the static batch."""
+  of 32: the tail compacted to 16) against the static batch."""
   config, params, ids, mask, eos = _case(family)
   N = 20
   kw = dict(num_samples=8, max_new_tokens=N, eos_ids=eos, pad_id=0, rng=jax.random.key(3),
@@ -60,15 +60,15 @@ def test_continuous_gives_the_static_samples(family, decoding):
 
 
 def test_refills_and_compaction_with_rows_at_the_budget():
-  """W = 16 of 24 rows: refills, then compaction to 8, with rows that end early and rows that
+  """W = 32 of 40 rows: refills, then compaction to 16, with rows that end early and rows that
   reach the budget."""
   config, params, ids, mask, eos = _case("tiny_qwen2")
-  kw = dict(num_samples=8, max_new_tokens=24, eos_ids=eos, pad_id=0, rng=jax.random.key(7))
+  kw = dict(num_samples=10, max_new_tokens=24, eos_ids=eos, pad_id=0, rng=jax.random.key(7))
   want = sampling.sample(params, config, ids, mask, **kw)
   lengths = np.asarray(want.lengths)
   assert np.any(want.truncated) and lengths.min() < 24, lengths
   _assert_same(want, sampling.sample(params, config, ids, mask, continuous=True,
-                                     decode_slots=16, **kw))
+                                     decode_slots=32, **kw))
 
 
 def test_samples_ending_at_their_first_token_and_a_budget_of_one():
@@ -86,14 +86,14 @@ def test_samples_ending_at_their_first_token_and_a_budget_of_one():
     _assert_same(want, got)
 
 
-def test_widths_halve_down_to_a_quarter_and_eight_slots():
+def test_widths_halve_down_to_a_quarter_and_sixteen_slots():
   s = lambda w: sampling.SamplingSettings(num_samples=2, max_new_tokens=4, continuous=True,  # noqa: E731
                                           decode_slots=w)
   assert slots.widths(s(0), 128) == [128, 64, 32]
-  assert slots.widths(s(48), 128) == [48, 24, 12]
-  assert slots.widths(s(500), 16) == [16, 8]
-  assert slots.widths(s(20), 24) == [20, 10]
-  assert slots.widths(s(12), 24) == [12]
+  assert slots.widths(s(48), 128) == [48, 24]
+  assert slots.widths(s(500), 32) == [32, 16]
+  assert slots.widths(s(40), 48) == [40, 20]
+  assert slots.widths(s(0), 24) == [24]
   assert slots.widths(s(3), 16) == [3]
 
 
@@ -109,7 +109,7 @@ def test_mesh_gives_the_single_device_samples():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = jax.device_put(params, sharding.tree_shardings(
       mesh, models.param_logical_axes(config), params))
-  for width in (0, 4):  # rows 16: compacted to 8; 4 slots: refilled
+  for width in (0, 4):  # one slot per row; 4 slots, refilled
     got = sampling.make_sampler(config, sampling.SamplingSettings(
         **base, continuous=True, decode_slots=width), mesh)(
             sharded, *sharding.shard_batch((ids, mask), mesh), jax.random.key(4))
