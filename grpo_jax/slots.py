@@ -103,6 +103,11 @@ def _set_rows(cache: KVCache, slots_M, rows: KVCache) -> KVCache:
                        pos_BxS=put(cache.pos_BxS, rows.pos_BxS))
 
 
+def _prompt_of(sample_W, prompts: Prompts, num_samples: int) -> jax.Array:
+  """The prompt row of each sample id (B, a slot no sample has taken yet: the last prompt)."""
+  return jnp.minimum(sample_W, prompts.first_B.shape[0] - 1) // num_samples
+
+
 def refill(state: DecodeState, prompts: Prompts, num_samples: int, most: int) -> DecodeState:
   """Up to `most` free slots take the next pending samples (in sample order)."""
   sl = state.slots
@@ -118,8 +123,8 @@ def refill(state: DecodeState, prompts: Prompts, num_samples: int, most: int) ->
       sample_W=put(sl.sample_W, sample_M), drawn_W=put(sl.drawn_W, 1),
       last_W=put(sl.last_W, prompts.first_B[sample_M]),
       live_W=put(sl.live_W, ~prompts.ended_B[sample_M]), own=own,
-      prefix=_set_rows(sl.prefix, slot_M, _gather_rows(prompts.prefix,
-                                                       sample_M // num_samples)))
+      prefix=_set_rows(sl.prefix, slot_M, _gather_rows(
+          prompts.prefix, _prompt_of(sample_M, prompts, num_samples))))
   return state.replace(slots=slots,
                        next_sample=state.next_sample + jnp.sum(take_M, dtype=jnp.int32))
 
@@ -137,7 +142,7 @@ def decode_step(state: DecodeState, params: Params, config: ModelConfig,
   B, N = state.tokens_BxN.shape
   G = settings.num_samples
   own = sl.own.replace(index=state.step % sl.own.max_len)
-  position_W = prompts.length_P[jnp.minimum(sl.sample_W, B - 1) // G] + sl.drawn_W - 1
+  position_W = prompts.length_P[_prompt_of(sl.sample_W, prompts, G)] + sl.drawn_W - 1
   logits_Wx1xV, own = models.forward(
       params, config, sl.last_W[:, None], position_W[:, None],
       sl.live_W[:, None].astype(jnp.int32), own,
@@ -162,8 +167,7 @@ def compact(state: DecodeState, width: int, prompts: Prompts, num_samples: int) 
   sl = state.slots
   sample_M = sl.sample_W[keep_M]
   if sl.prefix is None:  # the group's shared rows -> a copy per slot
-    prefix = _gather_rows(prompts.prefix, jnp.minimum(sample_M, prompts.first_B.shape[0] - 1)
-                          // num_samples)
+    prefix = _gather_rows(prompts.prefix, _prompt_of(sample_M, prompts, num_samples))
   else:
     prefix = _gather_rows(sl.prefix, keep_M)
   return state.replace(slots=Slots(
