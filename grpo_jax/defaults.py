@@ -37,6 +37,10 @@ def config() -> ml_collections.ConfigDict:
                  overrides=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                                 num_kv_heads=4, head_dim=32, rope_scaling_type=None,
                                 rope_theta=10_000.0, max_position_embeddings=128),
+                 # scan_layers: the layers as one lax.scan over stacked weights (compile time
+                 # independent of depth); remat: what a layer keeps for the backward pass,
+                 # "none", "layer" (its input only) or "matmuls" (its matmul outputs).
+                 scan_layers=False, remat="none",
                  # LoRA: rank 0 = full fine-tuning; targets among qkv, o, gate_up, down.
                  lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down", dropout=0.0))
   # decode_layout: the sampler's weights, "replicated" over data / fsdp (no per-token gathers),

@@ -216,11 +216,13 @@ def _restore(exp: Experiment, ckpt: checkpointing.Checkpointer,
     if restored.skipped:
       logging.warning("checkpoint steps %s in %s cannot be read; using step %d",
                       list(restored.skipped), ckpt.directory, restored.step)
-    return restored.state, restored.extra, restored.step, restored.skipped
+    state = runstate.in_run_layout(exp, restored.extra, restored.state)
+    return state, restored.extra, restored.step, restored.skipped
   where = ckpt.step_directory(step)
   try:
     extra = ckpt.read_extra(step)
     state, extra = ckpt.restore(step, runstate.restore_target(exp, extra))
+    state = runstate.in_run_layout(exp, extra, state)
   except checkpointing.TargetMismatchError as e:
     raise RunError(f"{e}; it {mismatch}") from None
   except _UNREADABLE as e:
@@ -248,6 +250,7 @@ def _merge_lora(exp: Experiment, loop: runstate.LoopState, adapters):
     try:
       _, base = models.load_hf_checkpoint(paths.local_dir(path),
                                           dtype=device.model_config.param_dtype)
+      base = models.to_layout(base, device.model_config.scan_layers)
     except (OSError, ValueError) as e:
       raise RunError(f"LoRA base model {path} cannot be read: {e}") from None
   if loop.lora_base:

@@ -41,16 +41,17 @@ class LoopState:
   metrics_lines: int = 0       # metrics.jsonl lines written up to this state
   rm_trained: bool = False     # the checkpoint holds a reward model
   lora_base: str = ""          # LoRA: fingerprint of the frozen base the adapters belong to
+  scan_layers: bool = False    # the saved params' layer layout (models.to_layout)
 
   def to_json(self) -> dict:
     return dict(phase=self.phase, step=self.step, position=self.position._asdict(),
                 metrics_lines=self.metrics_lines, rm_trained=self.rm_trained,
-                lora_base=self.lora_base)
+                lora_base=self.lora_base, scan_layers=self.scan_layers)
 
   @classmethod
   def from_json(cls, d: dict) -> "LoopState":
     return cls(d["phase"], d["step"], iterator.Position(**d["position"]), d["metrics_lines"],
-               d["rm_trained"], d.get("lora_base", ""))
+               d["rm_trained"], d.get("lora_base", ""), bool(d.get("scan_layers", False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +87,31 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
   base, fingerprint = None, ""
   if exp.device.lora and loop.phase == "grpo":
     base, fingerprint = _load_lora_base(exp, loop)
-  return loop, Models(restored.state["state"], restored.state.get("ref_params"),
-                      restored.state.get("rm_state"), iterative.RMData.from_host(restored.host),
-                      base, fingerprint)
+  state = in_run_layout(exp, restored.extra, restored.state)
+  return loop, Models(state["state"], state.get("ref_params"), state.get("rm_state"),
+                      iterative.RMData.from_host(restored.host), base, fingerprint)
 
 
 def restore_target(exp: Experiment, extra: dict) -> dict:
-  """What a checkpoint whose loop state is `extra` holds, as abstract restore targets."""
+  """What a checkpoint whose loop state is `extra` holds, as abstract restore targets, in the
+  layer layout it was written with (`in_run_layout` converts the restored tree)."""
   loop = LoopState.from_json(extra)
+  return models_lib.to_layout(_run_target(exp, loop), loop.scan_layers)
+
+
+def in_run_layout(exp: Experiment, extra: dict, restored: dict) -> dict:
+  """A tree restored with `restore_target` in this run's layer layout: a checkpoint written
+  with the other `model.scan_layers` has its layers (params, optimizer moments, reference)
+  stacked or sliced, then placed on this run's shardings."""
+  loop = LoopState.from_json(extra)
+  scan = exp.device.model_config.scan_layers
+  if loop.scan_layers == scan:
+    return restored
+  shardings = jax.tree.map(lambda t: t.sharding, _run_target(exp, loop))
+  return jax.device_put(models_lib.to_layout(restored, scan), shardings)
+
+
+def _run_target(exp: Experiment, loop: LoopState) -> dict:
   device, keys = exp.device, exp.keys
   tree = {"state": experiment.abstract_state(device, keys, loop.phase)}
   if loop.phase == "grpo" and stores_reference(exp.settings, device):
@@ -115,7 +133,8 @@ def save(ckpt, writer, loop: LoopState, models: Models, s: Settings) -> LoopStat
   step: SFT steps, then SFT steps + GRPO steps."""
   loop = dataclasses.replace(loop, metrics_lines=writer.num_lines,
                              rm_trained=models.rm_state is not None,
-                             lora_base=models.base_fingerprint)
+                             lora_base=models.base_fingerprint,
+                             scan_layers=s.model.scan_layers)
   writer.flush()  # gs://: publish the metrics lines this checkpoint counts before it exists
   tree = {"state": models.state}
   if models.ref_params is not None:
@@ -164,6 +183,7 @@ def _load_lora_base(exp: Experiment, loop: LoopState):
                       f"{exp.workdir}/checkpoints needs the base it was trained on")
   _, host = models_lib.load_hf_checkpoint(paths.local_dir(path),
                                           dtype=device.model_config.param_dtype)
+  host = models_lib.to_layout(host, device.model_config.scan_layers)
   base = weights.reference_copy(device, jax.device_put(host, device.params_sh))
   found = lora.fingerprint(device.base_config, base)
   if loop.lora_base and found != loop.lora_base:
@@ -177,8 +197,9 @@ def warm_start(exp: Experiment):
   """The policy params of another run's last checkpoint (config.init_from)."""
   src = checkpointing.Checkpointer(str(paths.as_path(exp.settings.init_from) / "checkpoints"),
                                    read_only=True)
-  params = jax.device_put(src.restore()[0]["state"]["params"],
-                          exp.device.state_sh.grpo.params)
+  params = models_lib.to_layout(src.restore()[0]["state"]["params"],
+                                exp.device.model_config.scan_layers)  # either layout
+  params = jax.device_put(params, exp.device.state_sh.grpo.params)
   src.close()
   progress.announce(f"initialised from {exp.settings.init_from}")
   return params

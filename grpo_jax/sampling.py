@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax import models, sharding
 from grpo_jax.draws import row_uniforms, sample_keys, sample_tokens
-from grpo_jax.models import KVCache, ModelConfig
+from grpo_jax.models import KVCache, ModelConfig, per_layer
 
 Params = Any
 
@@ -158,8 +158,8 @@ def grow_cache(cache: KVCache, slots: int) -> KVCache:
     return cache
   pad_k = lambda k: jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra)))
   pad_v = lambda v: jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
-  return cache.replace(k_BxKxDxS=tuple(map(pad_k, cache.k_BxKxDxS)),
-                       v_BxKxSxD=tuple(map(pad_v, cache.v_BxKxSxD)),
+  return cache.replace(k_BxKxDxS=per_layer(pad_k, cache.k_BxKxDxS),
+                       v_BxKxSxD=per_layer(pad_v, cache.v_BxKxSxD),
                        valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))),
                        pos_BxS=jnp.pad(cache.pos_BxS, ((0, 0), (0, extra))))
 

@@ -165,7 +165,9 @@ def _model(m: _Fields) -> ModelSettings:
                        LoraSettings(m.lora.rank, float(m.lora.alpha),
                                     tuple(t.strip() for t in m.lora.targets.split(",")
                                           if t.strip()),
-                                    float(m.lora.dropout)))
+                                    float(m.lora.dropout)),
+                       scan_layers=bool(m.scan_layers),
+                       remat={True: "layer", False: "none"}.get(m.remat, m.remat))
 
 
 def _data(d: _Fields) -> DataSettings:

@@ -10,6 +10,7 @@ import re
 
 import jax
 
+from grpo_jax.models.config import REMAT_POLICIES
 from grpo_jax.settings_types import ConfigError, RolloutSettings, Settings
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -92,6 +93,8 @@ def _check_run(s: Settings) -> None:
     if getattr(s.model, name) not in FLOAT_DTYPES:
       raise ConfigError(f"config.model.{name} = {getattr(s.model, name)!r}: expected one of "
                         f"{FLOAT_DTYPES}")
+  if s.model.remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat = {s.model.remat!r}: expected one of {REMAT_POLICIES}")
 
 
 def _check_reward_model(s: Settings, dp: int) -> None:

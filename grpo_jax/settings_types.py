@@ -87,6 +87,8 @@ class ModelSettings:
   dtype: str        # compute: forward, backward, sampling (softmax, norms, loss stay float32)
   overrides: tuple[tuple[str, Any], ...]  # ModelConfig fields over the preset's
   lora: LoraSettings
+  scan_layers: bool = False  # one lax.scan over stacked layers (models.ModelConfig.scan_layers)
+  remat: str = "none"        # models.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from jax import lax
 
 from grpo_jax import models, sampling
 from grpo_jax.draws import row_uniforms, sample_keys, sample_tokens
-from grpo_jax.models import KVCache, ModelConfig
+from grpo_jax.models import KVCache, ModelConfig, per_layer
 
 Params = Any
 MIN_WIDTH_DIVISOR = 4  # the tail's compaction stops at W / 4 slots,
@@ -89,16 +89,17 @@ def widths(settings: sampling.SamplingSettings, rows: int) -> list[int]:
 
 
 def _gather_rows(cache: KVCache, rows_M) -> KVCache:
-  return cache.replace(k_BxKxDxS=tuple(k[rows_M] for k in cache.k_BxKxDxS),
-                       v_BxKxSxD=tuple(v[rows_M] for v in cache.v_BxKxSxD),
+  take = lambda a: a[rows_M]  # noqa: E731
+  return cache.replace(k_BxKxDxS=per_layer(take, cache.k_BxKxDxS),
+                       v_BxKxSxD=per_layer(take, cache.v_BxKxSxD),
                        valid_BxS=cache.valid_BxS[rows_M], pos_BxS=cache.pos_BxS[rows_M])
 
 
 def _set_rows(cache: KVCache, slots_M, rows: KVCache) -> KVCache:
   """`cache` with rows `slots_M` replaced by `rows` (slot index W: dropped)."""
   put = lambda a, b: a.at[slots_M].set(b, mode="drop")  # noqa: E731
-  return cache.replace(k_BxKxDxS=tuple(map(put, cache.k_BxKxDxS, rows.k_BxKxDxS)),
-                       v_BxKxSxD=tuple(map(put, cache.v_BxKxSxD, rows.v_BxKxSxD)),
+  return cache.replace(k_BxKxDxS=per_layer(put, cache.k_BxKxDxS, rows.k_BxKxDxS),
+                       v_BxKxSxD=per_layer(put, cache.v_BxKxSxD, rows.v_BxKxSxD),
                        valid_BxS=put(cache.valid_BxS, rows.valid_BxS),
                        pos_BxS=put(cache.pos_BxS, rows.pos_BxS))
 

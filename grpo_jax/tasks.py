@@ -163,22 +163,25 @@ def build_model(s: Settings, tokenizer) -> tuple[models.ModelConfig, object]:
       raise ConfigError(f"config.model.hf_checkpoint: {m.hf_checkpoint} does not exist")
     model_config, params = models.load_hf_checkpoint(paths.local_dir(m.hf_checkpoint),
                                                      dtype=m.param_dtype)
-    return dataclasses.replace(model_config, dtype=m.dtype, **_lora_fields(m)), params
+    model_config = dataclasses.replace(model_config, dtype=m.dtype, **model_fields(m))
+    return model_config, models.to_layout(params, model_config.scan_layers)
   overrides = dict(m.overrides)
   overrides.setdefault("vocab_size", tokenizer.vocab_size)
-  for name in ("param_dtype", "dtype"):
+  for name in ("param_dtype", "dtype", "scan_layers", "remat"):
     if name in overrides:
       raise ConfigError(f"config.model.overrides.{name}: set config.model.{name} instead")
   model_config = models.get_config(m.preset, param_dtype=m.param_dtype, dtype=m.dtype,
-                                   **_lora_fields(m), **overrides)
+                                   **model_fields(m), **overrides)
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"config.model: vocab_size {model_config.vocab_size} < the tokenizer's "
                       f"{tokenizer.vocab_size}")
   return model_config, None
 
 
-def _lora_fields(m) -> dict:
-  return dict(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets)
+def model_fields(m) -> dict:
+  """The ModelConfig fields that config.model sets whatever the weights' source."""
+  return dict(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets,
+              scan_layers=m.scan_layers, remat=m.remat)
 
 
 def encode_prompts(tokenizer, task: Task, records: Sequence[dict], r: RolloutSettings) -> Prompts:

@@ -57,7 +57,7 @@ def emit(**figure) -> dict:
 def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROMPTS,
                samples: int = SAMPLES, new_tokens: int = NEW_TOKENS,
                prompt_len: int = PROMPT_LEN, repeats: int = 3,
-               slots: tuple[int, ...] = (0,)) -> list[dict]:
+               slots: tuple[int, ...] = (0,), scan_layers: bool = False) -> list[dict]:
   """Times the sampler on `workload` (see the module docstring) with each decode-slot count of
   `slots` (0: the static batch), the calls alternated; one JSON figure per count."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -65,7 +65,7 @@ def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROM
 
   from grpo_jax import models, sampling  # pylint: disable=import-outside-toplevel
 
-  config = models.get_config(model)
+  config = models.get_config(model, scan_layers=scan_layers)
   params = models.init_params(config, jax.random.key(0))
   params["final_norm"]["scale"] = np.zeros_like(params["final_norm"]["scale"])  # uniform
   stops = stop_ids(workload, config.vocab_size, new_tokens)
@@ -93,7 +93,8 @@ def generation(workload: str, *, model: str = "bench_qwen2", prompts: int = PROM
     figures.append(emit(
         figure="generation", workload=workload, model=model, rows=len(lengths),
         budget=new_tokens, stop_ids=len(stops), slots=w or len(lengths),
-        batching="static" if w == 0 else "continuous", gen_s=round(gen_s, 4),
+        batching="static" if w == 0 else "continuous", scan_layers=scan_layers,
+        gen_s=round(gen_s, 4),
         times_s=[round(t, 4) for t in times[w]], tokens=tokens,
         static_useful_fraction=round(tokens / (len(lengths) * steps), 4),
         speedup_vs_static=None if static_s is None else round(static_s / gen_s, 3),
@@ -222,6 +223,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
   parser.add_argument("--prompt_len", type=int, default=PROMPT_LEN)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
+                      help="generation: the model's layers as one lax.scan (stacked weights)")
   parser.add_argument("--workloads", default="fixed,varlen", help="generation: comma-separated")
   parser.add_argument("--slots", default="0,32,64",
                       help="generation: decode-slot counts, 0 = static batch (first: the "
@@ -240,7 +243,8 @@ def main(argv=None) -> list[dict]:
       figures += generation(workload, model=args.model, prompts=args.prompts,
                             samples=args.samples, new_tokens=args.new_tokens,
                             prompt_len=args.prompt_len, repeats=args.repeats,
-                            slots=tuple(int(w) for w in args.slots.split(",")))
+                            slots=tuple(int(w) for w in args.slots.split(",")),
+                            scan_layers=args.scan_layers)
   if args.part == "step":
     figures += step_parts(args.step_model, args.step_rows, args.step_context,
                           layers=args.step_layers, repeats=args.repeats)

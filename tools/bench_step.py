@@ -128,7 +128,8 @@ def make_config(args, data_path: str, tokenizer_dir: str, weights_dir: str):
                 num_eval=P, prompt_template="{question}", chat_template="")
   c.data.fields.update(question="question", answer="", final_answer="answer", marker="")
   c.tokenizer.path = tokenizer_dir
-  c.model.update(hf_checkpoint=weights_dir, param_dtype="float32", dtype=args.dtype)
+  c.model.update(hf_checkpoint=weights_dir, param_dtype="float32", dtype=args.dtype,
+                 scan_layers=args.scan_layers, remat=args.remat)
   c.sft.steps = 0
   g = c.grpo
   g.update(steps=args.warmup + args.steps, num_prompts=P, num_samples=args.samples,
@@ -258,7 +259,8 @@ def bench(args) -> dict:
         completion_length={"mean": float(lengths.mean()),
                            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)}},
         update_widths=sorted({st["width"] for st in steps}), stop_ids=args.stop_ids,
-        length_bucket=args.length_bucket, batching=args.batching, compile_cache=cache_dir,
+        length_bucket=args.length_bucket, batching=args.batching,
+        scan_layers=args.scan_layers, remat=args.remat, compile_cache=cache_dir,
         malloc_arenas=arenas,
         peak_rss_mb=peak_rss_mb(),
         warmup_step_s=steps[0]["step_s"] if args.warmup else None, setup_s=setup_s,
@@ -300,6 +302,9 @@ def parse_args(argv=None):
                       "~16..128")
   parser.add_argument("--length_bucket", type=int, default=16,
                       help="config.grpo.length_bucket (0: update and passes on the whole budget)")
+  parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
+                      help="config.model.scan_layers: one lax.scan over stacked layers")
+  parser.add_argument("--remat", default="none", help="config.model.remat")
   parser.add_argument("--batching", default="continuous", choices=("continuous", "static"),
                       help="config.grpo.batching: the sampler's (one decode slot per row)")
   parser.add_argument("--driver", default="phases", choices=("phases", "trainer"),

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import experiment, models, settings as settings_lib, sharding
+from grpo_jax import experiment, models, settings as settings_lib, sharding, tasks
 from grpo_jax import train_step as ts
 from grpo_jax.models import lora
 from grpo_jax.models.hf_checkpoint import config_from_hf
@@ -115,7 +115,7 @@ def model_config(s: settings_lib.Settings) -> models.ModelConfig:
   the checkpoint's config.json, else the preset with the config's overrides (vocabulary: the
   overrides', else tokenizer.vocab_size when a tokenizer is trained, else the preset's)."""
   m = s.model
-  lora_fields = dict(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets)
+  lora_fields = tasks.model_fields(m)
   if m.hf_checkpoint:
     with open(os.path.join(m.hf_checkpoint, "config.json")) as f:
       config = config_from_hf(json.load(f), dtype=m.param_dtype)

@@ -50,7 +50,7 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   # float32 master weights and Adam state, bfloat16 compute: at lr 1e-6 a bfloat16 weight would
   # not move (an update far below half its ulp rounds away).
   c.model = dict(preset="", hf_checkpoint="", param_dtype="float32", dtype="bfloat16",
-                 overrides={}, lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down",
+                 scan_layers=False, remat="none", overrides={}, lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down",
                                          dropout=0.0))
   c.sft.steps = 0  # instruct models need no warm start
   g = c.grpo

@@ -13,8 +13,9 @@ that wait, padded observation blocks), and the window must hold the tokens it ho
 trainer's compacted sequence. Without holes (left- or right-padded batches) both distances
 agree, as in transformers. Pad queries produce finite garbage; mask them out.
 
-KV cache (`KVCache`): pre-allocated, fixed shape, one array per layer (a stacked [L, ...] cache
-was 2x slower to decode), keys stored transposed [B, K, D, S] (Q.K^T 5x faster per decode step
+KV cache (`KVCache`): pre-allocated, fixed shape, one array per layer (unrolled layers: a
+stacked [L, ...] cache indexed per layer was 2x slower to decode) or one stacked [L, ...] array
+scanned with the layers (`ModelConfig.scan_layers`), keys stored transposed [B, K, D, S] (Q.K^T 5x faster per decode step
 on CPU), values [B, K, S, D], a validity mask [B, S], each slot's position [B, S] (the
 window's distance) and one scalar write index shared by all rows (left-padded prompts align the
 rows). A forward with a cache writes its T tokens at slots [index, index + T) and advances the
@@ -26,6 +27,7 @@ since a row's slots are invalidated when a new sample takes the row.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -44,10 +46,12 @@ _MASKED = -1e30  # finite: a row with no visible key gets uniform weights instea
 
 @flax.struct.dataclass
 class KVCache:
-  """Decoding state of every layer. Fields are pytree leaves; the tuples have one array per layer."""
+  """Decoding state of every layer. Fields are pytree leaves. Keys and values: a tuple of one
+  array per layer, or one array stacked on a leading L axis when `config.scan_layers` (map over
+  either with `per_layer`)."""
 
-  k_BxKxDxS: tuple[jax.Array, ...]
-  v_BxKxSxD: tuple[jax.Array, ...]
+  k_BxKxDxS: tuple[jax.Array, ...] | jax.Array
+  v_BxKxSxD: tuple[jax.Array, ...] | jax.Array
   valid_BxS: jax.Array  # bool: slot holds a real token
   pos_BxS: jax.Array  # int32: RoPE position of the slot's token (sliding windows measure in it)
   index: jax.Array  # int32 scalar: next slot to write
@@ -60,13 +64,26 @@ class KVCache:
     return self.valid_BxS.shape[1]
 
 
+def per_layer(fn, keys_or_values, *more):
+  """fn applied to each layer's array of a cache's keys or values (and of `more` such fields,
+  laid out alike): a tuple in, a tuple out; a stacked [L, ...] array in, a stacked one out."""
+  if isinstance(keys_or_values, (tuple, list)):
+    return tuple(map(fn, keys_or_values, *more))
+  return jax.vmap(fn)(keys_or_values, *more)
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache of `max_len` slots per row; `dtype` defaults to the activation dtype."""
   dtype = jnp.dtype(dtype or config.dtype)
-  B, K, D, S = batch_size, config.num_kv_heads, config.head_dim, max_len
+  B, K, D, S, L = batch_size, config.num_kv_heads, config.head_dim, max_len, config.num_layers
+  if config.scan_layers:  # one stacked array, scanned with the stacked layers
+    k, v = jnp.zeros((L, B, K, D, S), dtype), jnp.zeros((L, B, K, S, D), dtype)
+  else:
+    k = tuple(jnp.zeros((B, K, D, S), dtype) for _ in range(L))
+    v = tuple(jnp.zeros((B, K, S, D), dtype) for _ in range(L))
   return KVCache(
-      k_BxKxDxS=tuple(jnp.zeros((B, K, D, S), dtype) for _ in range(config.num_layers)),
-      v_BxKxSxD=tuple(jnp.zeros((B, K, S, D), dtype) for _ in range(config.num_layers)),
+      k_BxKxDxS=k,
+      v_BxKxSxD=v,
       valid_BxS=jnp.zeros((B, S), jnp.bool_),
       pos_BxS=jnp.zeros((B, S), jnp.int32),
       index=jnp.zeros((), jnp.int32))
@@ -148,65 +165,92 @@ def attention_logits(q_BxTxKxGxD, k_BxKxDxS, *, scale: float, softcap: float | N
   return s.reshape(B, K, G, T, -1)
 
 
+def _own_scores(q_BxTxKxGxD, k_BxKxDxS, mask_BxTxS, scale, softcap):
+  s_BxKxGxTxS = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
+  return jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _MASKED)
+
+
+def _own_out(e_BxKxGxTxS, v_BxKxSxD):
+  B, K, G, T, S = e_BxKxGxTxS.shape
+  out = jnp.matmul(e_BxKxGxTxS.astype(v_BxKxSxD.dtype).reshape(B, K, G * T, S), v_BxKxSxD,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(B, K, G, T, -1)
+
+
 def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, *, scale: float,
-           softcap: float | None = None):
+           softcap: float | None = None, new=None):
   """Grouped-query attention of T queries over S keys -> [B, T, K, G, D] in v's dtype.
 
   Kept separate from the layer so that a sampler can attend over a prompt prefix shared by a
   group plus a per-row cache (compute `attention_logits` on both, concatenate along S).
+  `new`: None, or (k_BxKxDxT', v_BxKxT'xD, mask_BxTxT'), a second key set of each row (a
+  scanned layer's new tokens, not written into the cache it reads), one softmax over both.
   """
+  if new is not None:
+    return _attend_parts(q_BxTxKxGxD, [(k_BxKxDxS, v_BxKxSxD, mask_BxTxS), new], None,
+                         scale=scale, softcap=softcap)
   B, T, K, G, D = q_BxTxKxGxD.shape
-  s_BxKxGxTxS = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
-  s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _MASKED)
+  s_BxKxGxTxS = _own_scores(q_BxTxKxGxD, k_BxKxDxS, mask_BxTxS, scale, softcap)
   p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxSxD.dtype)
   out_BxKxGTxD = jnp.matmul(p_BxKxGxTxS.reshape(B, K, G * T, -1), v_BxKxSxD)
   return out_BxKxGTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
 
 
 def attend_with_prefix(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, pk_PxKxDxR, pv_PxKxRxD,
-                       pmask_XxTxR, *, scale: float, softcap: float | None = None):
+                       pmask_XxTxR, *, scale: float, softcap: float | None = None, new=None):
   """`attend` over a prefix shared by groups of rows plus each row's own keys -> [B, T, K, G, D].
 
   Rows are prefix-major: rows p*N .. p*N+N-1 (N = B / P) share prefix p (a GRPO group shares
   its prompt's KV, kept once instead of N times). `pmask_XxTxR` is the group's mask (X = P) or
   each row's (X = B: a sliding window, whose query positions differ between a group's rows).
-  The softmax runs over the concatenation of the two key sets, computed in two parts with
-  shared row statistics so that the prefix scores stay in the layout of their
-  [P, K, N*G*T, D] x [D, R] matmul (only [B, K, G, T] stats move).
+  The softmax runs over the concatenation of the key sets, computed in parts with shared row
+  statistics so that the prefix scores stay in the layout of their [P, K, N*G*T, D] x [D, R]
+  matmul (only [B, K, G, T] stats move). `new`: a second own key set, as in `attend`.
   """
+  own = [(k_BxKxDxS, v_BxKxSxD, mask_BxTxS)] + ([new] if new is not None else [])
+  return _attend_parts(q_BxTxKxGxD, own, (pk_PxKxDxR, pv_PxKxRxD, pmask_XxTxR), scale=scale,
+                       softcap=softcap)
+
+
+def _attend_parts(q_BxTxKxGxD, own, prefix, *, scale, softcap):
+  """One softmax over each row's own key sets `own` [(k, v, mask), ...] and, when given, a
+  `prefix` (pk, pv, pmask) shared by groups of rows (`attend_with_prefix`)."""
   B, T, K, G, D = q_BxTxKxGxD.shape
-  P = pk_PxKxDxR.shape[0]
-  N = B // P
-  # Own keys: [B, K, G, T, S].
-  s_own = attention_logits(q_BxTxKxGxD, k_BxKxDxS, scale=scale, softcap=softcap)
-  s_own = jnp.where(mask_BxTxS[:, None, None], s_own, _MASKED)
-  # Prefix keys: queries of a group stacked along the matmul rows, [P, K, N*G*T, R].
-  q_PxKxNGTxD = q_BxTxKxGxD.reshape(P, N, T, K, G, D).transpose(0, 3, 1, 4, 2, 5).reshape(
-      P, K, N * G * T, D)
-  s_pre = jnp.matmul(q_PxKxNGTxD, pk_PxKxDxR, preferred_element_type=jnp.float32) * scale
-  if softcap:
-    s_pre = jnp.tanh(s_pre / softcap) * softcap
-  R = pk_PxKxDxR.shape[-1]
-  pmask = pmask_XxTxR.reshape(P, -1, T, R)[:, None, :, None]  # [P, 1, 1 or N, 1, T, R]
-  pmask = jnp.broadcast_to(pmask, (P, 1, N, G, T, R))
-  s_pre = jnp.where(pmask.reshape(P, 1, N * G * T, R), s_pre, _MASKED)
+  scores = [_own_scores(q_BxTxKxGxD, k, mask, scale, softcap) for k, _, mask in own]
+  m_BxKxGxT = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
+  if prefix is not None:
+    pk_PxKxDxR, pv_PxKxRxD, pmask_XxTxR = prefix
+    P = pk_PxKxDxR.shape[0]
+    N = B // P
+    # Prefix keys: queries of a group stacked along the matmul rows, [P, K, N*G*T, R].
+    q_PxKxNGTxD = q_BxTxKxGxD.reshape(P, N, T, K, G, D).transpose(0, 3, 1, 4, 2, 5).reshape(
+        P, K, N * G * T, D)
+    s_pre = jnp.matmul(q_PxKxNGTxD, pk_PxKxDxR, preferred_element_type=jnp.float32) * scale
+    if softcap:
+      s_pre = jnp.tanh(s_pre / softcap) * softcap
+    R = pk_PxKxDxR.shape[-1]
+    pmask = pmask_XxTxR.reshape(P, -1, T, R)[:, None, :, None]  # [P, 1, 1 or N, 1, T, R]
+    pmask = jnp.broadcast_to(pmask, (P, 1, N, G, T, R))
+    s_pre = jnp.where(pmask.reshape(P, 1, N * G * T, R), s_pre, _MASKED)
 
-  def to_rows(x_PxKxNGT):  # [P, K, N*G*T] -> [B, K, G, T]
-    return x_PxKxNGT.reshape(P, K, N, G, T).transpose(0, 2, 1, 3, 4).reshape(B, K, G, T)
+    def to_rows(x_PxKxNGT):  # [P, K, N*G*T] -> [B, K, G, T]
+      return x_PxKxNGT.reshape(P, K, N, G, T).transpose(0, 2, 1, 3, 4).reshape(B, K, G, T)
 
-  def to_prefix(x_BxKxGxT):  # inverse of to_rows
-    return x_BxKxGxT.reshape(P, N, K, G, T).transpose(0, 2, 1, 3, 4).reshape(P, K, N * G * T)
+    def to_prefix(x_BxKxGxT):  # inverse of to_rows
+      return x_BxKxGxT.reshape(P, N, K, G, T).transpose(0, 2, 1, 3, 4).reshape(P, K, N * G * T)
 
-  m_BxKxGxT = jnp.maximum(to_rows(jnp.max(s_pre, axis=-1)), jnp.max(s_own, axis=-1))
-  e_own = jnp.exp(s_own - m_BxKxGxT[..., None])
-  e_pre = jnp.exp(s_pre - to_prefix(m_BxKxGxT)[..., None])
-  l_BxKxGxT = jnp.sum(e_own, axis=-1) + to_rows(jnp.sum(e_pre, axis=-1))
-  dtype = v_BxKxSxD.dtype
-  out_own = jnp.matmul(e_own.astype(dtype).reshape(B, K, G * T, -1), v_BxKxSxD,
-                       preferred_element_type=jnp.float32).reshape(B, K, G, T, D)
-  out_pre = jnp.matmul(e_pre.astype(dtype), pv_PxKxRxD, preferred_element_type=jnp.float32)
-  out_pre = out_pre.reshape(P, K, N, G, T, D).transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, D)
-  out_BxKxGxTxD = (out_own + out_pre) / l_BxKxGxT[..., None]
+    m_BxKxGxT = jnp.maximum(to_rows(jnp.max(s_pre, axis=-1)), m_BxKxGxT)
+  exps = [jnp.exp(s - m_BxKxGxT[..., None]) for s in scores]
+  l_BxKxGxT = functools.reduce(jnp.add, [jnp.sum(e, axis=-1) for e in exps])
+  out_BxKxGxTxD = functools.reduce(jnp.add, [_own_out(e, v) for e, (_, v, _) in zip(exps, own)])
+  dtype = own[0][1].dtype
+  if prefix is not None:
+    e_pre = jnp.exp(s_pre - to_prefix(m_BxKxGxT)[..., None])
+    l_BxKxGxT = l_BxKxGxT + to_rows(jnp.sum(e_pre, axis=-1))
+    out_pre = jnp.matmul(e_pre.astype(dtype), pv_PxKxRxD, preferred_element_type=jnp.float32)
+    out_BxKxGxTxD = out_BxKxGxTxD + out_pre.reshape(P, K, N, G, T, D).transpose(
+        0, 2, 1, 3, 4, 5).reshape(B, K, G, T, D)
+  out_BxKxGxTxD = out_BxKxGxTxD / l_BxKxGxT[..., None]
   return out_BxKxGxTxD.astype(dtype).transpose(0, 3, 1, 2, 4)
 
 

@@ -15,7 +15,7 @@ Families and what distinguishes them:
 
 Usage:
     config = get_config("tiny_qwen2")
-    config = get_config("qwen2.5-0.5b", dtype="bfloat16", remat=True)
+    config = get_config("qwen2.5-0.5b", dtype="bfloat16", remat="layer")
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ FAMILIES = ("qwen2", "qwen3", "llama", "gemma3")
 ROPE_SCALING_TYPES = (None, "llama3", "linear")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+REMAT_POLICIES = ("none", "layer", "matmuls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,14 @@ class ModelConfig:
   # Numerics and memory.
   param_dtype: str = "float32"
   dtype: str = "float32"  # activations; softmax and norm statistics are always float32
-  remat: bool = False  # jax.checkpoint around each layer
+  # Layers as one `lax.scan` over stacked parameters (params["layers"], leading axis L):
+  # compile time independent of depth. Off: one `layers_{i}` subtree per layer, unrolled.
+  scan_layers: bool = False
+  # What each layer keeps for the backward pass (REMAT_POLICIES): "none" keeps everything;
+  # "layer" only its input (jax.checkpoint, all recomputed, weights re-gathered); "matmuls" its
+  # matmul outputs without a batch dimension of the weights (recomputes norms, activations and
+  # attention's softmax, re-gathers weights). True / False read as "layer" / "none".
+  remat: str = "none"
   # LoRA (models/lora.py): rank 0 = off. Adapters on the named weights of every layer
   # (LORA_TARGETS), delta W = (alpha / rank) * A @ B, A [in..., r] random, B [r, out...] zero.
   lora_rank: int = 0
@@ -93,6 +101,9 @@ class ModelConfig:
         _check(t in LAYER_TYPES, "layer_types entry", t, LAYER_TYPES)
       if "sliding_attention" in self.layer_types and not self.sliding_window:
         raise ValueError("ModelConfig: sliding_attention layers need sliding_window > 0")
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "layer" if self.remat else "none")
+    _check(self.remat in REMAT_POLICIES, "remat", self.remat, REMAT_POLICIES)
     for name in ("param_dtype", "dtype"):
       jnp.dtype(getattr(self, name))  # fails loudly on an unknown dtype name
     if self.lora_rank < 0:
@@ -201,7 +212,7 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
-  """Returns the preset `name` with `overrides` applied (e.g. dtype="bfloat16", remat=True)."""
+  """Returns the preset `name` with `overrides` applied (e.g. dtype="bfloat16", scan_layers=True)."""
   if name not in PRESETS:
     raise ValueError(f"Unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name](), **overrides)

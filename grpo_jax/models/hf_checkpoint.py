@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.hf_config import config_from_hf, config_to_hf
+from grpo_jax.models.layer_stack import to_layout
 from grpo_jax.models.transformer import param_logical_axes
 
 # Our per-layer norm name -> HF name.
@@ -107,6 +108,7 @@ def _to_hf(config: ModelConfig, params) -> dict[str, np.ndarray]:
   c = config
   E, H, K, G, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim
   get = lambda x: np.asarray(jax.device_get(x))
+  params = to_layout(params, False)  # stacked layers: sliced per layer
   out = {"model.embed_tokens.weight": get(params["embedding"]),
          "model.norm.weight": get(params["final_norm"]["scale"])}
   if not c.tie_embeddings:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.layer_stack import to_layout
 
 _SUFFIXES = ("_lora_a", "_lora_b")
 # target -> (its module, the weight's einsum with A's input axes first: "in..., out...").
@@ -78,10 +79,11 @@ def base_config(config: ModelConfig) -> ModelConfig:
 
 
 def merge(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
-  """(W + (alpha / r) A @ B for every adapted weight, in W's dtype; the config without LoRA)."""
+  """(W + (alpha / r) A @ B for every adapted weight, in W's dtype and the config's layer
+  layout; the config without LoRA)."""
   if not config.lora_rank:
     return params, config
-  adapters, base = split(params)
+  adapters, base = split(to_layout(params, False))
   scale = config.lora_alpha / config.lora_rank
   merged = jax.tree.map(lambda x: x, base)
   for layer, modules in adapters.items():
@@ -93,7 +95,7 @@ def merge(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
         delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1) * scale
         assert delta.shape == w.shape and a.ndim == n_in + 1
         merged[layer][module][target] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-  return merged, base_config(config)
+  return to_layout(merged, config.scan_layers), base_config(config)
 
 
 def adapter_targets(config: ModelConfig) -> list[tuple[str, str, str]]:
@@ -107,6 +109,7 @@ def fingerprint(config: ModelConfig, base) -> str:
   shape and the float32 sum and sum of squares rounded to 6 significant digits (robust to the
   summation order of a different mesh). An adapter checkpoint records it; resuming on another
   base is an error."""
+  base = to_layout(base, False)  # the same digest whatever the stored layout
   stats = jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
                                             jnp.sum(jnp.square(x.astype(jnp.float32)))]), base)
   stats = jax.device_get(stats)
@@ -114,7 +117,7 @@ def fingerprint(config: ModelConfig, base) -> str:
             for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(base)[0],
                                     jax.tree.leaves(stats))]
   desc = dataclasses.asdict(base_config(config))
-  for name in ("param_dtype", "dtype", "remat", "lora_alpha", "lora_targets"):
+  for name in ("param_dtype", "dtype", "remat", "scan_layers", "lora_alpha", "lora_targets"):
     desc.pop(name)
   blob = json.dumps([desc, leaves], sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

@@ -40,6 +40,7 @@ from safetensors.numpy import save_file
 from grpo_jax.models import lora
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.hf_checkpoint import save_hf_checkpoint
+from grpo_jax.models.layer_stack import to_layout
 
 # Our LoRA target -> the HF modules (in `target_modules` order) it covers.
 HF_MODULES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
@@ -52,7 +53,7 @@ def _require_lora(config: ModelConfig, params, what: str) -> None:
   if not config.lora_rank:
     raise ValueError(f"{what}: config.lora_rank=0, the params have no LoRA adapters to export "
                      "(use save_hf_checkpoint for a plain model)")
-  r = config.lora_rank
+  r, params = config.lora_rank, to_layout(params, False)
   for layer, module, target in lora.adapter_targets(config):
     leaves = params.get(layer, {}).get(module, {})
     for suffix in ("_lora_a", "_lora_b"):
@@ -88,6 +89,7 @@ def _hf_adapters(config: ModelConfig, target: str, a: np.ndarray, b: np.ndarray
 def peft_tensors(config: ModelConfig, params) -> dict[str, np.ndarray]:
   """PEFT tensor name -> float32 array of every adapter in `params` (see the module docstring)."""
   _require_lora(config, params, "peft_tensors")
+  params = to_layout(params, False)  # stacked layers: sliced per layer
   get = lambda x: np.asarray(jax.device_get(x), dtype=np.float32)
   out = {}
   for layer, module, target in lora.adapter_targets(config):

@@ -138,8 +138,21 @@ class Attention(nn.Module):
     q_BxTxKxGxD = apply_rope(q_BxTxKxGxD, cos_sin)
     k_BxKxDxT = apply_rope(k_BxTxKxD, cos_sin).transpose(0, 2, 3, 1)
     v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    new = None
     if kv is None:
       k_BxKxDxS, v_BxKxSxD, new_kv = k_BxKxDxT, v_BxKxTxD, None
+    elif c.scan_layers:
+      # Scanned: the stacked cache is read as it is and the T new tokens are a second key set
+      # (their mask: the cache mask's slots [index, index + T)); `ScannedBlock` writes them into
+      # the cache after the layer. Written into the layer's slice first, the slice was copied
+      # at every step (generation 1.7x slower than unrolled on CPU, against 1.2x).
+      k_BxKxDxS, v_BxKxSxD = kv
+      slot_S = jnp.arange(k_BxKxDxS.shape[-1])
+      stale_S = (slot_S >= index) & (slot_S < index + T)
+      new = (k_BxKxDxT.astype(dtype), v_BxKxTxD.astype(dtype),
+             lax.dynamic_slice_in_dim(mask_BxTxS, index, T, axis=2))
+      mask_BxTxS = mask_BxTxS & ~stale_S
+      new_kv = (k_BxKxDxT, v_BxKxTxD)
     else:
       k_cache, v_cache = kv
       k_BxKxDxS = lax.dynamic_update_slice(k_cache, k_BxKxDxT.astype(k_cache.dtype),
@@ -150,13 +163,13 @@ class Attention(nn.Module):
     scale = (c.query_pre_attn_scalar or D) ** -0.5
     if prefix_kv is None:
       out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype),
-                             mask_BxTxS, scale=scale, softcap=c.attn_logit_softcap)
+                             mask_BxTxS, scale=scale, softcap=c.attn_logit_softcap, new=new)
     else:
       pk, pv = prefix_kv
       out_BxTxKxGxD = attend_with_prefix(
           q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS,
           pk.astype(dtype), pv.astype(dtype), prefix_mask, scale=scale,
-          softcap=c.attn_logit_softcap)
+          softcap=c.attn_logit_softcap, new=new)
     w_o = self.param("o", nn.with_logical_partitioning(
         _kernel_init(), ("heads", "head_dim", "embed")), (H, D, E), pdtype)
     o_BxTxHxD = out_BxTxKxGxD.reshape(B, T, H, D)
@@ -198,8 +211,14 @@ class Block(nn.Module):
   sliding: bool
 
   @nn.compact
-  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index, prefix_kv=None, prefix_mask=None):
+  def __call__(self, x_BxTxE, cos_sin, mask_BxTxS, kv, index, prefix_kv=None, prefix_mask=None,
+               is_sliding=None):
     c = self.config
+    if is_sliding is not None:  # a scanned stack: (global, local) pairs, the layer's flag picks
+      pick = lambda pair: jax.tree.map(  # noqa: E731
+          lambda g, s: jnp.where(is_sliding, s, g), pair[0], pair[1])
+      cos_sin, mask_BxTxS = pick(cos_sin), pick(mask_BxTxS)
+      prefix_mask = None if prefix_mask is None else pick(prefix_mask)
     sandwich = c.family == "gemma3"
     h = RMSNorm(c, name="pre_attn_norm")(x_BxTxE)
     h, new_kv = Attention(c, self.sliding, name="attn")(h, cos_sin, mask_BxTxS, kv, index,
@@ -211,6 +230,44 @@ class Block(nn.Module):
     if sandwich:
       h = RMSNorm(c, name="post_mlp_norm")(h)
     return x_BxTxE + h, new_kv
+
+
+_REMAT_POLICIES = {"layer": None,  # save nothing but the layer's input
+                   "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+class ScannedBlock(Block):
+  """One step of the scanned stack: a Block whose carry is (x, stacked keys, stacked values,
+  layer index). The layer reads its cache rows from the stacked cache and writes its T new
+  tokens back into it in place: a cache scanned in and out (xs / ys) was copied whole at every
+  decode step (generation 2x slower on CPU)."""
+
+  def __call__(self, carry, cos_sin, mask_BxTxS, index, prefix_kv=None, prefix_mask=None,
+               is_sliding=None):
+    x_BxTxE, k_LxBxKxDxS, v_LxBxKxSxD, layer = carry
+    kv = None
+    if k_LxBxKxDxS is not None:
+      kv = (lax.dynamic_index_in_dim(k_LxBxKxDxS, layer, keepdims=False),
+            lax.dynamic_index_in_dim(v_LxBxKxSxD, layer, keepdims=False))
+    x_BxTxE, new_kv = super().__call__(x_BxTxE, cos_sin, mask_BxTxS, kv, index, prefix_kv,
+                                       prefix_mask, is_sliding)
+    return (x_BxTxE, k_LxBxKxDxS, v_LxBxKxSxD, layer + 1), new_kv
+
+
+def _remat(config: ModelConfig, cls):
+  """`cls` under `nn.remat` with the config's policy (`ModelConfig.remat`)."""
+  if config.remat == "none":
+    return cls
+  return nn.remat(cls, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+
+def _scanned_blocks(config: ModelConfig):
+  """The L blocks as one `nn.scan`: params stacked on a leading "layers" axis, the prompt
+  prefix scanned with them, the KV cache in the carry, everything else broadcast."""
+  return nn.scan(_remat(config, ScannedBlock), variable_axes={"params": 0},
+                 split_rngs={"params": True}, length=config.num_layers,
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def _unembed(config: ModelConfig, embedding_VxE, lm_head_ExV, hidden_BxTxE):
@@ -261,24 +318,41 @@ class Decoder(nn.Module):
       global_rope, local_rope = rows(tables[0]), rows(tables[1])
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
 
-    block_cls = nn.remat(Block) if c.remat else Block
-    new_k, new_v = [], []
-    for i in range(c.num_layers):
-      sliding = c.layer_is_sliding(i)
-      kv = None if cache is None else (cache.k_BxKxDxS[i], cache.v_BxKxSxD[i])
-      prefix_kv = None if prefix is None else (prefix.k_BxKxDxS[i], prefix.v_BxKxSxD[i])
-      x_BxTxE, new_kv = block_cls(c, sliding, name=f"layers_{i}")(
-          x_BxTxE, local_rope if sliding else global_rope,
-          sliding_mask if sliding else full_mask, kv, index, prefix_kv,
-          prefix_sliding if sliding else prefix_full)
+    kv = None if cache is None else (cache.k_BxKxDxS, cache.v_BxKxSxD)
+    prefix_kv = None if prefix is None else (prefix.k_BxKxDxS, prefix.v_BxKxSxD)
+    if c.scan_layers:
+      flags = None
+      if c.has_sliding_layers:  # both variants go in; each layer's flag picks its own
+        flags = jnp.asarray([c.layer_is_sliding(i) for i in range(c.num_layers)])
+        if prefix is not None:  # the full mask per row, as the sliding one is
+          prefix_full = jnp.repeat(prefix_full, prefix_sliding.shape[0] // prefix_full.shape[0],
+                                   axis=0)
+        global_rope, full_mask = (global_rope, local_rope), (full_mask, sliding_mask)
+        prefix_full = None if prefix is None else (prefix_full, prefix_sliding)
+      carry = (x_BxTxE, *(kv or (None, None)), jnp.zeros((), jnp.int32))
+      (x_BxTxE, k_all, v_all, _), new_kv = _scanned_blocks(c)(c, False, name="layers")(
+          carry, global_rope, full_mask, index, prefix_kv, prefix_full, flags)
       if cache is not None:
-        new_k.append(new_kv[0])
-        new_v.append(new_kv[1])
+        new_kv = (lax.dynamic_update_slice(k_all, new_kv[0].astype(k_all.dtype), (0, 0, 0, 0, index)),
+                  lax.dynamic_update_slice(v_all, new_kv[1].astype(v_all.dtype), (0, 0, 0, index, 0)))
+    else:
+      block_cls, new_k, new_v = _remat(c, Block), [], []
+      for i in range(c.num_layers):
+        sliding = c.layer_is_sliding(i)
+        x_BxTxE, layer_kv = block_cls(c, sliding, name=f"layers_{i}")(
+            x_BxTxE, local_rope if sliding else global_rope,
+            sliding_mask if sliding else full_mask, None if kv is None else (kv[0][i], kv[1][i]),
+            index, None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
+            prefix_sliding if sliding else prefix_full)
+        if cache is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+      new_kv = (tuple(new_k), tuple(new_v))
 
     x_BxTxE = RMSNorm(c, name="final_norm")(x_BxTxE)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k_BxKxDxS=tuple(new_k), v_BxKxSxD=tuple(new_v), valid_BxS=valid_BxS,
+      new_cache = KVCache(k_BxKxDxS=new_kv[0], v_BxKxSxD=new_kv[1], valid_BxS=valid_BxS,
                           pos_BxS=pos_BxS, index=cache.index + tokens_BxT.shape[1],
                           ring=cache.ring)
     if return_hidden:
