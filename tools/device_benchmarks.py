@@ -53,8 +53,10 @@ VARLEN = (
     ("step_spec_fixed_trainer", ["bench_step.py", "--dtype=bfloat16", "--driver=trainer"], 35),
 )
 # Rollouts: static and continuous batching's decode time on the fixed (SPEC) and variable-length
-# workloads, and the 0.5B bf16 sampler's compile time at 2 and 24 layers (tools/bench_rollout.py).
+# workloads, and the 0.5B bf16 sampler's compile time at 2 and 24 layers (tools/bench_rollout.py);
+# then the same with the layers scanned, and the 0.5B step scanned against unrolled.
 _COMPILE = ["bench_rollout.py", "--part=compile", "--programs=sample_train"]
+_COMPILE_ALL = ["bench_rollout.py", "--part=compile", "--programs=sample_train,update,logprobs"]
 ROLLOUT = (
     ("rollout_spec_fixed", ["bench_rollout.py", "--part=generation", "--workloads=fixed",
                             "--slots=0,128,64", "--repeats=5"], 90),
@@ -62,6 +64,13 @@ ROLLOUT = (
                              "--slots=0,128,64", "--repeats=5"], 90),
     ("compile_sampler_0.5b_2_layers", _COMPILE + ["--layers=2"], 120),
     ("compile_sampler_0.5b_24_layers", _COMPILE + ["--layers=24"], 240),
+    # Scanned layers: compile at depth, decode and the 0.5B step (warmup_step_s: the first step).
+    ("compile_0.5b_scan_2_24_layers", _COMPILE_ALL + ["--layers=2,24", "--set",
+                                                      "model.scan_layers=true"], 150),
+    ("rollout_spec_fixed_scan", ["bench_rollout.py", "--part=generation", "--workloads=fixed",
+                                 "--slots=0,128", "--repeats=5", "--scan_layers"], 90),
+    ("step_0.5b_bf16_scan", _B05 + ["--steps=3", "--scan_layers"], 160),
+    ("step_0.5b_bf16_unrolled", _B05 + ["--steps=3", "--no-scan_layers"], 200),
 )
 _SMOKE = os.path.join(os.path.dirname(TOOLS), "experiments/configs/arithmetic.py:smoke")
 SMALL_ROLLOUT = (
@@ -70,6 +79,14 @@ SMALL_ROLLOUT = (
                              "--repeats=1"],
      300),
     ("compile_sampler_tiny", _COMPILE + [f"--config={_SMOKE}", "--layers=1"], 300),
+    ("compile_tiny_scan", _COMPILE_ALL + [f"--config={_SMOKE}", "--layers=1,2", "--set",
+                                          "model.scan_layers=true"], 300),
+    ("rollout_tiny_fixed_scan", ["bench_rollout.py", "--part=generation", "--workloads=fixed",
+                                 "--prompts=4", "--samples=4", "--new_tokens=16", "--slots=0,16",
+                                 "--repeats=1", "--scan_layers"], 300),
+    ("step_tiny_scan", ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2",
+                        "--prompt_len=8", "--new_tokens=8", "--steps=1", "--dtype=bfloat16",
+                        "--scan_layers"], 300),
 )
 _TINY = ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2", "--prompt_len=8",
          "--new_tokens=16", "--steps=1", "--dtype=bfloat16", "--micro_batch_size=4"]

@@ -24,7 +24,8 @@ Printed per device (GiB = 2^30 bytes; `--out` writes the same as JSON, in bytes)
   search    with --chip: the largest grpo.micro_batch_size whose update phase fits, and the
             largest sampling batch (prompts x samples per device) whose rollout fits.
 
-Depth (`--layers`): models of at most 4 layers are compiled whole; deeper ones at 2 and 3
+Depth (`--layers`): models of at most 4 layers, and scanned ones (`model.scan_layers`: their
+compile time does not grow with depth), are compiled whole; deeper unrolled ones at 2 and 3
 layers, every figure extrapolated linearly (identical layers each add the same weights, saved
 activations, gathered weights and KV cache). Checked on Qwen2.5-7B: the update extrapolated to
 28 layers matched its exact compile (90 s) to 0.01%. Not from 1 layer: a 1-layer sampler is
@@ -216,7 +217,7 @@ def plan(s: settings_lib.Settings, config: models.ModelConfig, mesh, *,
       model=dict(name=s.model.hf_checkpoint or s.model.preset, num_layers=config.num_layers,
                  num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(setup.params)),
                  param_dtype=config.param_dtype, dtype=config.dtype, lora_rank=config.lora_rank,
-                 remat=config.remat),
+                 remat=config.remat, scan_layers=config.scan_layers),
       mesh=dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape))),
       decode_layout=layout, decode_layout_for=target, margin=margin,
       batch=dict(prompts=r.num_prompts, samples=r.num_samples, rows=rows,
@@ -257,7 +258,8 @@ def format_plan(p: dict) -> str:
       f"memory plan: {m['name']} ({m['num_params'] / 1e9:.2f}B params, {m['num_layers']} layers,"
       f" params {m['param_dtype']}, compute {m['dtype']}"
       + (f", LoRA r={m['lora_rank']}" if m["lora_rank"] else "")
-      + (", remat" if m["remat"] else "") + ")",
+      + (f", remat {m['remat']}" if m["remat"] != "none" else "")
+      + (", scanned layers" if m.get("scan_layers") else "") + ")",
       f"mesh {p['mesh']}; sampler layout {p['decode_layout']} (mesh.decode_layout resolved for "
       f"{p['decode_layout_for']})",
       f"batch {bt['prompts']} prompts x {bt['samples']} samples = {bt['rows']} rows, micro-batch "

@@ -336,8 +336,9 @@ class Planner:
     return self._setups[probe]
 
   def exact(self, config: models.ModelConfig) -> bool:
+    # Scanned layers compile in the same time at any depth: exact whatever their number.
     return config.num_layers <= DEPTHS[1] or self.layers == "exact" or (
-        self.layers == "auto" and config.num_layers <= EXACT_MAX_LAYERS)
+        self.layers == "auto" and (config.num_layers <= EXACT_MAX_LAYERS or config.scan_layers))
 
   def compiled(self, probe: Probe, program: str, size: int, depth: int) -> ProgramMemory:
     """`program` of `probe` with the model cut to `depth` layers."""

@@ -48,9 +48,12 @@ def get_config(arg: str = "qwen2.5-0.5b") -> ml_collections.ConfigDict:
   c.data.fields.cleanup = "<<[^<>]*>>"
   c.tokenizer = dict(path="", vocab_size=0)  # from the checkpoint directory
   # float32 master weights and Adam state, bfloat16 compute: at lr 1e-6 a bfloat16 weight would
-  # not move (an update far below half its ulp rounds away).
+  # not move (an update far below half its ulp rounds away). Scanned layers: compile time
+  # independent of depth (0.5B sampler 19.5 s against 75 s unrolled on a 2-core CPU) and the 7B
+  # update at micro-batch 16 within an H100 (phase peak 59 GiB per device against 91 at fsdp =
+  # 8); no remat: it fits without (remat="layer": 26 GiB, recomputing each layer's forward).
   c.model = dict(preset="", hf_checkpoint="", param_dtype="float32", dtype="bfloat16",
-                 scan_layers=False, remat="none", overrides={}, lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down",
+                 scan_layers=True, remat="none", overrides={}, lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down",
                                          dropout=0.0))
   c.sft.steps = 0  # instruct models need no warm start
   g = c.grpo

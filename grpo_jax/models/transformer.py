@@ -26,6 +26,9 @@ Parameter layout (`params[...]`, shapes, logical axis names):
     layers_{i}/mlp/gate_up          [E, 2, M]       ("embed", "gate_up", "mlp")
     layers_{i}/mlp/down             [M, E]          ("mlp", "embed")
     layers_{i}/post_mlp_norm/scale  [E]             ("norm",)                 gemma3
+With `config.scan_layers` the layers are stored stacked: `layers/...` with a leading L axis on
+every leaf (logical axis "layers" first) and run as one `nn.scan` (`ScannedBlock`); the KV
+cache is then one [L, ...] array per keys / values (`models.layer_stack` converts layouts).
 The q/k/v projections are fused and grouped per KV head: `qkv[:, k, :G]` are the G query heads
 that share KV head k (HF query head h = k * G + g), `qkv[:, k, G]` is key head k and
 `qkv[:, k, G + 1]` value head k. Gate and up projections are fused likewise. Fused weights were
