@@ -10,8 +10,10 @@ import re
 
 import jax
 
-from grpo_jax.models.config import REMAT_POLICIES
 from grpo_jax.settings_types import ConfigError, RolloutSettings, Settings
+
+# models.REMAT_POLICIES, spelled here: settings import no model code (tests check both agree).
+REMAT_POLICIES = ("none", "layer", "matmuls")
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # models.LORA_TARGETS (no model import here)

@@ -46,16 +46,18 @@ class CountingEnv:
                                              info={"status": "ok"})
 
 
-def tiny_model(vocab):
+def tiny_model(vocab, scan_layers=False):
   config = models.get_config("tiny_llama").replace(
       vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
       num_kv_heads=1, head_dim=16, max_position_embeddings=512)
-  return config, models.init_params(config, jax.random.key(3))
+  params = models.init_params(config, jax.random.key(3))
+  return config.replace(scan_layers=scan_layers), models.to_layout(params, scan_layers)
 
 
-def run(env, *, C=40, S=128, max_turns=4, seed=0, P=2, G=6, temperature=1.0, eos=()):
+def run(env, *, C=40, S=128, max_turns=4, seed=0, P=2, G=6, temperature=1.0, eos=(),
+        scan_layers=False):
   tok = CharTokenizer()
-  config, params = tiny_model(tok.vocab_size)
+  config, params = tiny_model(tok.vocab_size, scan_layers)
   settings = turn_programs.TurnSettings(
       sampling=SamplingSettings(num_samples=G, max_new_tokens=C, temperature=temperature,
                                 eos_ids=eos, pad_id=0),
@@ -98,6 +100,16 @@ def test_logprobs_exact_and_observations_outside_the_loss(seed):
   np.testing.assert_allclose(ep.logprobs_BxC[m], lp[m], atol=2e-5, rtol=1e-5)
   assert ep.figures["episode/env_token_fraction"] > 0
   assert ep.figures["episode/tool_calls"] == pytest.approx(np.mean(calls))
+
+
+def test_scanned_layers_give_the_unrolled_episodes():
+  """The stacked cache written at the turns' holes and observation blocks: the same episodes."""
+  want, got = (run(CountingEnv(), seed=0, scan_layers=s)[-1] for s in (False, True))
+  np.testing.assert_array_equal(got.tokens_BxC, want.tokens_BxC)
+  np.testing.assert_array_equal(got.policy_mask_BxC, want.policy_mask_BxC)
+  np.testing.assert_array_equal(got.env_mask_BxC, want.env_mask_BxC)
+  m = want.policy_mask_BxC > 0
+  np.testing.assert_allclose(got.logprobs_BxC[m], want.logprobs_BxC[m], atol=1e-6, rtol=0)
 
 
 def test_env_done_and_turn_limit():

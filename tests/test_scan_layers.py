@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs import arithmetic as arithmetic_config
-from grpo_jax import metrics, models, runs, sampling, sharding, trainer
+from grpo_jax import metrics, models, runs, sampling, settings, settings_checks, sharding, trainer
 from grpo_jax.models import hf_checkpoint, lora, peft_export
 
 FAMILIES = ["tiny_qwen2", "tiny_qwen3", "tiny_llama", "tiny_gemma3"]
@@ -100,6 +100,16 @@ def test_scanned_sampler_draws_the_unrolled_samples(continuous):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
   np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-6, rtol=0)
+
+
+def test_remat_policies_agree_and_bad_ones_are_config_errors():
+  assert settings_checks.REMAT_POLICIES == models.REMAT_POLICIES
+  cfg = arithmetic_config.get_config("smoke")
+  cfg.model.remat = "sometimes"
+  with pytest.raises(settings.ConfigError, match="config.model.remat"):
+    settings.from_config(cfg, 1)
+  cfg.model.remat = "matmuls"
+  assert settings.from_config(cfg, 1).model.remat == "matmuls"
 
 
 def test_layouts_convert_exactly_with_axes_and_shardings():
