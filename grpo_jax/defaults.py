@@ -80,7 +80,10 @@ def config() -> ml_collections.ConfigDict:
       dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
       ref_reset_every=0, ref_ema=0.0,
       loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",
-                importance_sampling_level="token"),
+                importance_sampling_level="token",
+                # the policy term: "clip" (PPO / GRPO), "cispo" (clipped stop-gradient IS
+                # weight x log-prob), "sapo" (soft sigmoid gate; its temperatures below)
+                policy_loss="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05),
       optim=dict(learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
                  weight_decay=0.0, max_grad_norm=1.0)))
 

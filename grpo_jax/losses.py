@@ -4,7 +4,15 @@ Per token t of completion i, with ratio r = pi(o_t) / pi_old(o_t) and advantage 
 
   l_{i,t} = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t(pi || pi_ref)
 
-and KL_t by the k3 estimator of DeepSeekMath eq. 4: pi_ref/pi - log(pi_ref/pi) - 1.
+and KL_t by the k3 estimator of DeepSeekMath eq. 4: pi_ref/pi - log(pi_ref/pi) - 1. The first
+term is the policy loss of `policy_loss` ("clip" above), or:
+
+  "cispo": -sg(min(r, 1 + eps_high)) * A * log pi(o_t)   (MiniMax-M1, eq. 4: the truncated
+           ratio is a stop-gradient weight, so no token loses its gradient; no lower bound, as
+           the paper sets none; TRL's cap is its `epsilon_high` itself, here 1 + eps_high)
+  "sapo":  -(4 / tau) * sigmoid(tau * (r - 1)) * A,  tau = tau_pos if A > 0 else tau_neg
+           (SAPO, Gao et al. 2025: a soft gate in place of the clip; its gradient weight
+           4 s (1 - s) r, s = sigmoid(tau (r - 1)), is 1 on-policy and fades off-policy)
 The loss is l aggregated over tokens and sequences (`loss_type`):
 
   "grpo":    mean_i  sum_t l * m / |o_i|        (DeepSeekMath; each sequence weighs 1/B)
@@ -23,7 +31,7 @@ they are equal.
 Every aggregation is a weighted token sum, sum_{i,t} l_{i,t} * w_{i,t}, with weights that depend
 only on the mask of the *whole* optimizer batch (`loss_weights`). So a batch split into
 micro-batches, each summing l * w with its slice of the full-batch weights, gives exactly the
-full-batch loss and gradient (`accumulate_gradients`). Metrics are accumulated the same way, as
+full-batch loss and gradient (`microbatches.accumulate_gradients`). Metrics are accumulated the same way, as
 weighted sums that are finalised once (`finalize_metrics`).
 
 Shapes: B sequences, T completion tokens. All functions are pure and jittable.
@@ -32,7 +40,7 @@ Shapes: B sequences, T completion tokens. All functions are pure and jittable.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Optional
+from typing import Literal, Optional
 
 import chex
 import flax
@@ -45,6 +53,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
 OBJECTIVES = ("grpo", "sft")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +76,16 @@ class LossConfig:
   importance_sampling_level: str = "token"
   max_completion_length: Optional[int] = None
   temperature: float = 1.0
+  policy_loss: str = "clip"  # POLICY_LOSSES (module docstring)
+  sapo_tau_pos: float = 1.0  # SAPO's gate temperatures (the paper's defaults)
+  sapo_tau_neg: float = 1.05
 
   def __post_init__(self):
+    if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
+      raise ValueError(f"loss: sapo_tau_pos = {self.sapo_tau_pos} and sapo_tau_neg = "
+                       f"{self.sapo_tau_neg} must be > 0")
     for name, value, allowed in (("objective", self.objective, OBJECTIVES),
+                                 ("policy_loss", self.policy_loss, POLICY_LOSSES),
                                  ("loss_type", self.loss_type, LOSS_TYPES),
                                  ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
                                  ("importance_sampling_level", self.importance_sampling_level,
@@ -202,7 +218,8 @@ def check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_ty
 def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeights, *,
                     ref_logprobs=None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                     beta: float = 0.0, kl_estimator: KLEstimator = "k3",
-                    importance_sampling_level: str = "token") -> tuple[jax.Array, dict]:
+                    importance_sampling_level: str = "token", policy_loss: str = "clip",
+                    sapo_tau: tuple[float, float] = (1.0, 1.05)) -> tuple[jax.Array, dict]:
   """The loss as a weighted token sum, and metrics as weighted sums (both additive over batches).
 
   Use this directly for micro-batching (with the full batch's `weights` sliced); otherwise use
@@ -225,7 +242,8 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   valid = mask > 0  # masked positions may hold anything (NaN * 0 weight would still be NaN)
   ratio = jnp.where(valid, jnp.exp(log_ratio_BxT), 1.0)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-  per_token = jnp.where(valid, -jnp.minimum(ratio * adv_BxT, clipped * adv_BxT), 0.0)
+  per_token = jnp.where(valid, _policy_loss(policy_loss, ratio, clipped, adv_BxT, jnp.where(
+      valid, logprobs, 0.0), 1.0 + epsilon_high, sapo_tau), 0.0)
 
   sums = {}
   if ref_logprobs is not None:
@@ -250,6 +268,17 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
       completion_length=jnp.sum(jnp.sum(mask, 1) * weights.seq_B),
   )
   return loss, sums
+
+
+def _policy_loss(name: str, ratio, clipped, adv_BxT, logprobs, cap: float, sapo_tau):
+  """Per-token policy loss of `name` (module docstring), before the KL term. `clipped`: the
+  ratio in [1 - eps_low, 1 + eps_high]; CISPO's weight has the upper bound `cap` only."""
+  if name == "cispo":
+    return -jax.lax.stop_gradient(jnp.minimum(ratio, cap)) * adv_BxT * logprobs
+  if name == "sapo":
+    tau = jnp.where(adv_BxT > 0, sapo_tau[0], sapo_tau[1])
+    return -(4.0 / tau) * jax.nn.sigmoid(tau * (ratio - 1.0)) * adv_BxT
+  return -jnp.minimum(ratio * adv_BxT, clipped * adv_BxT)
 
 
 def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[jax.Array, dict]:
@@ -284,7 +313,8 @@ def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights
   return grpo_loss_terms(
       logprobs, old, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-      kl_estimator=cfg.kl_estimator, importance_sampling_level=cfg.importance_sampling_level)
+      kl_estimator=cfg.kl_estimator, importance_sampling_level=cfg.importance_sampling_level,
+      policy_loss=cfg.policy_loss, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg))
 
 
 def finalize_metrics(sums: dict) -> dict:
@@ -303,7 +333,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
               loss_type: LossType = "grpo", epsilon_low: float = 0.2,
               epsilon_high: float | None = None, beta: float = 0.0,
               kl_estimator: KLEstimator = "k3", importance_sampling_level: str = "token",
-              max_completion_length: int | None = None) -> tuple[jax.Array, dict]:
+              max_completion_length: int | None = None, policy_loss: str = "clip",
+              sapo_tau: tuple[float, float] = (1.0, 1.05)) -> tuple[jax.Array, dict]:
   """The negative GRPO objective (to minimise) and its metrics.
 
   Args:
@@ -317,6 +348,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
     kl_estimator: "k1" | "k2" | "k3" (DeepSeekMath uses k3).
     importance_sampling_level: "token" (GRPO) or "sequence" (GSPO).
     max_completion_length: L of "dr_grpo" (defaults to T).
+    policy_loss: "clip" | "cispo" | "sapo" (module docstring); sapo_tau: (tau_pos, tau_neg).
   Returns:
     (loss scalar, metrics dict): kl (if ref given), ratio_mean, clip_frac_low/high, clip_frac,
     advantage_mean/std, completion_length.
@@ -325,60 +357,13 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
   advantages, mask = jnp.asarray(advantages), jnp.asarray(mask)
   check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
                 importance_sampling_level, beta, epsilon_low, epsilon_high)
+  if policy_loss not in POLICY_LOSSES:
+    raise ValueError(f"grpo_loss: unknown policy_loss {policy_loss!r}; expected one of "
+                     f"{POLICY_LOSSES}")
   weights = loss_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length)
   loss, sums = grpo_loss_terms(
       logprobs, old_logprobs, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator,
-      importance_sampling_level=importance_sampling_level)
+      importance_sampling_level=importance_sampling_level, policy_loss=policy_loss,
+      sapo_tau=sapo_tau)
   return loss, finalize_metrics(sums)
-
-
-# ----------------------------------------------------------------------------- micro-batching
-
-
-def split_microbatches(tree: Any, num_microbatches: int) -> Any:
-  """Reshape every leaf [B, ...] -> [M, B / M, ...]; micro-batch m holds rows m, m + M, ...
-
-  Strided rather than contiguous, so that a batch sharded over the data axes stays evenly
-  sharded inside every micro-batch (no device idles, no resharding).
-  """
-  def split(x):
-    if x.shape[0] % num_microbatches:
-      raise ValueError(f"split_microbatches: batch size {x.shape[0]} is not divisible by "
-                       f"num_microbatches = {num_microbatches}")
-    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-  if num_microbatches < 1:
-    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-  return jax.tree.map(split, tree)
-
-
-def accumulate_gradients(loss_terms_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params,
-                         batch, num_microbatches: int = 1):
-  """Sum of (loss, metric sums, grads) of `loss_terms_fn` over micro-batches, with `lax.scan`.
-
-  `loss_terms_fn(params, microbatch) -> (loss, sums)` must be additive over rows: build it from
-  `grpo_loss_terms` with LossWeights computed on the *full* batch and carried inside `batch`
-  (then slicing the batch slices the weights). The result equals the full-batch gradient up to
-  floating-point summation order. Returns (loss, sums, grads); call `finalize_metrics(sums)`.
-  """
-  grad_fn = jax.value_and_grad(loss_terms_fn, has_aux=True)
-  if num_microbatches == 1:
-    (loss, sums), grads = grad_fn(params, batch)
-    return loss, sums, grads
-  micro = split_microbatches(batch, num_microbatches)
-
-  def body(carry, mb):
-    (loss, sums), grads = grad_fn(params, mb)
-    return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
-
-  first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda: _flat(grad_fn(params, first)))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
-  return loss, sums, grads
-
-
-def _flat(out):
-  (loss, sums), grads = out
-  return loss, sums, grads

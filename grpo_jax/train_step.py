@@ -6,7 +6,7 @@
   sequence_logprobs(params, batch) -> [B, C]       the teacher-forced log-probs of the completions
 
 Memory and speed: rows are processed in micro-batches inside a `lax.scan` (the gradient of the
-whole batch is their exact sum, `losses.accumulate_gradients`), and within a micro-batch the
+whole batch is their exact sum, `microbatches.accumulate_gradients`), and within a micro-batch the
 [b, C, V] logits are produced chunk by chunk over the sequence under `jax.checkpoint`, so the
 full [B, T, V] float32 logits never exist, neither in the forward nor in the backward pass.
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from grpo_jax import losses, sharding
+from grpo_jax import losses, microbatches, sharding
 from grpo_jax import models
 from grpo_jax.models import lora
 from grpo_jax.settings_types import OptimConfig
@@ -174,7 +174,7 @@ def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.
                                 max_completion_length=loss_cfg.max_completion_length)
   terms = functools.partial(microbatch_loss_terms, model_config=model_config,
                             loss_cfg=loss_cfg, vocab_chunk=vocab_chunk, frozen=frozen, rows=rows)
-  loss, sums, grads = losses.accumulate_gradients(
+  loss, sums, grads = microbatches.accumulate_gradients(
       terms, params, {"batch": batch, "weights": weights}, num_microbatches)
   metrics = losses.finalize_metrics(sums)
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
@@ -215,7 +215,7 @@ def batched_logprobs(params, batch: TrainBatch, *, model_config, temperature: fl
   if num_microbatches == 1:
     return sequence_logprobs(params, batch, model_config=model_config, temperature=temperature,
                              vocab_chunk=vocab_chunk, rows=rows)
-  micro = losses.split_microbatches(batch, num_microbatches)
+  micro = microbatches.split_microbatches(batch, num_microbatches)
   lp_MxbxC = jax.lax.map(lambda mb: sequence_logprobs(
       params, mb, model_config=model_config, temperature=temperature, vocab_chunk=vocab_chunk,
       rows=rows), micro)

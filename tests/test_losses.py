@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import losses
+from grpo_jax import losses, microbatches
 
 # ----------------------------------------------------------------------------- NumPy reference
 
@@ -17,7 +17,19 @@ def np_kl(lp, ref, est):
   return {"k1": -d, "k2": d * d / 2, "k3": np.exp(d) - d - 1}[est]
 
 
-def np_grpo_loss(lp, old, adv, mask, ref, loss_type, eps_low, eps_high, beta, est, level, max_len):
+def np_policy_term(policy, r, a, lp, eps_low, eps_high, tau=(1.0, 1.05)):
+  """One token's policy objective (to maximise) in float64: the clip, CISPO or SAPO."""
+  clipped = min(max(r, 1 - eps_low), 1 + eps_high)
+  if policy == "cispo":  # the ratio capped above (no lower bound), a constant weight on log pi
+    return min(r, 1 + eps_high) * a * lp
+  if policy == "sapo":
+    t = tau[0] if a > 0 else tau[1]
+    return 4.0 / t / (1.0 + np.exp(-t * (r - 1.0))) * a
+  return min(r * a, clipped * a)
+
+
+def np_grpo_loss(lp, old, adv, mask, ref, loss_type, eps_low, eps_high, beta, est, level, max_len,
+                 policy="clip", tau=(1.0, 1.05)):
   """Sequence by sequence, token by token, in float64."""
   B, T = lp.shape
   eps_high = eps_low if eps_high is None else eps_high
@@ -31,7 +43,7 @@ def np_grpo_loss(lp, old, adv, mask, ref, loss_type, eps_low, eps_high, beta, es
       log_ratio = seq_log_ratio if level == "sequence" else lp[i, t] - old[i, t]
       r = np.exp(log_ratio)
       a = adv[i, t]
-      obj = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+      obj = np_policy_term(policy, r, a, lp[i, t], eps_low, eps_high, tau)
       per_tok[i, t] = -obj + (beta * np_kl(lp[i, t], ref[i, t], est) if beta else 0.0)
   if loss_type == "grpo":
     return np.mean([(per_tok[i] * mask[i]).sum() / max(mask[i].sum(), 1) for i in range(B)])
@@ -252,7 +264,7 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="needs ref_logprobs"):
     losses.grpo_loss(x, x, jnp.zeros(2), x, beta=0.04)
   with pytest.raises(ValueError, match="not divisible"):
-    losses.split_microbatches({"a": jnp.zeros((6, 2))}, 4)
+    microbatches.split_microbatches({"a": jnp.zeros((6, 2))}, 4)
 
 
 # ----------------------------------------------------------------------------- micro-batching
@@ -288,7 +300,7 @@ def test_microbatched_gradient_equals_full_batch(loss_type, level):
 
   (want_loss, want_m), want_g = jax.value_and_grad(full, has_aux=True)(params)
   for m in (1, 2, 4):
-    loss, sums, g = jax.jit(losses.accumulate_gradients, static_argnums=(0, 3))(
+    loss, sums, g = jax.jit(microbatches.accumulate_gradients, static_argnums=(0, 3))(
         terms, params, batch, m)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(g["w"], want_g["w"], rtol=1e-5, atol=1e-7)
@@ -299,7 +311,7 @@ def test_microbatched_gradient_equals_full_batch(loss_type, level):
 
 def test_split_microbatches_is_strided():
   x = jnp.arange(8)
-  np.testing.assert_array_equal(losses.split_microbatches(x, 2), [[0, 2, 4, 6], [1, 3, 5, 7]])
+  np.testing.assert_array_equal(microbatches.split_microbatches(x, 2), [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
 def test_sft_loss_is_advantage_weighted_nll():
@@ -313,3 +325,56 @@ def test_sft_loss_is_advantage_weighted_nll():
   np.testing.assert_allclose(float(loss), want, rtol=1e-6)
   np.testing.assert_allclose(float(sums["nll"]), -(np.asarray(lp) * np.asarray(mask)).sum() / 4,
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
+@pytest.mark.parametrize("level", losses.IS_LEVELS)
+def test_cispo_and_sapo_match_numpy_reference(policy, loss_type, level):
+  lp, old, adv, mask, ref = random_inputs(3, adv_2d=loss_type == "dapo")
+  tau = (0.7, 1.3)
+  want = np_grpo_loss(lp, old, adv, mask, ref, loss_type, 0.2, 0.28, 0.04, "k3", level, None,
+                      policy=policy, tau=tau)
+  got, metrics = losses.grpo_loss(
+      jnp.asarray(lp, jnp.float32), jnp.asarray(old, jnp.float32), jnp.asarray(adv, jnp.float32),
+      jnp.asarray(mask, jnp.float32), ref_logprobs=jnp.asarray(ref, jnp.float32),
+      loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=0.04,
+      importance_sampling_level=level, policy_loss=policy, sapo_tau=tau)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(float(metrics["kl"]))
+
+
+@pytest.mark.parametrize("policy", ["cispo", "sapo"])
+def test_cispo_and_sapo_gradients_match_their_equations(policy):
+  """d loss / d log pi per token, token-level ratios, dapo weights w = mask / sum(mask):
+  CISPO -w min(r, 1 + eps_high) A (never zero: no token is dropped); SAPO -w 4 s (1 - s) r A with
+  s = sigmoid(tau (r - 1)), which is -w A on-policy (r = 1)."""
+  lp, old, adv, mask, _ = random_inputs(4, adv_2d=True)
+  fn = lambda x, o: losses.grpo_loss(  # noqa: E731
+      x, o, jnp.asarray(adv, jnp.float32), jnp.asarray(mask, jnp.float32), loss_type="dapo",
+      epsilon_low=0.2, epsilon_high=0.28, policy_loss=policy, sapo_tau=(1.0, 1.05))[0]
+  w = mask / mask.sum()
+  for old_lp in (old, lp):  # off-policy, then on-policy (r = 1)
+    got = np.asarray(jax.grad(fn)(jnp.asarray(lp, jnp.float32), jnp.asarray(old_lp, jnp.float32)))
+    r = np.exp(lp - old_lp)
+    if policy == "cispo":
+      want = -w * np.minimum(r, 1.28) * adv
+    else:
+      tau = np.where(adv > 0, 1.0, 1.05)
+      s = 1.0 / (1.0 + np.exp(-tau * (r - 1.0)))
+      want = -w * 4.0 * s * (1.0 - s) * r * adv
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got, -w * adv, rtol=1e-5, atol=1e-7)  # on-policy: the plain PG
+  if policy == "cispo":  # ratios far outside the band keep a (clipped) gradient
+    far = np.asarray(jax.grad(fn)(jnp.asarray(lp, jnp.float32), jnp.asarray(lp - 2.0, jnp.float32)))
+    assert np.all(np.abs(far[mask > 0]) > 0)
+
+
+def test_policy_loss_settings_are_checked():
+  with pytest.raises(ValueError, match="policy_loss"):
+    losses.LossConfig(policy_loss="ppo2")
+  with pytest.raises(ValueError, match="sapo_tau_pos"):
+    losses.LossConfig(policy_loss="sapo", sapo_tau_pos=0.0)
+  with pytest.raises(ValueError, match="policy_loss"):
+    losses.grpo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                     policy_loss="clipp")

@@ -87,6 +87,27 @@ def test_update_step_microbatch_invariance(loss_type):
     assert int(s.step) == 1
 
 
+@pytest.mark.parametrize("policy_loss", ["cispo", "sapo"])
+def test_cispo_and_sapo_update_steps_are_microbatch_invariant(policy_loss):
+  """The objectives peers ship, through the trainer's update: exact over micro-batches, and
+  the loss equal to `losses.grpo_loss` on the step's own log-probs."""
+  loss_cfg = losses.LossConfig(beta=0.04, policy_loss=policy_loss, sapo_tau_pos=0.9)
+  optimizer = ts.make_optimizer(mw.OPTIM)
+  params = mw.init_params()
+  batch = jax.tree.map(jnp.asarray, mw.make_batch())
+  batch = batch.replace(ref_logprobs=batch.old_logprobs + 0.1)
+  results = [jax.jit(lambda s, b, m=m: ts.update_step(
+      s, b, model_config=mw.MODEL, optimizer=optimizer, loss_cfg=loss_cfg,
+      num_microbatches=m))(ts.init_train_state(params, optimizer), batch) for m in (1, 2)]
+  assert_close_tree(results[1][1], results[0][1], 2e-5, 1e-6, "metrics")
+  assert_close_tree(results[1][0].params, results[0][0].params, 0, 1e-5, "params")
+  logprobs = ts.sequence_logprobs(params, batch, model_config=mw.MODEL)
+  want, _ = losses.grpo_loss(logprobs, batch.old_logprobs, batch.advantages,
+                             batch.completion_mask, ref_logprobs=batch.ref_logprobs, beta=0.04,
+                             policy_loss=policy_loss, sapo_tau=(0.9, 1.05))
+  np.testing.assert_allclose(results[0][1]["loss"], want, rtol=2e-5, atol=1e-6)
+
+
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
   mesh = sharding.make_mesh(2, 2, 2)
   optimizer = ts.make_optimizer(mw.OPTIM)

@@ -189,6 +189,7 @@ def _gsm8k_fixture(tmp_path):
      "config.grpo.micro_batch_size = 5"),
     (["--config.grpo.rewards.exact_answer=0.0"], "all weights are 0"),
     (["--config.mesh.data=3"], "config.mesh"),
+    (["--config.grpo.loss.policy_loss=ppo2"], "config.grpo.loss: loss: unknown policy_loss"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, flags, message):
   code, out = launch(tmp_path / "bad", *SMOKE, *flags)

@@ -72,7 +72,7 @@ def mode_config(config: ModelConfig, mode: str, lora_rank: int = 16) -> ModelCon
     return config.replace(param_dtype="float32", dtype=COMPUTE_DTYPE, lora_rank=0)
   if mode == "full_bf16":
     return config.replace(param_dtype=COMPUTE_DTYPE, dtype=COMPUTE_DTYPE, lora_rank=0)
-  if mode == "lora":  # base stored in the compute dtype; adapters are float32 (transformer._lora)
+  if mode == "lora":  # base stored in the compute dtype; adapters are float32 (blocks._lora)
     return config.replace(param_dtype=COMPUTE_DTYPE, dtype=COMPUTE_DTYPE, lora_rank=lora_rank,
                           lora_targets=LORA_TARGETS)
   raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")

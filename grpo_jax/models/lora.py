@@ -11,7 +11,7 @@ base weight is never rewritten during training). Here:
   fingerprint(base)                       # identifies the base an adapter checkpoint belongs to
 
 Why not qwix (Tunix's LoRA): it rewrites Flax modules by intercepting their ops; our model is
-a few explicit einsums, so LoRA is one helper in `transformer.py` and this file, and the params
+a few explicit einsums, so LoRA is one helper in `blocks.py` and this file, and the params
 stay a plain tree that jit, sharding rules and Orbax handle like any other.
 """
 

@@ -15,7 +15,7 @@ already holds. Losses (all pure, jittable):
   prm_bce:      sum_{i,s} m_is BCE(score_is, y_is) / sum m (mean over existing steps)
 
 Training (`rm_update_step`) mirrors `train_step.update_step`: the per-row weights are fixed by
-the whole optimizer batch, so micro-batches (`losses.accumulate_gradients`) give exactly the
+the whole optimizer batch, so micro-batches (`microbatches.accumulate_gradients`) give exactly the
 full-batch gradient; `make_rm_update_fn` jits it over a Mesh (params by logical axes, rows over
 ("data", "fsdp"), state donated).
 
@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from grpo_jax import losses, models, sharding
+from grpo_jax import microbatches, models, sharding
 from grpo_jax import train_step as ts
 
 KINDS = ("orm", "orm_pairwise", "prm")
@@ -224,7 +224,7 @@ def rm_loss_and_grads(params, batch, *, model_config, kind: str = "orm",
   Metrics: loss, rm_accuracy (weighted like the loss), grad_norm."""
   _check_kind(kind, batch)
   terms = functools.partial(_rm_loss_terms, model_config=model_config, kind=kind)
-  loss, sums, grads = losses.accumulate_gradients(
+  loss, sums, grads = microbatches.accumulate_gradients(
       terms, params, {"batch": batch, "weights": _loss_weights(batch, kind)}, num_microbatches)
   metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads))
   return loss, metrics, grads
@@ -276,7 +276,7 @@ def _microbatched(fn, batch, num_microbatches: int):
   """fn over strided micro-batches of rows with `lax.map`, rows returned in original order."""
   if num_microbatches == 1:
     return fn(batch)
-  out_Mxb = jax.lax.map(fn, losses.split_microbatches(batch, num_microbatches))
+  out_Mxb = jax.lax.map(fn, microbatches.split_microbatches(batch, num_microbatches))
   return out_Mxb.swapaxes(0, 1).reshape(-1, *out_Mxb.shape[2:])
 
 
