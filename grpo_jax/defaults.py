@@ -83,7 +83,9 @@ def config() -> ml_collections.ConfigDict:
                 importance_sampling_level="token",
                 # the policy term: "clip" (PPO / GRPO), "cispo" (clipped stop-gradient IS
                 # weight x log-prob), "sapo" (soft sigmoid gate; its temperatures below)
-                policy_loss="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05),
+                policy_loss="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                # entropy bonus: loss -= entropy_coef x token entropy (logged as "entropy")
+                entropy_coef=0.0),
       optim=dict(learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
                  weight_decay=0.0, max_grad_norm=1.0)))
 

@@ -79,6 +79,7 @@ class LossConfig:
   policy_loss: str = "clip"  # POLICY_LOSSES (module docstring)
   sapo_tau_pos: float = 1.0  # SAPO's gate temperatures (the paper's defaults)
   sapo_tau_neg: float = 1.05
+  entropy_coef: float = 0.0  # a bonus: loss -= entropy_coef x the policy's token entropy
 
   def __post_init__(self):
     if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
@@ -99,6 +100,8 @@ class LossConfig:
                        f"high={self.epsilon_high}")
     if not self.temperature > 0:
       raise ValueError(f"loss: temperature = {self.temperature} must be > 0")
+    if not self.entropy_coef >= 0:
+      raise ValueError(f"loss: entropy_coef = {self.entropy_coef} must be >= 0")
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -299,12 +302,24 @@ def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[ja
 
 
 def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights, *,
-               old_logprobs=None, ref_logprobs=None) -> tuple[jax.Array, dict]:
+               old_logprobs=None, ref_logprobs=None, entropy=None) -> tuple[jax.Array, dict]:
   """The training path's loss: `cfg.objective` on one (micro-)batch, inputs checked first.
 
   `old_logprobs` None means mu = 1 (one update per rollout): the ratio's denominator is the
-  current policy's log-probs, detached, so the ratio is 1 with the PPO gradient.
+  current policy's log-probs, detached, so the ratio is 1 with the PPO gradient. `entropy`:
+  the policy's token entropies [B, T]: logged (token mean), and `cfg.entropy_coef` x entropy
+  is subtracted from the loss (a bonus: 0 by default).
   """
+  loss, sums = _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs)
+  if entropy is not None:
+    valid_entropy = jnp.where(mask > 0, entropy, 0.0)
+    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(valid_entropy) * weights.token_BxT)
+    if cfg.entropy_coef:
+      loss = loss - cfg.entropy_coef * jnp.sum(valid_entropy * weights.loss_BxT)
+  return loss, sums
+
+
+def _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs):
   if cfg.objective == "sft":
     return sft_loss_terms(logprobs, mask, advantages, weights)
   old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs

@@ -85,8 +85,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
 # ----------------------------------------------------------------------------- log-probs
 
 
-def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperature, chunk):
-  """Log-probs of targets from hidden states, `chunk` positions at a time, rematerialised."""
+def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperature, chunk,
+                      entropy: bool = False):
+  """Log-probs of targets from hidden states, `chunk` positions at a time, rematerialised;
+  with `entropy`, (log-probs, the policy's token entropies) from the same logits."""
   B, C, E = hidden_BxCxE.shape
   chunk = min(chunk, C)
   n = -(-C // chunk)
@@ -97,17 +99,19 @@ def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperatu
   @jax.checkpoint
   def one(h_BxcxE, t_Bxc):
     logits = models.unembed(params, model_config, h_BxcxE)
-    return losses.token_logprobs(logits, t_Bxc, temperature=temperature)
+    lp = losses.token_logprobs(logits, t_Bxc, temperature=temperature)
+    return (lp, losses.token_entropy(logits, temperature=temperature)) if entropy else lp
 
   h = hidden_BxCxE.reshape(B, n, chunk, E).swapaxes(0, 1)
   t = targets_BxC.reshape(B, n, chunk).swapaxes(0, 1)
-  lp_nxBxc = jax.lax.map(lambda xs: one(*xs), (h, t))
-  return lp_nxBxc.swapaxes(0, 1).reshape(B, n * chunk)[:, :C]
+  out_nxBxc = jax.lax.map(lambda xs: one(*xs), (h, t))
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :C], out_nxBxc)
 
 
 def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: float = 1.0,
-                      vocab_chunk: int = 32, rows=None) -> jax.Array:
-  """Teacher-forced log-probs of the completion tokens, [B, C] float32.
+                      vocab_chunk: int = 32, rows=None, entropy: bool = False) -> jax.Array:
+  """Teacher-forced log-probs of the completion tokens, [B, C] float32 (with `entropy`: and
+  the policy's entropy at each completion position, [B, C], from the same logits).
 
   The sequence is prompt (left-padded) + completion; positions count real tokens only, so they
   match the sampler's. The hidden state at position P - 1 + c predicts completion token c.
@@ -137,7 +141,7 @@ def sequence_logprobs(params, batch: TrainBatch, *, model_config, temperature: f
     hidden = jax.lax.with_sharding_constraint(hidden, rows)
   hidden_BxCxE = hidden[:, prompt_len - 1:-1]
   return _chunked_logprobs(params, model_config, hidden_BxCxE, batch.completion_tokens,
-                           temperature, vocab_chunk)
+                           temperature, vocab_chunk, entropy)
 
 
 # ----------------------------------------------------------------------------- update
@@ -158,12 +162,12 @@ def microbatch_loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.Lo
   the whole batch's loss weights}: what the gradient passes differentiate."""
   batch: TrainBatch = mb["batch"]
   params = update_params(params, frozen)
-  logprobs = sequence_logprobs(params, batch, model_config=model_config,
-                               temperature=loss_cfg.temperature, vocab_chunk=vocab_chunk,
-                               rows=rows)
+  logprobs, entropy = sequence_logprobs(params, batch, model_config=model_config,
+                                        temperature=loss_cfg.temperature,
+                                        vocab_chunk=vocab_chunk, rows=rows, entropy=True)
   return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
                            mb["weights"], old_logprobs=batch.old_logprobs,
-                           ref_logprobs=batch.ref_logprobs)
+                           ref_logprobs=batch.ref_logprobs, entropy=entropy)
 
 
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,

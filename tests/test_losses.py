@@ -378,3 +378,21 @@ def test_policy_loss_settings_are_checked():
   with pytest.raises(ValueError, match="policy_loss"):
     losses.grpo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                      policy_loss="clipp")
+
+
+def test_entropy_is_logged_as_a_token_mean_and_its_bonus_follows_the_loss_weights():
+  lp, old, adv, mask, _ = random_inputs(5)
+  ent = np.random.default_rng(5).uniform(0.0, 3.0, size=lp.shape)
+  args = [jnp.asarray(x, jnp.float32) for x in (lp, mask, adv)]
+  weights = losses.loss_weights(args[1], loss_type="grpo")
+  base, sums = losses.loss_terms(losses.LossConfig(), *args, weights,
+                                 old_logprobs=jnp.asarray(old, jnp.float32),
+                                 entropy=jnp.asarray(ent, jnp.float32))
+  np.testing.assert_allclose(float(sums["entropy"]), (ent * mask).sum() / mask.sum(), rtol=1e-6)
+  bonus, _ = losses.loss_terms(losses.LossConfig(entropy_coef=0.1), *args, weights,
+                               old_logprobs=jnp.asarray(old, jnp.float32),
+                               entropy=jnp.asarray(ent, jnp.float32))
+  per_seq = [(ent[i] * mask[i]).sum() / max(mask[i].sum(), 1) for i in range(len(mask))]
+  np.testing.assert_allclose(float(bonus), float(base) - 0.1 * np.mean(per_seq), rtol=1e-5)
+  with pytest.raises(ValueError, match="entropy_coef"):
+    losses.LossConfig(entropy_coef=-1.0)

@@ -108,6 +108,35 @@ def test_cispo_and_sapo_update_steps_are_microbatch_invariant(policy_loss):
   np.testing.assert_allclose(results[0][1]["loss"], want, rtol=2e-5, atol=1e-6)
 
 
+def test_update_logs_the_policy_entropy_and_applies_the_bonus():
+  """metrics["entropy"]: the token mean over completion tokens of the policy's entropy, as a
+  NumPy computation from the full logits gives it; entropy_coef c lowers the loss by c times
+  it (dapo weights: the loss and the metric share the token mean) and changes the gradient."""
+  params = mw.init_params()
+  batch = jax.tree.map(jnp.asarray, mw.make_batch())
+  tokens = np.concatenate([batch.prompt_tokens, batch.completion_tokens], 1)
+  attn = np.concatenate([batch.prompt_mask, np.ones_like(batch.completion_mask)], 1)
+  positions = np.maximum(np.cumsum(attn, 1) - 1, 0)
+  logits, _ = models.forward(params, mw.MODEL, tokens, positions, attn)
+  P = batch.prompt_tokens.shape[1]
+  z = np.asarray(logits, np.float64)[:, P - 1:-1]
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ent = -(p * np.log(p)).sum(-1)
+  m = np.asarray(batch.completion_mask, np.float64)
+  want = (ent * m).sum() / m.sum()
+  out = {}
+  for coef in (0.0, 0.5):
+    cfg = losses.LossConfig(loss_type="dapo", entropy_coef=coef)
+    out[coef] = ts.loss_and_grads(params, batch, model_config=mw.MODEL, loss_cfg=cfg,
+                                  num_microbatches=2)
+  np.testing.assert_allclose(out[0.0][1]["entropy"], want, rtol=1e-5)
+  np.testing.assert_allclose(out[0.5][0], out[0.0][0] - 0.5 * want, rtol=1e-5, atol=1e-6)
+  diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[0.5][2]),
+                                                         jax.tree.leaves(out[0.0][2])))
+  assert diff > 1e-6  # the bonus has a gradient
+
+
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
   mesh = sharding.make_mesh(2, 2, 2)
   optimizer = ts.make_optimizer(mw.OPTIM)
