@@ -166,8 +166,7 @@ def _model(m: _Fields) -> ModelSettings:
                                     tuple(t.strip() for t in m.lora.targets.split(",")
                                           if t.strip()),
                                     float(m.lora.dropout)),
-                       scan_layers=bool(m.scan_layers),
-                       remat={True: "layer", False: "none"}.get(m.remat, m.remat))
+                       scan_layers=bool(m.scan_layers), remat=m.remat)
 
 
 def _data(d: _Fields) -> DataSettings:

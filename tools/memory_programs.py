@@ -115,18 +115,18 @@ def model_config(s: settings_lib.Settings) -> models.ModelConfig:
   the checkpoint's config.json, else the preset with the config's overrides (vocabulary: the
   overrides', else tokenizer.vocab_size when a tokenizer is trained, else the preset's)."""
   m = s.model
-  lora_fields = tasks.model_fields(m)
+  fields = tasks.model_fields(m)
   if m.hf_checkpoint:
     with open(os.path.join(m.hf_checkpoint, "config.json")) as f:
       config = config_from_hf(json.load(f), dtype=m.param_dtype)
-    return config.replace(dtype=m.dtype, **lora_fields)
+    return config.replace(dtype=m.dtype, **fields)
   if not m.preset:
     raise settings_lib.ConfigError("config.model: name config.model.preset (a models.PRESETS "
                                    "name) or config.model.hf_checkpoint to plan memory")
   overrides = dict(m.overrides)
   if s.tokenizer_vocab_size:  # a tokenizer trained to this size (tasks.build_model's default)
     overrides.setdefault("vocab_size", s.tokenizer_vocab_size)
-  return models.get_config(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, **lora_fields,
+  return models.get_config(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, **fields,
                            **overrides)
 
 

@@ -83,8 +83,13 @@ def merge(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
   layout; the config without LoRA)."""
   if not config.lora_rank:
     return params, config
-  adapters, base = split(to_layout(params, False))
+  adapters, base = split(params)
   scale = config.lora_alpha / config.lora_rank
+  # Stacked layers: A [L, in..., r] and B [L, r, out...] merge layer by layer (vmap), in place
+  # of slicing the stack apart and back (this runs in the sampler's merge at every rollout).
+  stacked = int(config.scan_layers)
+  product = lambda a, b: jnp.tensordot(a, b, axes=1)  # noqa: E731
+  product = jax.vmap(product) if stacked else product
   merged = jax.tree.map(lambda x: x, base)
   for layer, modules in adapters.items():
     for module, leaves in modules.items():
@@ -92,10 +97,10 @@ def merge(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
         a, b = leaves[f"{target}_lora_a"], leaves[f"{target}_lora_b"]
         w = base[layer][module][target]
         n_in = TARGETS[target][1]
-        delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1) * scale
-        assert delta.shape == w.shape and a.ndim == n_in + 1
+        delta = product(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        assert delta.shape == w.shape and a.ndim == n_in + 1 + stacked
         merged[layer][module][target] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-  return to_layout(merged, config.scan_layers), base_config(config)
+  return merged, base_config(config)
 
 
 def adapter_targets(config: ModelConfig) -> list[tuple[str, str, str]]:
