@@ -20,12 +20,11 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from grpo_jax import losses, sharding
+from grpo_jax import losses, microbatches, sharding
 from grpo_jax import train_step as ts
 from grpo_jax.train_step import TrainBatch, TrainState
 
@@ -85,8 +84,7 @@ def make_bucketed_programs(mesh: Mesh, state_sh: TrainState, params_sh, *, model
                      out_shardings=out_sh)
   return BucketedPrograms(
       grads=jax.jit(grads, in_shardings=in_sh, out_shardings=triple_sh),
-      add=jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=triple_sh,
-                  donate_argnums=0),
+      add=jax.jit(microbatches.add_terms, out_shardings=triple_sh, donate_argnums=0),
       apply=jax.jit(apply, in_shardings=(state_sh, rep, rep, state_sh.params),
                     out_shardings=(state_sh, rep), donate_argnums=0),
       logprobs=reference, policy_logprobs=policy, loss_cfg=loss_cfg)
@@ -116,7 +114,8 @@ def _rows_of(batch: TrainBatch, rows, width: int) -> TrainBatch:
                     completion_tokens=cut(batch.completion_tokens),
                     completion_mask=cut(batch.completion_mask),
                     advantages=adv[rows, :width] if adv.ndim == 2 else adv[rows],
-                    old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
+                    old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs),
+                    sampler_logprobs=cut(batch.sampler_logprobs))
 
 
 def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh,

@@ -77,6 +77,9 @@ def config() -> ml_collections.ConfigDict:
       # compilations; the step of the padded batch up to float rounding). 0 (here: the offline
       # default keeps its metrics bit for bit): always the whole budget. gsm8k.py: 64.
       length_bucket=0,
+      # k > 0: the rollout trained at step t is sampled at step t - k by that step's policy,
+      # and scored on the host while the device updates (staleness.py); 0: synchronous
+      max_staleness=0,
       dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
       ref_reset_every=0, ref_ema=0.0,
       loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",
@@ -85,7 +88,12 @@ def config() -> ml_collections.ConfigDict:
                 # weight x log-prob), "sapo" (soft sigmoid gate; its temperatures below)
                 policy_loss="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                 # entropy bonus: loss -= entropy_coef x token entropy (logged as "entropy")
-                entropy_coef=0.0),
+                entropy_coef=0.0,
+                # the sampler / trainer mismatch (corrections.py; logged as mismatch/*): "none",
+                # "tis" (token weight min(rho, cap)), "mis" (sequences with rho outside
+                # [low, high] dropped), "icepop" (tokens with rho outside [low, high] masked)
+                correction="none", correction_cap=2.0, correction_low=0.5,
+                correction_high=2.0),
       optim=dict(learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
                  weight_decay=0.0, max_grad_norm=1.0)))
 

@@ -19,14 +19,10 @@ The loss is l aggregated over tokens and sequences (`loss_type`):
   "dapo":    sum_{i,t} l * m / sum_{i,t} m      (DAPO; each token weighs the same)
   "dr_grpo": sum_{i,t} l * m / (B * L)          (Dr. GRPO; L = the completion budget, below)
 
-Dr. GRPO's L is a constant of the run, not of the batch. The trainer sets it to the sampler's
-budget, L = grpo.max_completion_length + 1 (room for the EOS after max_completion_length tokens;
-`settings.from_config`). TRL's GRPOTrainer divides by per_token_loss.size(0) *
-args.max_completion_length: the rows of its micro-batch (the loss then averaged over
-accumulation steps and processes: the whole batch's B with equal micro-batches, as here) times
-its generation budget, which counts the EOS. So for the same config number N this loss and its
-gradient are N / (N + 1) of TRL's; for the same budget (TRL's max_completion_length = N + 1)
-they are equal.
+Dr. GRPO's L is a constant of the run: the sampler's budget, grpo.max_completion_length + 1
+(room for the EOS; `settings.from_config`). TRL divides by the micro-batch's rows (averaged
+over accumulation steps and processes: the whole B, as here) times its max_completion_length,
+which counts the EOS: for the same config number N this loss is N / (N + 1) of TRL's.
 
 Every aggregation is a weighted token sum, sum_{i,t} l_{i,t} * w_{i,t}, with weights that depend
 only on the mask of the *whole* optimizer batch (`loss_weights`). So a batch split into
@@ -46,6 +42,8 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+
+from grpo_jax import corrections
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -80,6 +78,7 @@ class LossConfig:
   sapo_tau_pos: float = 1.0  # SAPO's gate temperatures (the paper's defaults)
   sapo_tau_neg: float = 1.05
   entropy_coef: float = 0.0  # a bonus: loss -= entropy_coef x the policy's token entropy
+  correction: corrections.Correction = corrections.Correction()  # sampler / trainer mismatch
 
   def __post_init__(self):
     if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
@@ -188,15 +187,13 @@ def loss_weights(mask, *, loss_type: LossType = "grpo",
 
 
 def check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
-                  importance_sampling_level, beta, epsilon_low, epsilon_high):
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-  if kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(f"grpo_loss: unknown kl_estimator {kl_estimator!r}; "
-                     f"expected one of {KL_ESTIMATORS}")
-  if importance_sampling_level not in IS_LEVELS:
-    raise ValueError(f"grpo_loss: unknown importance_sampling_level "
-                     f"{importance_sampling_level!r}; expected one of {IS_LEVELS}")
+                 importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss="clip"):
+  for name, value, allowed in (("loss_type", loss_type, LOSS_TYPES),
+                               ("kl_estimator", kl_estimator, KL_ESTIMATORS),
+                               ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
+                               ("policy_loss", policy_loss, POLICY_LOSSES)):
+    if value not in allowed:
+      raise ValueError(f"grpo_loss: unknown {name} {value!r}; expected one of {allowed}")
   if logprobs.ndim != 2:
     raise ValueError(f"grpo_loss: logprobs must be [B, T], got shape {logprobs.shape}")
   shape = logprobs.shape
@@ -222,17 +219,19 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
                     ref_logprobs=None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                     beta: float = 0.0, kl_estimator: KLEstimator = "k3",
                     importance_sampling_level: str = "token", policy_loss: str = "clip",
-                    sapo_tau: tuple[float, float] = (1.0, 1.05)) -> tuple[jax.Array, dict]:
-  """The loss as a weighted token sum, and metrics as weighted sums (both additive over batches).
+                    sapo_tau: tuple[float, float] = (1.0, 1.05), sampler_logprobs=None,
+                    correction: corrections.Correction = corrections.Correction()
+                    ) -> tuple[jax.Array, dict]:
+  """The loss as a weighted token sum, and metrics as weighted sums (both additive over batches:
+  `combine_sums`). With `sampler_logprobs` ([B, T], the sampler's own), the policy term is
+  weighted by `correction` (corrections.py) and the mismatch is logged.
 
   Use this directly for micro-batching (with the full batch's `weights` sliced); otherwise use
   `grpo_loss`. Returns (loss, sums) where `finalize_metrics(sums)` gives the metrics.
   """
   if epsilon_high is None:
     epsilon_high = epsilon_low
-  mask = mask.astype(jnp.float32)
-  logprobs = logprobs.astype(jnp.float32)
-  old_logprobs = old_logprobs.astype(jnp.float32)
+  mask, logprobs, old_logprobs = (x.astype(jnp.float32) for x in (mask, logprobs, old_logprobs))
   adv_BxT = jnp.broadcast_to(
       advantages[:, None] if advantages.ndim == 1 else advantages, logprobs.shape
   ).astype(jnp.float32)
@@ -249,6 +248,11 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
       valid, logprobs, 0.0), 1.0 + epsilon_high, sapo_tau), 0.0)
 
   sums = {}
+  if sampler_logprobs is not None:  # the sampler's draw vs the trainer's sampling policy
+    w_BxT, tokens = corrections.mismatch_weights(old_logprobs, sampler_logprobs, mask, correction)
+    if correction.kind != "none":  # "none": measured only
+      per_token = per_token * w_BxT
+    sums.update(corrections.token_sums(tokens, weights.token_BxT))
   if ref_logprobs is not None:
     kl = jnp.where(valid, kl_penalty(logprobs, ref_logprobs.astype(jnp.float32), kl_estimator),
                    0.0)
@@ -302,15 +306,18 @@ def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[ja
 
 
 def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights, *,
-               old_logprobs=None, ref_logprobs=None, entropy=None) -> tuple[jax.Array, dict]:
+               old_logprobs=None, ref_logprobs=None, entropy=None,
+               sampler_logprobs=None) -> tuple[jax.Array, dict]:
   """The training path's loss: `cfg.objective` on one (micro-)batch, inputs checked first.
 
   `old_logprobs` None means mu = 1 (one update per rollout): the ratio's denominator is the
   current policy's log-probs, detached, so the ratio is 1 with the PPO gradient. `entropy`:
   the policy's token entropies [B, T]: logged (token mean), and `cfg.entropy_coef` x entropy
-  is subtracted from the loss (a bonus: 0 by default).
+  is subtracted from the loss (a bonus: 0 by default). `sampler_logprobs`: the sampler's own,
+  for `cfg.correction` (None: no correction, nothing logged).
   """
-  loss, sums = _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs)
+  loss, sums = _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
+                           sampler_logprobs)
   if entropy is not None:
     valid_entropy = jnp.where(mask > 0, entropy, 0.0)
     sums["entropy"] = jnp.sum(jax.lax.stop_gradient(valid_entropy) * weights.token_BxT)
@@ -319,7 +326,8 @@ def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights
   return loss, sums
 
 
-def _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs):
+def _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
+                sampler_logprobs):
   if cfg.objective == "sft":
     return sft_loss_terms(logprobs, mask, advantages, weights)
   old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
@@ -329,7 +337,13 @@ def _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logp
       logprobs, old, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
       kl_estimator=cfg.kl_estimator, importance_sampling_level=cfg.importance_sampling_level,
-      policy_loss=cfg.policy_loss, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg))
+      policy_loss=cfg.policy_loss, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg),
+      sampler_logprobs=sampler_logprobs, correction=cfg.correction)
+
+
+def combine_sums(a: dict, b: dict) -> dict:
+  """Two micro-batches' metric sums as one: added, and `*_max` figures by their maximum."""
+  return {k: jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k] for k in a}
 
 
 def finalize_metrics(sums: dict) -> dict:
@@ -349,7 +363,9 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
               epsilon_high: float | None = None, beta: float = 0.0,
               kl_estimator: KLEstimator = "k3", importance_sampling_level: str = "token",
               max_completion_length: int | None = None, policy_loss: str = "clip",
-              sapo_tau: tuple[float, float] = (1.0, 1.05)) -> tuple[jax.Array, dict]:
+              sapo_tau: tuple[float, float] = (1.0, 1.05), sampler_logprobs=None,
+              correction: corrections.Correction = corrections.Correction()
+              ) -> tuple[jax.Array, dict]:
   """The negative GRPO objective (to minimise) and its metrics.
 
   Args:
@@ -364,6 +380,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
     importance_sampling_level: "token" (GRPO) or "sequence" (GSPO).
     max_completion_length: L of "dr_grpo" (defaults to T).
     policy_loss: "clip" | "cispo" | "sapo" (module docstring); sapo_tau: (tau_pos, tau_neg).
+    sampler_logprobs, correction: [B, T] under the sampler, and the mismatch correction
+      (corrections.py) of the policy term.
   Returns:
     (loss scalar, metrics dict): kl (if ref given), ratio_mean, clip_frac_low/high, clip_frac,
     advantage_mean/std, completion_length.
@@ -371,14 +389,11 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
   logprobs, old_logprobs = jnp.asarray(logprobs), jnp.asarray(old_logprobs)
   advantages, mask = jnp.asarray(advantages), jnp.asarray(mask)
   check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
-                importance_sampling_level, beta, epsilon_low, epsilon_high)
-  if policy_loss not in POLICY_LOSSES:
-    raise ValueError(f"grpo_loss: unknown policy_loss {policy_loss!r}; expected one of "
-                     f"{POLICY_LOSSES}")
+               importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss)
   weights = loss_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length)
   loss, sums = grpo_loss_terms(
       logprobs, old_logprobs, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator,
       importance_sampling_level=importance_sampling_level, policy_loss=policy_loss,
-      sapo_tau=sapo_tau)
+      sapo_tau=sapo_tau, sampler_logprobs=sampler_logprobs, correction=correction)
   return loss, finalize_metrics(sums)

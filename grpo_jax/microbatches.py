@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import losses
+
 
 def split_microbatches(tree: Any, num_microbatches: int) -> Any:
   """Reshape every leaf [B, ...] -> [M, B / M, ...]; micro-batch m holds rows m, m + M, ...
@@ -48,14 +50,21 @@ def accumulate_gradients(loss_terms_fn: Callable[[Any, Any], tuple[jax.Array, di
   micro = split_microbatches(batch, num_microbatches)
 
   def body(carry, mb):
-    (loss, sums), grads = grad_fn(params, mb)
-    return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+    return add_terms(carry, _flat(grad_fn(params, mb))), None
 
   first = jax.tree.map(lambda x: x[0], micro)
   shapes = jax.eval_shape(lambda: _flat(grad_fn(params, first)))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
   return loss, sums, grads
+
+
+def add_terms(a, b):
+  """Two (loss, sums, grads) triples as one: sums combined by `losses.combine_sums` (maxima
+  stay maxima), the rest added."""
+  (loss_a, sums_a, grads_a), (loss_b, sums_b, grads_b) = a, b
+  return (loss_a + loss_b, losses.combine_sums(sums_a, sums_b),
+          jax.tree.map(jnp.add, grads_a, grads_b))
 
 
 def _flat(out):

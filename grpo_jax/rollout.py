@@ -69,6 +69,7 @@ class Rollout:
   records: tuple[dict, ...]  # P problems
   steps: Optional[StepRewards]
   figures: dict              # host-side figures: rewards, rounds, timing
+  sampler_logprobs_NxC: Optional[np.ndarray] = None  # the sampler's own (None: teacher data)
   started: Any = None        # what `collect`'s `start` returned for this rollout's tokens
   episode_texts: tuple[str, ...] = ()  # tools: N whole episodes (tool output included)
 
@@ -114,7 +115,7 @@ def collect(data: Data, sampler: samplers.Sampler, r: RolloutSettings, params,
     if start is not None and not r.dynamic_sampling:  # device work queued before host work
       started = start(_batch(ids_N, pmask_N, drawn.tokens_BxC, drawn.mask_BxC,
                              drawn.truncated_B, np.zeros(len(drawn.mask_BxC)),
-                             r.mask_truncated_completions))
+                             r.mask_truncated_completions, drawn.logprobs_BxC))
     t1 = time.perf_counter()  # sample_s: draw, tokens to the host, passes queued
     scored = _score(data, r, records, ids_N, pmask_N, drawn, rm)
     t_score += time.perf_counter() - t1
@@ -202,6 +203,8 @@ def _select_groups(rounds: list[_Round], P: int, G: int, keep_all: bool) -> Roll
       reward_PxG=cat(lambda d: d.reward_N).reshape(P, G),
       verified_N=cat(lambda d: d.verified_N), texts=tuple(texts[i] for i in rows_N),
       records=tuple(records[p] for p in pick_P), steps=None, figures={},
+      sampler_logprobs_NxC=(cat(lambda d: d.drawn.logprobs_BxC)
+                            if rounds[0].drawn.logprobs_BxC is not None else None),
       episode_texts=episode_texts)
 
 
@@ -270,13 +273,16 @@ def train_batch(roll: Rollout, advantages, *, mask_truncated: bool) -> TrainBatc
   """The update's batch: `advantages` [N] or [N, C]; with `mask_truncated` the completions
   that hit the budget get no loss (DAPO's over-long filtering)."""
   return _batch(roll.prompt_ids_NxL, roll.prompt_mask_NxL, roll.tokens_NxC, roll.mask_NxC,
-                roll.truncated_N, advantages, mask_truncated)
+                roll.truncated_N, advantages, mask_truncated, roll.sampler_logprobs_NxC)
 
 
-def _batch(ids, pmask, tokens, mask, truncated, advantages, mask_truncated: bool) -> TrainBatch:
+def _batch(ids, pmask, tokens, mask, truncated, advantages, mask_truncated: bool,
+           sampler_logprobs=None) -> TrainBatch:
   mask = mask * (~truncated[:, None]) if mask_truncated else mask
   return TrainBatch(prompt_tokens=ids, prompt_mask=pmask, completion_tokens=tokens,
-                    completion_mask=mask, advantages=np.asarray(advantages, np.float32))
+                    completion_mask=mask, advantages=np.asarray(advantages, np.float32),
+                    sampler_logprobs=(None if sampler_logprobs is None
+                                      else np.asarray(sampler_logprobs, np.float32)))
 
 
 def samples(tokenizer, roll: Rollout, advantages, num: int = 2) -> list[dict]:

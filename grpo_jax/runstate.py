@@ -5,7 +5,8 @@
 
 `LoopState` (phase, step, data position, metrics-file length) is the checkpoint's JSON;
 `Models` (TrainState, reference params, reward model) its state tree, the reward model's replay
-data (`iterative.RMData`) its host item. `restore_target` is what a checkpoint holds, as abstract
+data (`iterative.RMData`) and the rollouts sampled ahead (`staleness.Pending`) its host item.
+`restore_target` is what a checkpoint holds, as abstract
 arrays: the trainer's resume and `runs.load_run` read checkpoints through it. LoRA: the frozen
 base lives outside the checkpoint (`lora_base_dir`), fingerprinted in the loop state; the
 trained adapters are exported for other tools at the end (`export_lora`). `record_run` writes
@@ -23,7 +24,8 @@ from typing import Any, Optional
 import jax
 from absl import logging
 
-from grpo_jax import checkpointing, experiment, iterative, paths, progress, weights
+from grpo_jax import checkpointing, experiment, iterative, paths, progress, staleness
+from grpo_jax import weights
 from grpo_jax import models as models_lib
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment
@@ -65,6 +67,7 @@ class Models:
   rm_data: iterative.RMData = iterative.RMData()
   base: Any = None
   base_fingerprint: str = ""  # lora.fingerprint(base), computed once per base
+  rollouts: tuple = ()  # grpo.max_staleness > 0: staleness.Pending, sampled ahead (host)
 
   @property
   def reference(self):
@@ -89,7 +92,8 @@ def resume(exp: Experiment, ckpt) -> tuple[Optional[LoopState], Models]:
     base, fingerprint = _load_lora_base(exp, loop)
   state = in_run_layout(exp, restored.extra, restored.state)
   return loop, Models(state["state"], state.get("ref_params"), state.get("rm_state"),
-                      iterative.RMData.from_host(restored.host), base, fingerprint)
+                      iterative.RMData.from_host(restored.host), base, fingerprint,
+                      staleness.from_host(restored.host.get("rollouts", {})))
 
 
 def restore_target(exp: Experiment, extra: dict) -> dict:
@@ -141,9 +145,11 @@ def save(ckpt, writer, loop: LoopState, models: Models, s: Settings) -> LoopStat
     tree["ref_params"] = models.ref_params
   if models.rm_state is not None:
     tree["rm_state"] = models.rm_state
-  host = models.rm_data.to_host() if s.reward_model.enabled else None
+  host = models.rm_data.to_host() if s.reward_model.enabled else {}
+  if s.grpo.max_staleness:  # the rollouts sampled ahead: trained after the resume
+    host["rollouts"] = staleness.to_host(models.rollouts)
   offset = s.sft_steps if loop.phase == "grpo" else 0
-  ckpt.save(offset + loop.step, tree, loop.to_json(), host=host)
+  ckpt.save(offset + loop.step, tree, loop.to_json(), host=host or None)
   return loop
 
 

@@ -30,6 +30,7 @@ class Drawn:
   mask_BxC: np.ndarray       # int32 1 on the policy's tokens through the EOS: the loss mask
   truncated_B: np.ndarray    # bool: no EOS within the budget (episodes: a budget ran out)
   lengths_B: np.ndarray      # int32 the policy's tokens before the EOS (completion_length)
+  logprobs_BxC: Optional[np.ndarray] = None  # float32 the sampler's log-probs, 0 off the mask
   texts: Optional[tuple[str, ...]] = None  # the policy's text; None: `texts_of` decodes it
   episodes: Optional[multiturn.Episodes] = None  # tools: the whole episodes
 
@@ -76,7 +77,8 @@ class SingleTurn:
     out = self.program(params, *sharding.shard_batch((ids_PxL, mask_PxL), self.mesh), key)
     tokens, mask = to_host(out.tokens), to_host(out.mask)
     truncated = to_host(out.truncated).astype(bool)
-    return Drawn(tokens, mask, truncated, completion_lengths(mask, truncated))
+    return Drawn(tokens, mask, truncated, completion_lengths(mask, truncated),
+                 to_host(out.logprobs))
 
   def compiles(self) -> int:
     return self.program._cache_size()  # pylint: disable=protected-access
@@ -100,7 +102,7 @@ class MultiTurn:
     # Rewards score the policy's text; the episode (tool output included) is their
     # `episodes` argument.
     return Drawn(ep.tokens_BxC, ep.policy_mask_BxC, ep.truncated_B, ep.policy_lengths_B,
-                 tuple(ep.policy_texts), ep)
+                 ep.logprobs_BxC, tuple(ep.policy_texts), ep)
 
   def compiles(self) -> int:
     return self.programs.decode._cache_size()  # pylint: disable=protected-access

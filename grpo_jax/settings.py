@@ -19,7 +19,7 @@ from typing import Optional
 import ml_collections
 from absl import logging
 
-from grpo_jax import losses, paradigms, sharding
+from grpo_jax import corrections, losses, paradigms, sharding
 from grpo_jax.record_fields import FieldMap
 from grpo_jax.settings_checks import (  # noqa: F401  (public names of the settings)
     FLOAT_DTYPES, LORA_TARGETS, check, precision_warnings)
@@ -125,17 +125,21 @@ def _rollout(g: _Fields, rm: _Fields) -> RolloutSettings:
 
 def _grpo(g: _Fields, rows: int, dp: int) -> GRPOSettings:
   """config.grpo's update settings: the loss, micro-batches of the `rows` of a rollout."""
+  fields = g.loss.to_dict()
   try:
+    correction = corrections.Correction(*(fields.pop(f"correction{suffix}")
+                                          for suffix in ("", "_cap", "_low", "_high")))
     loss = losses.LossConfig(temperature=float(g.temperature),
                              max_completion_length=g.max_completion_length + 1,
-                             **g.loss.to_dict())
+                             correction=correction, **fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.grpo.loss: {e}") from None
   return GRPOSettings(
       steps=g.steps, num_iterations=g.num_iterations,
       num_microbatches=_microbatches(rows, g.micro_batch_size, dp, "grpo.micro_batch_size"),
       ref_reset_every=g.ref_reset_every, ref_ema=float(g.ref_ema), loss=loss,
-      optim=_optim(g.optim, "grpo.optim"), length_bucket=g.length_bucket)
+      optim=_optim(g.optim, "grpo.optim"), length_bucket=g.length_bucket,
+      max_staleness=g.max_staleness)
 
 
 def _sft(s: _Fields, dp: int) -> SFTSettings:

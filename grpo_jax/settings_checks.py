@@ -35,6 +35,7 @@ def check(s: Settings, dp: int) -> None:
     raise ConfigError(f"config.wandb.mode = {s.wandb.mode!r}: '' (off), online, offline or "
                       "disabled")
   _check_reward_model(s, dp)
+  _check_staleness(s)
 
 
 def _check_sizes(s: Settings, dp: int) -> None:
@@ -118,6 +119,30 @@ def _check_reward_model(s: Settings, dp: int) -> None:
   if not 0.0 <= rm.replay_fraction < 1.0:
     raise ConfigError(f"config.reward_model.replay_fraction = {rm.replay_fraction} must be in "
                       "[0, 1)")
+
+
+def _check_staleness(s: Settings) -> None:
+  """Rollouts sampled ahead of their update: GRPO on the live policy, nothing that changes
+  what a rollout is worth between its sampling and its update."""
+  k = s.grpo.max_staleness
+  if k < 0:
+    raise ConfigError(f"config.grpo.max_staleness = {k} must be >= 0 (0: synchronous)")
+  if not k:
+    return
+  p = s.rollout.paradigm
+  clashes = [what for what, on in (
+      (f"config.grpo.algorithm other than 'grpo' (this one: data {p.data!r}, objective "
+       f"{p.objective!r}; RFT samples a frozen policy, SFT / Online RFT have no ratio to "
+       "correct)",
+       p.objective != "grpo" or p.data != "policy"),
+      ("config.reward_model.enabled (a reward model retrained while rollouts wait)",
+       s.reward_model.enabled),
+      (f"config.grpo.ref_reset_every = {s.grpo.ref_reset_every} (a reference reset between a "
+       "rollout's sampling and its update)", bool(s.grpo.ref_reset_every)))
+      if on]
+  if clashes:
+    raise ConfigError(f"config.grpo.max_staleness = {k} cannot be combined with "
+                      + "; ".join(clashes))
 
 
 def _check_lora(s: Settings) -> None:

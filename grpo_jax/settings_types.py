@@ -139,6 +139,7 @@ class GRPOSettings:
   loss: losses.LossConfig
   optim: OptimConfig
   length_bucket: int = 0  # update / log-prob passes cut to the needed width, multiples of this
+  max_staleness: int = 0  # k: rollouts sampled k steps ahead of their update (staleness.py)
 
 
 @dataclasses.dataclass(frozen=True)

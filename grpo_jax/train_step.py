@@ -68,6 +68,9 @@ class TrainBatch:
   old_logprobs:                       [B, C] under the sampling policy, or None (mu = 1: the
                                       current policy's, detached; no extra pass).
   ref_logprobs:                       [B, C] under the reference policy, or None when beta = 0.
+  sampler_logprobs:                   [B, C] the sampler's own (0 off the mask), for the
+                                      mismatch correction and figures (corrections.py); None
+                                      for teacher data.
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -76,6 +79,7 @@ class TrainBatch:
   advantages: jax.Array
   old_logprobs: Optional[jax.Array] = None
   ref_logprobs: Optional[jax.Array] = None
+  sampler_logprobs: Optional[jax.Array] = None
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -167,7 +171,8 @@ def microbatch_loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.Lo
                                         vocab_chunk=vocab_chunk, rows=rows, entropy=True)
   return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
                            mb["weights"], old_logprobs=batch.old_logprobs,
-                           ref_logprobs=batch.ref_logprobs, entropy=entropy)
+                           ref_logprobs=batch.ref_logprobs, entropy=entropy,
+                           sampler_logprobs=batch.sampler_logprobs)
 
 
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,

@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 
 from grpo_jax import checkpointing, evaluation, experiment, iterative, metrics, paths
-from grpo_jax import preemption, process, progress, rollout, runstate, updates, weights
+from grpo_jax import preemption, process, progress, rollout, runstate, staleness, updates
+from grpo_jax import weights
 from grpo_jax import settings as settings_lib
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment, Stream
@@ -189,6 +190,8 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   (`collect(start=...)`), so they run while the host decodes and scores; the update is queued
   before the step's host bookkeeping, and its metrics are read last. `wait_s`: how long the
   host then waited for the device; `step_s`: the whole step."""
+  if exp.settings.grpo.max_staleness:
+    return stale_step(exp, loop, models, step)
   s, data, device = exp.settings, exp.data, exp.device
   r, g = s.rollout, s.grpo
   t_step = time.perf_counter()
@@ -226,6 +229,66 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
       ref_params=updates.next_reference(device, g, models.ref_params, state.params, step + 1))
   loop = dataclasses.replace(loop, step=step + 1, position=position)
   return loop, models, out._replace(figures=figures)
+
+
+def stale_step(exp: Experiment, loop: LoopState, models: Models,
+               step: int) -> tuple[LoopState, Models, StepOutput]:
+  """`grpo_step` on a rollout sampled k = grpo.max_staleness steps earlier (staleness.py):
+  sample the rollout of step + k with this policy; once its tokens are on the host, queue the
+  oldest rollout's log-prob passes and update; score the new one while the device updates."""
+  s, device, k = exp.settings, exp.device, exp.settings.grpo.max_staleness
+  t_step = time.perf_counter()
+  queue, dropped = staleness.drop_stale(models.rollouts, step, k)
+  position = loop.position
+  while len(queue) < min(k, s.grpo.steps - step):  # the first steps, or after drops
+    pending, position, _ = _sample_ahead(exp, models, position, step,
+                                         staleness.next_index(queue, step))
+    queue += (pending,)
+  index = staleness.next_index(queue, step)  # the rollout sampled during this step's update
+  head, queue, t0 = queue[0], queue[1:], []
+
+  def update(_=None):  # the oldest rollout's passes and mu updates, queued on the device
+    t0.append(time.perf_counter())
+    ready = updates.finish(device, updates.start_logprobs(
+        device, s.grpo, weights.update_params(models.state, models.base), models.reference,
+        head.batch), head.batch.advantages)
+    return updates.dispatch_update(device, s.grpo, models.state, ready, frozen=models.base)
+
+  dispatched = None
+  if len(queue) < min(k, s.grpo.steps - step - 1):  # step + k's, scored during the update
+    pending, position, dispatched = _sample_ahead(exp, models, position, step, index, update)
+    queue += (pending,)
+  state, step_metrics = dispatched or update()
+  t_wait = time.perf_counter()
+  figures = {**updates.aggregate(jax.device_get(step_metrics)),
+             **staleness.figures(step, head, dropped)}
+  now = time.perf_counter()
+  figures.update(update_s=now - t0[0], wait_s=now - t_wait, step_s=now - t_step)
+  arrays = dict(head.arrays, staleness=np.full(len(head.batch.advantages),
+                                               staleness.staleness(step, head), np.float32))
+  models = dataclasses.replace(
+      models, state=state, rollouts=queue,
+      ref_params=updates.next_reference(device, s.grpo, models.ref_params, state.params,
+                                        step + 1))
+  loop = dataclasses.replace(loop, step=step + 1, position=position)
+  return loop, models, StepOutput(figures, head.samples, arrays)
+
+
+def _sample_ahead(exp: Experiment, models: Models, position, version: int, index: int,
+                  start=None) -> tuple[staleness.Pending, iterator.Position, object]:
+  """The rollout to train at step `index`, sampled by policy `version` (`models.state`) with
+  that step's key, scored, as a `staleness.Pending`; `start` runs when its tokens are on the
+  host (`rollout.collect`) and its result comes back third."""
+  s, data = exp.settings, exp.data
+  roll, position = rollout.collect(
+      data, exp.device.programs.sample_train, s.rollout, _sampling_params(exp, models),
+      position, exp.keys(Stream.ROLLOUT, index), start=start)
+  adv = rollout.coefficients(roll, s.rollout, data.rewards.weights)
+  batch = rollout.train_batch(roll, adv, mask_truncated=s.rollout.mask_truncated_completions)
+  pending = staleness.Pending(batch, version, index, roll.figures,
+                              rollout.samples(data.tokenizer, roll, adv),
+                              rollout.histograms(roll, data.rewards.names, adv))
+  return pending, position, roll.started
 
 
 def _sampling_params(exp: Experiment, models: Models):

@@ -64,7 +64,8 @@ def trim(batch: TrainBatch, width: int) -> TrainBatch:
   return batch.replace(completion_tokens=cut(batch.completion_tokens),
                        completion_mask=cut(batch.completion_mask),
                        advantages=adv[:, :width] if np.ndim(adv) == 2 else adv,
-                       old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs))
+                       old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs),
+                       sampler_logprobs=cut(batch.sampler_logprobs))
 
 
 def plan(device: Device, g: GRPOSettings, batch: TrainBatch) -> Plan:

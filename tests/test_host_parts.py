@@ -55,7 +55,7 @@ class Scripted:
                   for p, rec in enumerate(records) for g in range(G))
     B = len(records) * G
     return samplers.Drawn(np.full((B, C), 7, np.int32), np.ones((B, C), np.int32),
-                          np.zeros(B, bool), np.full(B, C - 1), texts)
+                          np.zeros(B, bool), np.full(B, C - 1), texts=texts)
 
   def compiles(self) -> int:
     return 0

@@ -1,0 +1,118 @@
+"""Rollouts sampled ahead of the update (grpo.max_staleness = k): which policy samples which
+rollout, the staleness and mismatch figures, the checkpointed queue, exact resume, bad configs."""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import arithmetic
+from grpo_jax import checkpointing, metrics, rollout, settings, staleness, trainer, updates
+from grpo_jax.train_step import TrainBatch
+from test_trainer import SMOKE, assert_kill_and_resume_is_exact, launch
+
+
+def _config(k, steps=4):
+  cfg = arithmetic.get_config("smoke")
+  cfg.grpo.num_prompts, cfg.grpo.steps, cfg.eval.every = 8, steps, 0
+  cfg.grpo.max_staleness = k
+  return cfg
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rollout_j_is_sampled_by_version_j_minus_k(k, tmp_path, monkeypatch):
+  """Rollout j (trained at step j) comes from the policy after max(0, j - k) updates, and the
+  update at step t trains rollout t: the figures say its staleness, and the sampler / trainer
+  mismatch is ~0 for a fresh rollout (float32 sampler) and clearly not for a stale one."""
+  sampled_with, versions, trained = [], [], []
+  real_collect, real_dispatch = rollout.collect, updates.dispatch_update
+  first_leaf = lambda tree: np.asarray(jax.tree.leaves(tree)[0]).copy()  # noqa: E731
+
+  def collect(data, sampler, r, params, *args, **kw):
+    sampled_with.append(first_leaf(params))
+    return real_collect(data, sampler, r, params, *args, **kw)
+
+  def dispatch(device, g, state, ready, frozen=None):
+    versions.append(first_leaf(state.params))
+    trained.append(np.asarray(jax.device_get(ready.batch.completion_tokens)).copy())
+    return real_dispatch(device, g, state, ready, frozen)
+
+  monkeypatch.setattr(rollout, "collect", collect)
+  monkeypatch.setattr(updates, "dispatch_update", dispatch)
+  steps = 4
+  trainer.train(_config(k, steps), str(tmp_path))
+  assert len(sampled_with) == len(versions) == steps  # no rollout sampled past the last step
+  for j in range(steps):
+    np.testing.assert_array_equal(sampled_with[j], versions[max(0, j - k)], err_msg=f"j={j}")
+  assert not np.array_equal(versions[0], versions[-1])  # the policy moved: versions differ
+  rows = [r for r in metrics.read_metrics(tmp_path) if r.get("phase") == "grpo" and "loss" in r]
+  assert [r["staleness"] for r in rows] == [min(t, k) for t in range(steps)]
+  assert all(r["dropped_stale"] == 0 for r in rows)
+  fresh = [r["mismatch/kl"] for r in rows if r["staleness"] == 0]
+  stale = [r["mismatch/kl"] for r in rows if r["staleness"] > 0]
+  assert max(fresh) < 1e-6 < min(stale), (fresh, stale)
+
+
+def _pending(index, rng):
+  B, P, C = 4, 3, 5
+  batch = TrainBatch(rng.integers(0, 9, (B, P)).astype(np.int32), np.ones((B, P), np.int32),
+                     rng.integers(0, 9, (B, C)).astype(np.int32), np.ones((B, C), np.int32),
+                     rng.normal(size=B).astype(np.float32),
+                     sampler_logprobs=-rng.uniform(size=(B, C)).astype(np.float32))
+  return staleness.Pending(batch, index - 1, index, {"reward": 0.1 * index, "sample_s": 1.5},
+                           [{"question": "1 + 1", "completion": "é #### 2", "reward": 1.0}],
+                           {"lengths": rng.integers(0, 9, B).astype(np.float32)})
+
+
+def test_the_queue_survives_a_checkpoint_exactly(tmp_path):
+  rng = np.random.default_rng(0)
+  queue = tuple(_pending(i, rng) for i in (3, 4))
+  with checkpointing.Checkpointer(str(tmp_path / "ckpt"), async_save=False) as ckpt:
+    ckpt.save(1, {"x": np.zeros(2)}, {}, host={"rollouts": staleness.to_host(queue)})
+    back = staleness.from_host(ckpt.restore_host(1)["rollouts"])
+    empty = staleness.from_host({})
+  assert empty == ()
+  assert len(back) == 2
+  for a, b in zip(queue, back):
+    assert (a.version, a.index, a.figures, a.samples) == (b.version, b.index, b.figures, b.samples)
+    for x, y in zip(jax.tree.leaves(a.batch), jax.tree.leaves(b.batch)):
+      np.testing.assert_array_equal(x, y)
+      assert x.dtype == y.dtype
+    np.testing.assert_array_equal(a.arrays["lengths"], b.arrays["lengths"])
+
+
+def test_stale_rollouts_are_dropped_and_counted():
+  rng = np.random.default_rng(1)
+  queue = tuple(_pending(i, rng) for i in (5, 6, 7))  # versions 4, 5, 6
+  kept, dropped = staleness.drop_stale(queue, step=7, k=2)
+  assert [p.version for p in kept] == [5, 6] and dropped == 1
+  assert staleness.next_index(kept, 7) == 8 and staleness.next_index((), 7) == 7
+  assert staleness.figures(7, kept[0], dropped)["staleness"] == 2.0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_resume_after_sigkill_is_exact_with_rollouts_ahead(k, tmp_path):
+  """Killed mid-GRPO with k rollouts waiting: the resumed run trains those same rollouts (from
+  the checkpoint) and ends with the uninterrupted run's metrics, bit for bit."""
+  flags = SMOKE + [f"--config.grpo.max_staleness={k}"]
+  code, out = launch(tmp_path / "whole", *flags)
+  assert code == 0, out[-4000:]
+  rows = metrics.read_metrics(tmp_path / "whole")
+  assert [r["staleness"] for r in rows if "staleness" in r] == [min(t, k) for t in range(4)]
+  assert_kill_and_resume_is_exact(tmp_path / "whole", tmp_path / "killed", flags, 11)
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(max_staleness=-1), "max_staleness = -1 must be >= 0"),
+    (dict(algorithm="rft"), "algorithm other than 'grpo'"),
+    (dict(ref_reset_every=2), "ref_reset_every = 2"),
+    ("reward_model", "reward_model.enabled"),
+])
+def test_bad_staleness_combinations_name_their_fields(change, says):
+  cfg = _config(1)
+  if change == "reward_model":
+    cfg.reward_model.enabled = True
+  else:
+    for name, value in change.items():
+      setattr(cfg.grpo, name, value)
+  with pytest.raises(settings.ConfigError, match=f"config.grpo.max_staleness.*{says}|{says}"):
+    settings.from_config(cfg, 8)
