@@ -45,7 +45,9 @@ def config() -> ml_collections.ConfigDict:
                  lora=dict(rank=0, alpha=16.0, targets="qkv,o,gate_up,down", dropout=0.0))
   # decode_layout: the sampler's weights, "replicated" over data / fsdp (no per-token gathers),
   # "training" (the update's fsdp split), or "auto" (replicated when they fit easily).
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, decode_layout="auto")
+  # rollout_devices = n > 0: the samplers on their own n devices (data-parallel, weights
+  # whole on each, sent device to device after every update), the mesh above on the rest
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, decode_layout="auto", rollout_devices=0)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
 
   c.sft = dict(steps=800, batch_size=64, micro_batch_size=0,

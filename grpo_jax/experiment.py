@@ -149,7 +149,7 @@ def tool_isolation(s: Settings, env) -> Optional[dict]:
 def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None,
           env=None) -> Experiment:
   """Every input error is raised here, before anything compiles."""
-  mesh = sharding.make_mesh(*s.mesh)
+  mesh = sharding.make_mesh(*s.mesh, devices=jax.devices()[s.rollout_devices:])
   task = tasks.load_task(s)
   env = tasks.make_env(s, env, workdir)
   tool_isolation(s, env)  # before any compile: model-written code must be confined
@@ -190,11 +190,20 @@ def make_device(s: Settings, mesh: Mesh, data: Data, model_config: models.ModelC
   state_sh = Phases(ts.state_shardings(mesh, base_config, optimizers.sft, params_shapes),
                     ts.state_shardings(mesh, model_config, optimizers.grpo, trained_shapes), rm_sh)
   params_sh = state_sh.sft.params
-  decode_sh = _decode_shardings(s, mesh, base_config, params_sh, params_shapes)
-  programs = _programs(s, mesh, data, model_config, optimizers, state_sh, decode_sh)
+  sample_mesh = rollout_mesh(s) or mesh
+  decode_sh = _decode_shardings(s, sample_mesh, base_config, params_sh, params_shapes)
+  programs = _programs(s, mesh, sample_mesh, data, model_config, optimizers, state_sh,
+                       decode_sh)
   return Device(mesh=mesh, model_config=model_config, base_config=base_config,
                 host_params=host_params, params_sh=params_sh, decode_sh=decode_sh,
                 state_sh=state_sh, optimizers=optimizers, programs=programs)
+
+
+def rollout_mesh(s: Settings) -> Optional[Mesh]:
+  """config.mesh.rollout_devices = n: the samplers' own mesh, data-parallel over the first n
+  devices (the training mesh has the rest); None: they share the training mesh."""
+  n = s.rollout_devices
+  return sharding.make_mesh(n, 1, 1, devices=jax.devices()[:n]) if n else None
 
 
 def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
@@ -210,14 +219,14 @@ def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     layout = "replicated" if not limit or weight_bytes <= limit / 4 else "training"
-  if layout == "training":
-    return params_sh
+  if layout == "training" and jax.tree.leaves(params_sh)[0].mesh == mesh:
+    return params_sh  # (the samplers' own mesh holds whole weights: the rules below)
   return sharding.tree_shardings(mesh, models.param_logical_axes(config), params_shapes,
                                  rules=sharding.DECODE_RULES)
 
 
-def _programs(s: Settings, mesh, data: Data, train_config, optimizers: Phases, state_sh: Phases,
-              decode_sh) -> Programs:
+def _programs(s: Settings, mesh, sample_mesh, data: Data, train_config, optimizers: Phases,
+              state_sh: Phases, decode_sh) -> Programs:
   r, g = s.rollout, s.grpo
   model_config = lora.base_config(train_config)
   lora_on = bool(train_config.lora_rank)
@@ -254,7 +263,7 @@ def _programs(s: Settings, mesh, data: Data, train_config, optimizers: Phases, s
     bucketed = buckets.make_bucketed_programs(
         mesh, state_sh.grpo, params_sh, model_config=train_config, optimizer=optimizers.grpo,
         loss_cfg=loss_cfg, frozen_sh=params_sh if lora_on else None, base_config=model_config)
-  sampler = functools.partial(_sampler, s, mesh, data, model_config)
+  sampler = functools.partial(_sampler, s, sample_mesh, data, model_config)
   e = s.eval
   return Programs(
       objective=loss_cfg.objective, bucketed=bucketed,
@@ -264,8 +273,18 @@ def _programs(s: Settings, mesh, data: Data, train_config, optimizers: Phases, s
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
       sft_update=sft_update, rm_update=rm_update, rm_score=rm_score,
       merge=_merge_program(train_config, params_sh, state_sh.grpo.params) if lora_on else None,
-      to_decode=jax.jit(functools.partial(weights.cast, dtype=jnp.dtype(model_config.dtype)),
-                        out_shardings=decode_sh))
+      to_decode=_to_decode(model_config, params_sh, decode_sh, sample_mesh is not mesh))
+
+
+def _to_decode(config, params_sh, decode_sh, apart: bool) -> Callable:
+  """params -> the compute dtype in the sampler's layout: one jitted cast and reshard; with
+  the samplers on their own devices (`apart`), the cast on the training mesh, then a
+  device-to-device copy onto the samplers' (no host round trip)."""
+  cast = functools.partial(weights.cast, dtype=jnp.dtype(config.dtype))
+  if not apart:
+    return jax.jit(cast, out_shardings=decode_sh)
+  cast = jax.jit(cast, out_shardings=params_sh)
+  return lambda params: jax.device_put(cast(params), decode_sh)
 
 
 def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,

@@ -75,10 +75,16 @@ def _microbatches(rows: int, micro_batch_size: int, dp: int, path: str) -> int:
 def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
   """The frozen settings of `cfg`; ConfigError naming the field on anything that cannot work."""
   c = _Fields(cfg, "")
+  n = c.mesh.rollout_devices
+  if not 0 <= n < num_devices:
+    raise ConfigError(f"config.mesh.rollout_devices = {n}: 0 (the samplers share the training "
+                      f"mesh) or fewer than the {num_devices} devices, so training keeps some")
   try:
-    mesh_shape = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+    mesh_shape = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices - n)
   except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
+    raise ConfigError(f"config.mesh: {e}" + (f" (the {num_devices - n} devices left after "
+                                             f"mesh.rollout_devices = {n})" if n else "")
+                      ) from None
   dp = mesh_shape[0] * mesh_shape[1]
   rollout = _rollout(c.grpo, c.reward_model)
   grpo = _grpo(c.grpo, rollout.num_prompts * rollout.num_samples, dp)
@@ -97,7 +103,7 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep,
       wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name),
-      tools=_tools(cfg), profile_steps=_profile_steps(cfg))
+      tools=_tools(cfg), profile_steps=_profile_steps(cfg), rollout_devices=n)
   check(out, dp)
   for warning in precision_warnings(out):
     logging.warning("%s", warning)

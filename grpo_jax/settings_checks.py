@@ -36,6 +36,7 @@ def check(s: Settings, dp: int) -> None:
                       "disabled")
   _check_reward_model(s, dp)
   _check_staleness(s)
+  _check_rollout_devices(s)
 
 
 def _check_sizes(s: Settings, dp: int) -> None:
@@ -143,6 +144,21 @@ def _check_staleness(s: Settings) -> None:
   if clashes:
     raise ConfigError(f"config.grpo.max_staleness = {k} cannot be combined with "
                       + "; ".join(clashes))
+
+
+def _check_rollout_devices(s: Settings) -> None:
+  """The samplers' own devices: prompt rows split evenly over them, one process."""
+  n = s.rollout_devices
+  if not n:
+    return
+  for name, rows in (("grpo.num_prompts", s.rollout.num_prompts),
+                     ("eval.batch_size", s.eval.batch_size)):
+    if rows % n:
+      raise ConfigError(f"config.{name} = {rows} is not divisible by config.mesh."
+                        f"rollout_devices = {n} (the samplers split prompts over their devices)")
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.mesh.rollout_devices = {n}: a rollout sub-mesh runs in one "
+                      f"process; this job has {jax.process_count()} (set it to 0)")
 
 
 def _check_lora(s: Settings) -> None:

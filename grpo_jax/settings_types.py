@@ -209,6 +209,7 @@ class Settings:
   wandb: WandbSettings
   tools: ToolSettings = None  # None only in hand-built Settings: tools off
   profile_steps: Optional[tuple[int, int]] = None  # jax.profiler trace of these GRPO steps
+  rollout_devices: int = 0  # n > 0: the samplers on the first n devices, training on the rest
 
   @property
   def sft_steps(self) -> int:

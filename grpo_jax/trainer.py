@@ -241,7 +241,7 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
   queue, dropped = staleness.drop_stale(models.rollouts, step, k)
   position = loop.position
   while len(queue) < min(k, s.grpo.steps - step):  # the first steps, or after drops
-    pending, position, _ = _sample_ahead(exp, models, position, step,
+    pending, position, _ = _sample_ahead(exp, _sampling_params(exp, models), position, step,
                                          staleness.next_index(queue, step))
     queue += (pending,)
   index = staleness.next_index(queue, step)  # the rollout sampled during this step's update
@@ -254,10 +254,16 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
         head.batch), head.batch.advantages)
     return updates.dispatch_update(device, s.grpo, models.state, ready, frozen=models.base)
 
-  dispatched = None
-  if len(queue) < min(k, s.grpo.steps - step - 1):  # step + k's, scored during the update
-    pending, position, dispatched = _sample_ahead(exp, models, position, step, index, update)
-    queue += (pending,)
+  ahead = len(queue) < min(k, s.grpo.steps - step - 1)  # sample step + k's rollout
+  params = _sampling_params(exp, models) if ahead else None  # copied before the donation
+  # The samplers on their own devices: the update first, both run at once. Sharing the mesh:
+  # the update once the new rollout's tokens are on the host, while the host scores them.
+  apart = device.programs.sample_train.mesh is not device.mesh
+  dispatched = update() if apart else None
+  if ahead:
+    pending, position, started = _sample_ahead(exp, params, position, step, index,
+                                                None if apart else update)
+    dispatched, queue = dispatched or started, queue + (pending,)
   state, step_metrics = dispatched or update()
   t_wait = time.perf_counter()
   figures = {**updates.aggregate(jax.device_get(step_metrics)),
@@ -274,15 +280,15 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
   return loop, models, StepOutput(figures, head.samples, arrays)
 
 
-def _sample_ahead(exp: Experiment, models: Models, position, version: int, index: int,
+def _sample_ahead(exp: Experiment, params, position, version: int, index: int,
                   start=None) -> tuple[staleness.Pending, iterator.Position, object]:
-  """The rollout to train at step `index`, sampled by policy `version` (`models.state`) with
-  that step's key, scored, as a `staleness.Pending`; `start` runs when its tokens are on the
-  host (`rollout.collect`) and its result comes back third."""
+  """Rollout `index` (its key), sampled by policy `version` (`params`, `_sampling_params`),
+  scored, as a `staleness.Pending`; `start` runs when its tokens are on the host
+  (`rollout.collect`) and its result comes back third."""
   s, data = exp.settings, exp.data
   roll, position = rollout.collect(
-      data, exp.device.programs.sample_train, s.rollout, _sampling_params(exp, models),
-      position, exp.keys(Stream.ROLLOUT, index), start=start)
+      data, exp.device.programs.sample_train, s.rollout, params, position,
+      exp.keys(Stream.ROLLOUT, index), start=start)
   adv = rollout.coefficients(roll, s.rollout, data.rewards.weights)
   batch = rollout.train_batch(roll, adv, mask_truncated=s.rollout.mask_truncated_completions)
   pending = staleness.Pending(batch, version, index, roll.figures,

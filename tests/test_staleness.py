@@ -18,38 +18,49 @@ def _config(k, steps=4):
   return cfg
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_rollout_j_is_sampled_by_version_j_minus_k(k, tmp_path, monkeypatch):
+@pytest.mark.parametrize("k, rollout_devices", [(1, 0), (2, 0), (1, 4), (0, 4)])
+def test_rollout_j_is_sampled_by_version_j_minus_k(k, rollout_devices, tmp_path, monkeypatch):
   """Rollout j (trained at step j) comes from the policy after max(0, j - k) updates, and the
   update at step t trains rollout t: the figures say its staleness, and the sampler / trainer
-  mismatch is ~0 for a fresh rollout (float32 sampler) and clearly not for a stale one."""
-  sampled_with, versions, trained = [], [], []
+  mismatch is ~0 for a fresh rollout (float32 sampler) and clearly not for a stale one. With
+  mesh.rollout_devices = 4 of the 8, the samplers read weights on the first 4 devices only
+  (sent there after every update) and the update runs on the other 4."""
+  sampled_with, versions, trained, placed = [], [], [], set()
   real_collect, real_dispatch = rollout.collect, updates.dispatch_update
   first_leaf = lambda tree: np.asarray(jax.tree.leaves(tree)[0]).copy()  # noqa: E731
 
   def collect(data, sampler, r, params, *args, **kw):
     sampled_with.append(first_leaf(params))
+    placed.add(("sampler", frozenset(jax.tree.leaves(params)[0].sharding.device_set)))
     return real_collect(data, sampler, r, params, *args, **kw)
 
   def dispatch(device, g, state, ready, frozen=None):
     versions.append(first_leaf(state.params))
+    placed.add(("update", frozenset(jax.tree.leaves(state.params)[0].sharding.device_set)))
     trained.append(np.asarray(jax.device_get(ready.batch.completion_tokens)).copy())
     return real_dispatch(device, g, state, ready, frozen)
 
   monkeypatch.setattr(rollout, "collect", collect)
   monkeypatch.setattr(updates, "dispatch_update", dispatch)
   steps = 4
-  trainer.train(_config(k, steps), str(tmp_path))
+  cfg = _config(k, steps)
+  cfg.mesh.rollout_devices = rollout_devices
+  trainer.train(cfg, str(tmp_path))
   assert len(sampled_with) == len(versions) == steps  # no rollout sampled past the last step
   for j in range(steps):
     np.testing.assert_array_equal(sampled_with[j], versions[max(0, j - k)], err_msg=f"j={j}")
   assert not np.array_equal(versions[0], versions[-1])  # the policy moved: versions differ
+  devices = jax.devices()
+  if rollout_devices:
+    assert placed == {("sampler", frozenset(devices[:4])), ("update", frozenset(devices[4:]))}
+  else:
+    assert {where for _, where in placed} == {frozenset(devices)}
   rows = [r for r in metrics.read_metrics(tmp_path) if r.get("phase") == "grpo" and "loss" in r]
-  assert [r["staleness"] for r in rows] == [min(t, k) for t in range(steps)]
-  assert all(r["dropped_stale"] == 0 for r in rows)
-  fresh = [r["mismatch/kl"] for r in rows if r["staleness"] == 0]
-  stale = [r["mismatch/kl"] for r in rows if r["staleness"] > 0]
-  assert max(fresh) < 1e-6 < min(stale), (fresh, stale)
+  assert [r.get("staleness", 0) for r in rows] == [min(t, k) for t in range(steps)]
+  assert all(r.get("dropped_stale", 0) == 0 for r in rows)
+  fresh = [r["mismatch/kl"] for r in rows if r.get("staleness", 0) == 0]
+  stale = [r["mismatch/kl"] for r in rows if r.get("staleness", 0) > 0]
+  assert max(fresh) < 1e-6 and all(kl > 1e-6 for kl in stale), (fresh, stale)
 
 
 def _pending(index, rng):
@@ -99,6 +110,20 @@ def test_resume_after_sigkill_is_exact_with_rollouts_ahead(k, tmp_path):
   rows = metrics.read_metrics(tmp_path / "whole")
   assert [r["staleness"] for r in rows if "staleness" in r] == [min(t, k) for t in range(4)]
   assert_kill_and_resume_is_exact(tmp_path / "whole", tmp_path / "killed", flags, 11)
+
+
+@pytest.mark.parametrize("mesh, says", [
+    (dict(rollout_devices=8), "rollout_devices = 8: 0 .* or fewer than the 8 devices"),
+    (dict(rollout_devices=3, data=2), "the 5 devices left after mesh.rollout_devices = 3"),
+    (dict(rollout_devices=6), "grpo.num_prompts = 8 is not divisible by config.mesh."
+                              "rollout_devices = 6"),
+])
+def test_bad_rollout_sub_meshes_are_errors_before_any_compile(mesh, says):
+  cfg = _config(0)
+  for name, value in mesh.items():
+    setattr(cfg.mesh, name, value)
+  with pytest.raises(settings.ConfigError, match=says):
+    settings.from_config(cfg, 8)
 
 
 @pytest.mark.parametrize("change, says", [
