@@ -15,6 +15,9 @@ def config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_from = ""  # a workdir whose last checkpoint warm-starts the policy (skips SFT)
+  # grpo.algorithm = "distill": on-policy distillation from this teacher (a Hugging Face
+  # checkpoint directory; distill.py), per-token advantage log pi_teacher - log pi_student
+  c.distill = dict(teacher="")
   c.log_every = 10
   c.profile_steps = ""  # "N" or "first-last": a jax.profiler trace of those GRPO steps
   c.max_nonfinite_streak = 3
@@ -55,7 +58,7 @@ def config() -> ml_collections.ConfigDict:
                           weight_decay=0.0, max_grad_norm=1.0))
 
   c.grpo = ml_collections.ConfigDict(dict(
-      algorithm="grpo",  # or a unified-paradigm baseline: sft, rft, online_rft
+      algorithm="grpo",  # or a unified-paradigm baseline: sft, rft, online_rft, distill
       supervision="outcome",  # or "process": per-step rewards -> advantages.process_advantages
       process_reward="verifier",  # step rewards: "verifier" (rule-checked steps) or "prm"
       max_steps=8, step_delimiter=".",

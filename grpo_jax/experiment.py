@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from grpo_jax import buckets, losses, models, multiturn, reward_table, samplers, sampling
-from grpo_jax import sharding, tasks, turn_programs, weights
+from grpo_jax import buckets, distill, losses, models, multiturn, reward_table, samplers
+from grpo_jax import sampling, sharding, tasks, turn_programs, weights
 from grpo_jax import train_step as ts
 from grpo_jax.models import lora
 from grpo_jax.rewards import reward_model as rm_lib
@@ -111,6 +111,7 @@ class Device:
   state_sh: Phases                  # TrainState shardings
   optimizers: Phases
   programs: Programs
+  teacher: Any = None               # on-policy distillation: a `distill.Teacher`, else None
 
   @property
   def lora(self) -> bool:
@@ -169,6 +170,8 @@ def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]
   keys = Keys(jax.random.key(s.seed))
   model_config, host_params = tasks.build_model(s, tokenizer)
   device = make_device(s, mesh, data, model_config, host_params, keys)
+  if s.distill_teacher:  # its weights read now: a bad teacher fails before any compile
+    device = dataclasses.replace(device, teacher=distill.load(s, mesh, tokenizer.vocab_size))
   return Experiment(settings=s, workdir=workdir, data=data, device=device, keys=keys)
 
 

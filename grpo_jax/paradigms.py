@@ -9,6 +9,8 @@ start and run for the same number of steps:
   online_rft  outcome      samples of the live policy     1[correct]               NLL
   grpo        outcome      samples of the live policy     (r - mean) / std         clipped ratio
   grpo        process      samples of the live policy     sum of later step adv.   clipped ratio
+  distill     outcome      samples of the live policy     log pi_T - log pi_S      clipped ratio
+                                                          per token (distill.py)
 
 "NLL" is the advantage-weighted negative log-likelihood, averaged per sequence (eq. 5 of the
 paper, `losses.sft_loss_terms`); "clipped ratio" is the GRPO loss with the KL inside
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 class Paradigm(NamedTuple):
   data: str         # "teacher" | "policy" | "frozen_policy" (kept in the reference slot)
-  coefficient: str  # "one" | "correct" | "group" | "process"
+  coefficient: str  # "one" | "correct" | "group" | "process" | "teacher"
   objective: str    # "nll" | "grpo"
 
 
@@ -33,6 +35,7 @@ TABLE = {
     ("online_rft", "outcome"): Paradigm("policy", "correct", "nll"),
     ("grpo", "outcome"): Paradigm("policy", "group", "grpo"),
     ("grpo", "process"): Paradigm("policy", "process", "grpo"),
+    ("distill", "outcome"): Paradigm("policy", "teacher", "grpo"),
 }
 
 

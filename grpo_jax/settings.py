@@ -103,7 +103,8 @@ def from_config(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
       eval=ev, reward_model=rm, checkpoint_every=c.checkpoint.every,
       checkpoint_keep=c.checkpoint.keep,
       wandb=WandbSettings(c.wandb.project, c.wandb.entity, c.wandb.mode, c.wandb.name),
-      tools=_tools(cfg), profile_steps=_profile_steps(cfg), rollout_devices=n)
+      tools=_tools(cfg), profile_steps=_profile_steps(cfg), rollout_devices=n,
+      distill_teacher=c.distill.teacher)
   check(out, dp)
   for warning in precision_warnings(out):
     logging.warning("%s", warning)

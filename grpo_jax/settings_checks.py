@@ -37,6 +37,10 @@ def check(s: Settings, dp: int) -> None:
   _check_reward_model(s, dp)
   _check_staleness(s)
   _check_rollout_devices(s)
+  if (s.rollout.paradigm.coefficient == "teacher") != bool(s.distill_teacher):
+    raise ConfigError("config.distill.teacher and config.grpo.algorithm = 'distill' go "
+                      f"together: teacher {s.distill_teacher!r}, coefficient "
+                      f"{s.rollout.paradigm.coefficient!r}")
 
 
 def _check_sizes(s: Settings, dp: int) -> None:

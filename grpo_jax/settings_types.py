@@ -210,6 +210,7 @@ class Settings:
   tools: ToolSettings = None  # None only in hand-built Settings: tools off
   profile_steps: Optional[tuple[int, int]] = None  # jax.profiler trace of these GRPO steps
   rollout_devices: int = 0  # n > 0: the samplers on the first n devices, training on the rest
+  distill_teacher: str = ""  # grpo.algorithm "distill": the teacher's HF checkpoint directory
 
   @property
   def sft_steps(self) -> int:

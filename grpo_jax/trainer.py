@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from grpo_jax import checkpointing, evaluation, experiment, iterative, metrics, paths
+from grpo_jax import checkpointing, distill, evaluation, experiment, iterative, metrics, paths
 from grpo_jax import preemption, process, progress, rollout, runstate, staleness, updates
 from grpo_jax import weights
 from grpo_jax import settings as settings_lib
@@ -204,7 +204,7 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
       exp.keys(Stream.ROLLOUT, step), rm=iterative.rm_scorer(device, models.rm_state),
       start=start)
   # 2. Advantages (the paradigm's gradient coefficient).
-  adv = rollout.coefficients(roll, r, data.rewards.weights)
+  adv, roll = _coefficients(exp, roll)
   # 3. Log-prob passes: started on the tokens, unless the rows were chosen after scoring.
   t0 = time.perf_counter()
   started = roll.started or start(
@@ -289,12 +289,26 @@ def _sample_ahead(exp: Experiment, params, position, version: int, index: int,
   roll, position = rollout.collect(
       data, exp.device.programs.sample_train, s.rollout, params, position,
       exp.keys(Stream.ROLLOUT, index), start=start)
-  adv = rollout.coefficients(roll, s.rollout, data.rewards.weights)
+  adv, roll = _coefficients(exp, roll)
   batch = rollout.train_batch(roll, adv, mask_truncated=s.rollout.mask_truncated_completions)
   pending = staleness.Pending(batch, version, index, roll.figures,
                               rollout.samples(data.tokenizer, roll, adv),
                               rollout.histograms(roll, data.rewards.names, adv))
   return pending, position, roll.started
+
+
+def _coefficients(exp: Experiment, roll: rollout.Rollout):
+  """The paradigm's advantages of `roll` (`rollout.coefficients`); for on-policy distillation
+  the teacher's log-prob pass over its tokens first (distill.py), its figure added to the
+  rollout's."""
+  device = exp.device
+  if device.teacher is None:
+    return rollout.coefficients(roll, exp.settings.rollout, exp.data.rewards.weights), roll
+  tokens = rollout.train_batch(roll, np.zeros(len(roll.mask_NxC)), mask_truncated=False)
+  teacher_lp = device.teacher(device.shard(tokens.replace(sampler_logprobs=None))[0])
+  adv = distill.advantages(teacher_lp, roll.sampler_logprobs_NxC, roll.mask_NxC)
+  return adv, dataclasses.replace(roll, figures={**roll.figures,
+                                                 **distill.figures(adv, roll.mask_NxC)})
 
 
 def _sampling_params(exp: Experiment, models: Models):
