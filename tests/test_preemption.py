@@ -41,9 +41,9 @@ FLAGS = ["--config=experiments/configs/arithmetic.py:smoke", "--config.grpo.step
 TIMING = ("time", "update_s", "sample_s", "score_s", "eval_s", "tok_per_s", "step_s", "wait_s")
 
 
-def _launch(workdir, wait=True):
+def _launch(workdir, wait=True, extra=()):
   proc = subprocess.Popen([sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
-                           *FLAGS], cwd=ROOT, env=mw.subprocess_env(1), stdout=subprocess.PIPE,
+                           *FLAGS, *extra], cwd=ROOT, env=mw.subprocess_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if not wait:
     return proc
@@ -55,9 +55,13 @@ def _comparable(workdir):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(workdir)]
 
 
-def test_sigterm_mid_grpo_checkpoints_exits_75_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--config.grpo.max_staleness=2",)],
+                         ids=["synchronous", "two_rollouts_ahead"])
+def test_sigterm_mid_grpo_checkpoints_exits_75_and_resumes_exactly(tmp_path, extra):
+  """Stopped by SIGTERM after GRPO step 1, resumed: the uninterrupted run's metrics (with
+  rollouts sampled ahead, the ones waiting at the signal are trained after the resume)."""
   workdir = tmp_path / "preempted"
-  proc = _launch(workdir, wait=False)
+  proc = _launch(workdir, wait=False, extra=extra)
   lines = workdir / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -70,8 +74,8 @@ def test_sigterm_mid_grpo_checkpoints_exits_75_and_resumes_exactly(tmp_path):
   step = int(re.search(r"after global step (\d+)", out).group(1))
   assert 6 < step < 6 + 5  # SFT's 6 steps, then a GRPO step before the last
   assert str(step) in os.listdir(workdir / "checkpoints")  # written on the signal, not periodic
-  code, out = _launch(workdir)
+  code, out = _launch(workdir, extra=extra)
   assert code == 0 and f"resumed from {workdir}/checkpoints step {step}" in out, out[-3000:]
-  code, ref = _launch(tmp_path / "uninterrupted")
+  code, ref = _launch(tmp_path / "uninterrupted", extra=extra)
   assert code == 0, ref[-3000:]
   assert _comparable(workdir) == _comparable(tmp_path / "uninterrupted")

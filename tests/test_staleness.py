@@ -100,10 +100,11 @@ def test_stale_rollouts_are_dropped_and_counted():
   assert staleness.figures(7, kept[0], dropped)["staleness"] == 2.0
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_resume_after_sigkill_is_exact_with_rollouts_ahead(k, tmp_path):
-  """Killed mid-GRPO with k rollouts waiting: the resumed run trains those same rollouts (from
-  the checkpoint) and ends with the uninterrupted run's metrics, bit for bit."""
+def test_resume_after_sigkill_is_exact_with_rollouts_ahead(tmp_path):
+  """Killed mid-GRPO with a rollout waiting (k = 1): the resumed run trains that same rollout
+  (from the checkpoint) and ends with the uninterrupted run's metrics, bit for bit. (k = 2:
+  test_preemption's SIGTERM case.)"""
+  k = 1
   flags = SMOKE + [f"--config.grpo.max_staleness={k}"]
   code, out = launch(tmp_path / "whole", *flags)
   assert code == 0, out[-4000:]
