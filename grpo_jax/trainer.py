@@ -10,7 +10,8 @@ One GRPO step (DeepSeekMath Algorithm 1, inner loop), `grpo_step`, in four label
     state, figures = updates.update(device, g, state, ready, frozen)           # 4. mu updates
 
 (spelled with host / device overlap: the passes start before the host decodes and scores, the
-update before the step's host bookkeeping). Host state is typed and checkpointed with the
+update before the step's host bookkeeping). With grpo.max_staleness = k > 0, `stale_step` runs
+blocks 3-4 on the rollout sampled k steps earlier while 1-2 make the one of step + k. Host state is typed and checkpointed with the
 device state (`runstate`). Every draw is `fold_in(named stream key, step)`, so a killed run
 resumes to exactly the metrics of an uninterrupted one.
 """
