@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import buckets, losses, models, sharding, train_step, updates
+from grpo_jax import buckets, corrections, losses, models, sharding, train_step, updates
 from grpo_jax.train_step import TrainBatch
 
 B, TP, C = 16, 5, 24
@@ -94,14 +94,17 @@ def test_microbatch_plan_sorts_rows_and_sizes_each_micro_batch():
   assert sorted(np.concatenate([r for r, _ in plan]).tolist()) == list(range(8))
 
 
-@pytest.mark.parametrize("loss_type, level, micro, process, lora_rank", [
-    ("grpo", "token", 4, False, 0), ("dapo", "token", 2, False, 0), ("dr_grpo", "token", 4, False, 0),
-    ("grpo", "sequence", 2, False, 0), ("dapo", "token", 4, True, 0), ("grpo", "token", 2, False, 4),
+@pytest.mark.parametrize("loss_type, level, micro, process, lora_rank, correction", [
+    ("grpo", "token", 4, False, 0, None), ("dapo", "token", 2, False, 0, None),
+    ("dr_grpo", "token", 4, False, 0, None), ("grpo", "sequence", 2, False, 0, None),
+    ("dapo", "token", 4, True, 0, None), ("grpo", "token", 2, False, 4, None),
+    ("grpo", "token", 4, False, 0, "tis"),
 ])
 def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level, micro, process,
-                                                              lora_rank):
+                                                              lora_rank, correction):
   """Micro-batches of similar lengths, each at its own width (separate jitted pieces), give the
-  fused padded update's loss, metrics and step, and the padded log-prob pass; LoRA too."""
+  fused padded update's loss, metrics and step, and the padded log-prob pass; LoRA too; with
+  the sampler's log-probs, the mismatch correction and figures (its maximum kept a maximum)."""
   from grpo_jax.models import lora
   config = models.get_config("tiny_llama").replace(
       vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -122,7 +125,8 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   params_sh = train_step.state_shardings(mesh, base_config, optimizer, base).params
   frozen_sh = params_sh if lora_rank else None
   loss_cfg = losses.LossConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
-                               epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C)
+                               epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C,
+                               correction=corrections.Correction(correction or "none", cap=1.02))
   fused = train_step.make_update_fn(mesh, state_sh, model_config=config, optimizer=optimizer,
                                     loss_cfg=loss_cfg, num_microbatches=micro, frozen_sh=frozen_sh)
   logprobs = train_step.make_logprob_fn(mesh, params_sh, model_config=base_config,
@@ -141,6 +145,9 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   m = batch.completion_mask > 0
   np.testing.assert_allclose(ref_bucketed[m], ref_full[m], atol=2e-6)
   batch = batch.replace(ref_logprobs=ref_full * m, old_logprobs=ref_full * m * 1.01)
+  if correction:  # a sampler a little off the trainer, row by row
+    wobble = 1.0 + 0.05 * np.random.default_rng(0).normal(size=ref_full.shape)
+    batch = batch.replace(sampler_logprobs=(ref_full * m * wobble).astype(np.float32))
   put_frozen = (lambda: (jax.device_put(frozen, frozen_sh),)) if lora_rank else (lambda: ())
   state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
   s_fused, m_fused = fused(state, sharding.shard_batch((batch,), mesh)[0], *put_frozen())
@@ -151,9 +158,12 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   for name in m_fused:
     np.testing.assert_allclose(m_buck[name], m_fused[name], rtol=5e-5, atol=1e-7, err_msg=name)
   delta = lambda s: jax.tree.map(lambda a, b: a - b, jax.device_get(s.params), trained)  # noqa: E731
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7),
+  # atol: one float32 ulp of a weight near 1 (the deltas are differences of weights)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=2.4e-7),
                delta(s_buck), delta(s_fused))
   assert float(m_fused["grad_norm"]) > 0
+  if correction:
+    assert 0 < m_fused["mismatch/clipped"] < 1 and m_fused["mismatch/ratio_max"] > 1.02
 
 
 def test_pad_ids_outside_the_vocabulary_do_not_poison_the_loss():
