@@ -150,7 +150,7 @@ def tool_isolation(s: Settings, env) -> Optional[dict]:
 def build(s: Settings, workdir: str, reward_fns: Optional[Mapping[str, Callable]] = None,
           env=None) -> Experiment:
   """Every input error is raised here, before anything compiles."""
-  mesh = sharding.make_mesh(*s.mesh, devices=jax.devices()[s.rollout_devices:])
+  mesh = sharding.make_mesh(*s.mesh, devices=split_devices(s.rollout_devices)[1])
   task = tasks.load_task(s)
   env = tasks.make_env(s, env, workdir)
   tool_isolation(s, env)  # before any compile: model-written code must be confined
@@ -202,11 +202,21 @@ def make_device(s: Settings, mesh: Mesh, data: Data, model_config: models.ModelC
                 state_sh=state_sh, optimizers=optimizers, programs=programs)
 
 
+def split_devices(n: int) -> tuple[list, list]:
+  """(the samplers' devices, the training devices): the first n / P local devices of each of
+  the P processes, process by process, and the rest (n = 0: none, and all)."""
+  local = n // jax.process_count()
+  by_process = [[d for d in jax.devices() if d.process_index == p]
+                for p in range(jax.process_count())]
+  return ([d for ds in by_process for d in ds[:local]],
+          [d for ds in by_process for d in ds[local:]])
+
+
 def rollout_mesh(s: Settings) -> Optional[Mesh]:
-  """config.mesh.rollout_devices = n: the samplers' own mesh, data-parallel over the first n
-  devices (the training mesh has the rest); None: they share the training mesh."""
+  """config.mesh.rollout_devices = n: the samplers' own mesh, data-parallel over their n
+  devices (`split_devices`; the training mesh has the rest); None: they share it."""
   n = s.rollout_devices
-  return sharding.make_mesh(n, 1, 1, devices=jax.devices()[:n]) if n else None
+  return sharding.make_mesh(n, 1, 1, devices=split_devices(n)[0]) if n else None
 
 
 def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
@@ -219,7 +229,8 @@ def _decode_shardings(s: Settings, mesh, config, params_sh, params_shapes):
     tensor = mesh.shape["tensor"]
     weight_bytes = sum(math.prod(x.shape) for x in jax.tree.leaves(params_shapes)) * (
         jnp.dtype(config.dtype).itemsize) / tensor
-    stats = jax.devices()[0].memory_stats() or {}
+    # a local device: another process's cannot say (every process decides alike)
+    stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     layout = "replicated" if not limit or weight_bytes <= limit / 4 else "training"
   if layout == "training" and jax.tree.leaves(params_sh)[0].mesh == mesh:
@@ -282,12 +293,25 @@ def _programs(s: Settings, mesh, sample_mesh, data: Data, train_config, optimize
 def _to_decode(config, params_sh, decode_sh, apart: bool) -> Callable:
   """params -> the compute dtype in the sampler's layout: one jitted cast and reshard; with
   the samplers on their own devices (`apart`), the cast on the training mesh, then a
-  device-to-device copy onto the samplers' (no host round trip)."""
+  device-to-device copy onto the samplers' (no host round trip). Several processes: JAX
+  moves arrays between device sets within a process only, so the cast gathers the weights
+  whole on the training devices and each process copies them to its own sampler devices."""
   cast = functools.partial(weights.cast, dtype=jnp.dtype(config.dtype))
   if not apart:
     return jax.jit(cast, out_shardings=decode_sh)
-  cast = jax.jit(cast, out_shardings=params_sh)
-  return lambda params: jax.device_put(cast(params), decode_sh)
+  if jax.process_count() == 1:
+    cast = jax.jit(cast, out_shardings=params_sh)
+    return lambda params: jax.device_put(cast(params), decode_sh)
+  mesh = jax.tree.leaves(params_sh)[0].mesh
+  whole = jax.jit(cast, out_shardings=sharding.replicated(mesh))
+
+  def local_copies(x, sh):  # the sampler layout is whole on every sampler device
+    src = x.addressable_shards[0].data
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sh, [jax.device_put(src, d) for d in sh.addressable_devices_indices_map(
+            x.shape)])
+
+  return lambda params: jax.tree.map(local_copies, whole(params), decode_sh)
 
 
 def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,

@@ -151,7 +151,8 @@ def _check_staleness(s: Settings) -> None:
 
 
 def _check_rollout_devices(s: Settings) -> None:
-  """The samplers' own devices: prompt rows split evenly over them, one process."""
+  """The samplers' own devices: prompt rows split evenly over them, taken alike from every
+  process (experiment.split_devices)."""
   n = s.rollout_devices
   if not n:
     return
@@ -160,9 +161,11 @@ def _check_rollout_devices(s: Settings) -> None:
     if rows % n:
       raise ConfigError(f"config.{name} = {rows} is not divisible by config.mesh."
                         f"rollout_devices = {n} (the samplers split prompts over their devices)")
-  if jax.process_count() > 1:
-    raise ConfigError(f"config.mesh.rollout_devices = {n}: a rollout sub-mesh runs in one "
-                      f"process; this job has {jax.process_count()} (set it to 0)")
+  procs = jax.process_count()
+  if n % procs or n // procs >= jax.local_device_count():
+    raise ConfigError(f"config.mesh.rollout_devices = {n}: every one of the {procs} processes "
+                      f"gives the samplers n / {procs} of its {jax.local_device_count()} devices "
+                      "and keeps at least one for training")
 
 
 def _check_lora(s: Settings) -> None:

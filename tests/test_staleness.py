@@ -142,3 +142,48 @@ def test_bad_staleness_combinations_name_their_fields(change, says):
       setattr(cfg.grpo, name, value)
   with pytest.raises(settings.ConfigError, match=f"config.grpo.max_staleness.*{says}|{says}"):
     settings.from_config(cfg, 8)
+
+
+def test_two_processes_give_the_samplers_two_devices_each(tmp_path):
+  """2 local processes x 4 CPU devices (jax.distributed), mesh.rollout_devices = 4: each
+  process lends 2 devices to the samplers and copies the weights to them itself (JAX moves
+  arrays across device sets within a process only); the run's figures are the single-process
+  run's on 8 devices split 4 + 4."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import multihost_worker as mw  # pylint: disable=import-outside-toplevel
+  from test_trainer import ROOT  # pylint: disable=import-outside-toplevel
+  cfg = _config(1)
+  cfg.mesh.rollout_devices = 4
+  trainer.train(cfg, str(tmp_path / "one"))
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  flags = ["--config=experiments/configs/arithmetic.py:smoke", f"--workdir={tmp_path / 'two'}",
+           "--config.grpo.num_prompts=8", "--config.grpo.steps=4", "--config.eval.every=0",
+           "--config.grpo.max_staleness=1", "--config.mesh.rollout_devices=4",
+           f"--config.tokenizer.path={tmp_path / 'one' / 'tokenizer.model'}",
+           "--config.distributed.enabled=True",
+           f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+           "--config.distributed.num_processes=2"]
+  procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags,
+                             f"--config.distributed.process_id={i}"], cwd=ROOT,
+                            env=mw.subprocess_env(4), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  one = [r for r in metrics.read_metrics(tmp_path / "one") if "loss" in r and
+         r.get("phase") == "grpo"]
+  two = [r for r in metrics.read_metrics(tmp_path / "two") if "loss" in r and
+         r.get("phase") == "grpo"]
+  assert [r["staleness"] for r in two] == [r["staleness"] for r in one] == [0, 1, 1, 1]
+  for a, b in zip(one, two):
+    assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+    for name in ("loss", "mismatch/kl", "grad_norm"):
+      np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-7, err_msg=name)
