@@ -4,6 +4,7 @@ their own devices (mesh.rollout_devices), on simulated CPU devices.
 
   python tools/bench_async.py                       # 8 simulated devices, ~10 min on 2 cores
   python tools/bench_async.py --steps=3 --small     # seconds: a check
+  JAX_PLATFORMS=cuda python tools/bench_async.py --cases=sync,k1   # one accelerator
 
 Each case is one process (`experiments.train` on the offline default, no SFT, no evaluation
 between steps) with XLA_FLAGS=--xla_force_host_platform_device_count=--devices; cases run one
@@ -31,9 +32,9 @@ sys.path.insert(0, ROOT)
 
 from grpo_jax import metrics  # noqa: E402
 
-CASES = {"sync, one mesh": [], "k=1, one mesh": ["--config.grpo.max_staleness=1"],
-         "sync, 4 + 4": ["--config.mesh.rollout_devices=4"],
-         "k=1, 4 + 4": ["--config.mesh.rollout_devices=4", "--config.grpo.max_staleness=1"]}
+CASES = {"sync": [], "k1": ["--config.grpo.max_staleness=1"],  # one mesh
+         "sync_split": ["--config.mesh.rollout_devices=4"],      # samplers on 4 devices
+         "k1_split": ["--config.mesh.rollout_devices=4", "--config.grpo.max_staleness=1"]}
 
 
 def run_case(flags: list[str], steps: int, devices: int, small: bool) -> dict:
@@ -62,9 +63,12 @@ def main():
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--small", action="store_true", help="the smoke model (a check)")
+  parser.add_argument("--cases", default=",".join(CASES),
+                      help="comma list of " + ", ".join(CASES) + " (one accelerator: sync,k1)")
   args = parser.parse_args()
   for rnd in range(args.rounds):
-    for name, flags in CASES.items():
+    for name in args.cases.split(","):
+      flags = CASES[name]
       fig = run_case(flags, args.steps, args.devices, args.small)
       print(json.dumps({"bench": "async_step", "case": name, "round": rnd,
                         "devices": args.devices, "cpu_count": os.cpu_count(),

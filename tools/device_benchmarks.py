@@ -5,6 +5,7 @@
   python tools/device_benchmarks.py --small --out=/tmp/dev              # CPU: the same runs, tiny
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=varlen --out=$OUT   # variable lengths
   JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=rollout --out=$OUT  # decode, compile
+  JAX_PLATFORMS=cuda python tools/device_benchmarks.py --set=async --out=$OUT    # staleness
 
 A lent GPU comes with minutes, not hours: this runs the benchmarks in priority order, each in
 its own process under its own time limit, and appends one line per benchmark to
@@ -88,6 +89,10 @@ SMALL_ROLLOUT = (
                         "--prompt_len=8", "--new_tokens=8", "--steps=1", "--dtype=bfloat16",
                         "--scan_layers"], 300),
 )
+# Rollouts sampled ahead (grpo.max_staleness = 1) against the synchronous step, one device.
+ASYNC = (("async_step_one_device", ["bench_async.py", "--cases=sync,k1", "--devices=1"], 300),)
+SMALL_ASYNC = (("async_step_tiny", ["bench_async.py", "--cases=sync,k1", "--devices=1",
+                                    "--small", "--steps=3", "--rounds=1"], 300),)
 _TINY = ["bench_step.py", "--model=tiny_qwen2", "--prompts=4", "--samples=2", "--prompt_len=8",
          "--new_tokens=16", "--steps=1", "--dtype=bfloat16", "--micro_batch_size=4"]
 SMALL_VARLEN = (
@@ -121,15 +126,16 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default=os.environ.get("OUT", "device_out"))
   parser.add_argument("--small", action="store_true", help="tiny sizes: a check of this script")
   parser.add_argument("--only", default="", help="comma list of benchmark names")
-  parser.add_argument("--set", default="all", choices=("all", "varlen", "rollout"),
+  parser.add_argument("--set", default="all", choices=("all", "varlen", "rollout", "async"),
                       help="all: bench_device, bench_step and bench_update; "
-                           "varlen: variable-length batches; rollout: bench_rollout "
-                           "(BENCHMARKS.md)")
+                           "varlen: variable-length batches; rollout: bench_rollout; "
+                           "async: bench_async (BENCHMARKS.md)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   runs = {("all", False): FULL, ("all", True): SMALL, ("varlen", False): VARLEN,
           ("varlen", True): SMALL_VARLEN, ("rollout", False): ROLLOUT,
-          ("rollout", True): SMALL_ROLLOUT}[args.set, args.small]
+          ("rollout", True): SMALL_ROLLOUT, ("async", False): ASYNC,
+          ("async", True): SMALL_ASYNC}[args.set, args.small]
   if args.only:
     runs = [r for r in runs if r[0] in args.only.split(",")]
   lines = []
