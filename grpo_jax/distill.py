@@ -19,6 +19,8 @@ reads it again). It must read the student's tokens: its vocabulary covers the to
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -26,6 +28,7 @@ import numpy as np
 
 from grpo_jax import models, paths, sharding
 from grpo_jax import train_step as ts
+from grpo_jax.models.hf_config import config_from_hf
 from grpo_jax.settings import ConfigError, Settings
 
 
@@ -43,20 +46,25 @@ class Teacher:
 
 def load(s: Settings, mesh, vocab_size: int) -> Teacher:
   """`distill.teacher` read onto `mesh` in the run's compute dtype, with its log-prob pass;
-  a ConfigError naming the field for a missing directory or a vocabulary that does not cover
-  the tokenizer's `vocab_size`, before anything compiles."""
+  a ConfigError naming the field for a missing directory, an unreadable or unsupported
+  checkpoint, or a vocabulary that does not cover the tokenizer's `vocab_size`, before
+  anything compiles."""
   path = s.distill_teacher
   if not paths.as_path(path).exists():
     raise ConfigError(f"config.distill.teacher: {path} does not exist (a Hugging Face "
                       "checkpoint directory; export a run with tools/export_hf.py)")
   local = paths.local_dir(path)
-  shardings = lambda axes, shape: jax.sharding.NamedSharding(  # noqa: E731
-      mesh, sharding.logical_to_spec(axes, shape, mesh))
-  config, params = models.load_hf_checkpoint(local, dtype=s.model.dtype, sharding=shardings)
-  if config.vocab_size < vocab_size:
-    raise ConfigError(f"config.distill.teacher: {path} has vocab_size {config.vocab_size}, "
-                      f"fewer than the student's tokenizer ({vocab_size}): it cannot score "
-                      "the student's tokens")
+  try:  # config.json first: a teacher that cannot score the student's tokens reads no weights
+    with open(os.path.join(local, "config.json")) as f:
+      config = config_from_hf(json.load(f))
+    if config.vocab_size < vocab_size:
+      raise ValueError(f"{path} has vocab_size {config.vocab_size}, fewer than the student's "
+                       f"tokenizer ({vocab_size}): it cannot score the student's tokens")
+    shardings = lambda axes, shape: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, sharding.logical_to_spec(axes, shape, mesh))
+    config, params = models.load_hf_checkpoint(local, dtype=s.model.dtype, sharding=shardings)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f"config.distill.teacher: {e}") from None
   params_sh = jax.tree.map(lambda x: x.sharding, params)
   program = ts.make_logprob_fn(mesh, params_sh, model_config=config,
                                temperature=s.grpo.loss.temperature,

@@ -6,11 +6,11 @@
 `LoopState` (phase, step, data position, metrics-file length) is the checkpoint's JSON;
 `Models` (TrainState, reference params, reward model) its state tree, the reward model's replay
 data (`iterative.RMData`) and the rollouts sampled ahead (`staleness.Pending`) its host item.
-`restore_target` is what a checkpoint holds, as abstract
-arrays: the trainer's resume and `runs.load_run` read checkpoints through it. LoRA: the frozen
-base lives outside the checkpoint (`lora_base_dir`), fingerprinted in the loop state; the
-trained adapters are exported for other tools at the end (`export_lora`). `record_run` writes
-run.json: what the run really is (model, dtypes, mesh, devices, the tool sandbox's report).
+`restore_target` is what a checkpoint holds, as abstract arrays: the trainer's resume and
+`runs.load_run` read checkpoints through it. LoRA: the frozen base lives outside the checkpoint
+(`lora_base_dir`), fingerprinted in the loop state; the trained adapters are exported for other
+tools at the end (`export_lora`). `record_run` writes run.json: what the run really is (model,
+dtypes, mesh, devices, the tool sandbox's report).
 """
 
 from __future__ import annotations

@@ -134,8 +134,9 @@ def _grpo(g: _Fields, rows: int, dp: int) -> GRPOSettings:
   """config.grpo's update settings: the loss, micro-batches of the `rows` of a rollout."""
   fields = g.loss.to_dict()
   try:
-    correction = corrections.Correction(*(fields.pop(f"correction{suffix}")
-                                          for suffix in ("", "_cap", "_low", "_high")))
+    correction = corrections.Correction(
+        kind=fields.pop("correction"), cap=fields.pop("correction_cap"),
+        low=fields.pop("correction_low"), high=fields.pop("correction_high"))
     loss = losses.LossConfig(temperature=float(g.temperature),
                              max_completion_length=g.max_completion_length + 1,
                              correction=correction, **fields)
