@@ -85,6 +85,11 @@ def config() -> ml_collections.ConfigDict:
       # k > 0: the rollout trained at step t is sampled at step t - k by that step's policy,
       # and scored on the host while the device updates (staleness.py); 0: synchronous
       max_staleness=0,
+      # with k > 0, in-flight weight updates: the rollout sampled during a step's update
+      # decodes its first inflight_after steps with the weights it started with, the rest with
+      # the update's (the samples in progress go on under them, each token's weights tagged);
+      # 0: one set of weights per rollout
+      inflight_after=0,
       dynamic_sampling=False, max_resample_rounds=2, overlong_cache_length=8,
       ref_reset_every=0, ref_ema=0.0,
       loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from grpo_jax import buckets, distill, losses, models, multiturn, reward_table, samplers
-from grpo_jax import sampling, sharding, tasks, turn_programs, weights
+from grpo_jax import sampling, sharding, slots, tasks, turn_programs, weights
 from grpo_jax import train_step as ts
 from grpo_jax.models import lora
 from grpo_jax.rewards import reward_model as rm_lib
@@ -282,7 +282,7 @@ def _programs(s: Settings, mesh, sample_mesh, data: Data, train_config, optimize
   return Programs(
       objective=loss_cfg.objective, bucketed=bucketed,
       policy_update=policy_update, logprobs=logprobs, policy_logprobs=policy_logprobs,
-      sample_train=sampler(r.decoding, r.num_samples),
+      sample_train=sampler(r.decoding, r.num_samples, inflight=g.inflight_after),
       sample_greedy=sampler(Decoding(0.0), 1),
       sample_eval_k=sampler(e.decoding, e.k) if e.k > 1 else None,
       sft_update=sft_update, rm_update=rm_update, rm_score=rm_score,
@@ -314,9 +314,10 @@ def _to_decode(config, params_sh, decode_sh, apart: bool) -> Callable:
   return lambda params: jax.tree.map(local_copies, whole(params), decode_sh)
 
 
-def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,
-             num_samples: int) -> samplers.Sampler:
-  """G = `num_samples` completions per prompt with decoding `d`: single-turn, or episodes
+def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding, num_samples: int,
+             inflight: int = 0) -> samplers.Sampler:
+  """G = `num_samples` completions per prompt with decoding `d`: single-turn (`inflight` > 0:
+  with the halves of an in-flight weight update after that many decode steps), or episodes
   with the run's environment (config.tools)."""
   tokenizer = data.tokenizer
   settings = sampling.SamplingSettings(
@@ -325,8 +326,9 @@ def _sampler(s: Settings, mesh, data: Data, model_config, d: Decoding,
       eos_ids=data.eos_ids, pad_id=tokenizer.pad_id,
       continuous=s.rollout.batching == "continuous", decode_slots=s.rollout.decode_slots)
   if data.env is None:
-    return samplers.SingleTurn(sampling.make_sampler(model_config, settings, mesh), mesh,
-                               num_samples)
+    return samplers.SingleTurn(
+        sampling.make_sampler(model_config, settings, mesh), mesh, num_samples,
+        slots.make_inflight(model_config, settings, inflight, mesh) if inflight else None)
   t = s.tools
   programs = turn_programs.make_programs(model_config, turn_programs.TurnSettings(
       sampling=settings, stop_seqs=multiturn.stop_sequences(tokenizer, data.env.stop_strings),

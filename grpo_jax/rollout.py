@@ -71,6 +71,7 @@ class Rollout:
   figures: dict              # host-side figures: rewards, rounds, timing
   sampler_logprobs_NxC: Optional[np.ndarray] = None  # the sampler's own (None: teacher data)
   started: Any = None        # what `collect`'s `start` returned for this rollout's tokens
+  versions_NxC: Optional[np.ndarray] = None  # in-flight updates: which weights drew each token
   episode_texts: tuple[str, ...] = ()  # tools: N whole episodes (tool output included)
 
 
@@ -205,7 +206,9 @@ def _select_groups(rounds: list[_Round], P: int, G: int, keep_all: bool) -> Roll
       records=tuple(records[p] for p in pick_P), steps=None, figures={},
       sampler_logprobs_NxC=(cat(lambda d: d.drawn.logprobs_BxC)
                             if rounds[0].drawn.logprobs_BxC is not None else None),
-      episode_texts=episode_texts)
+      episode_texts=episode_texts,
+      versions_NxC=(cat(lambda d: d.drawn.versions_BxC)
+                    if rounds[0].drawn.versions_BxC is not None else None))
 
 
 def step_rewards(tokenizer, r: RolloutSettings, roll: Rollout,

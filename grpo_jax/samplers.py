@@ -6,7 +6,9 @@ Two implementations, so the loop and evaluation never ask which one they hold:
   SingleTurn  the jitted decode loop (`sampling.make_sampler`): one completion per row;
   MultiTurn   tool-integrated episodes (`multiturn.rollout`): decode until a stop string, step
               the environment, inject its observation into the same KV cache, continue.
-`params` are the policy in the compute dtype and the sampler's layout (`weights.decode_params`).
+`params` are the policy in the compute dtype and the sampler's layout (`weights.decode_params`),
+or a `Swap` for in-flight weight updates: the first weights for the first decode steps, then
+the update's (`slots.make_inflight`; each token's weights tagged in `Drawn.versions_BxC`).
 A single-turn batch leaves `texts` to the caller (`texts_of`), which decodes them after it has
 queued device work on the tokens; an episode brings the policy's text it was stopped on.
 """
@@ -14,7 +16,7 @@ queued device work on the tokens; an episode brings the policy's text it was sto
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +35,9 @@ class Drawn:
   logprobs_BxC: Optional[np.ndarray] = None  # float32 the sampler's log-probs, 0 off the mask
   texts: Optional[tuple[str, ...]] = None  # the policy's text; None: `texts_of` decodes it
   episodes: Optional[multiturn.Episodes] = None  # tools: the whole episodes
+  # in-flight updates: 1 where the update's weights drew the token, 0 the first's (and off
+  # the mask); None: one set of weights drew the batch
+  versions_BxC: Optional[np.ndarray] = None
 
   def whole_texts(self, texts: Sequence[str]) -> tuple[str, ...]:
     """What the model read and wrote: the episodes (tool output included), else `texts`."""
@@ -66,19 +71,35 @@ def completion_lengths(mask_BxC, truncated_B) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class Swap:
+  """In-flight weight update: `first` draws the first decode steps; `then()`, called once they
+  are queued, gives the weights the rest draws with (in the sampler's layout)."""
+  first: Any
+  then: Callable[[], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class SingleTurn:
-  """`sampling.make_sampler`'s program: (params, ids, mask, key) -> SampleOutput."""
+  """`sampling.make_sampler`'s program: (params, ids, mask, key) -> SampleOutput; with
+  `inflight`, `slots.make_inflight`'s two halves for `Swap` weights."""
   program: Any
   mesh: Mesh
   num_samples: int
+  inflight: Any = None  # slots.InFlight
 
   def __call__(self, params, ids_PxL, mask_PxL, key, records=()) -> Drawn:
     del records  # one completion per row: nothing to reset
-    out = self.program(params, *sharding.shard_batch((ids_PxL, mask_PxL), self.mesh), key)
+    ids, mask = sharding.shard_batch((ids_PxL, mask_PxL), self.mesh)
+    if isinstance(params, Swap):
+      paused = self.inflight.first(params.first, ids, mask, key)
+      out = self.inflight.rest(params.then(), paused, key)
+    else:
+      out = self.program(params, ids, mask, key)
     tokens, mask = to_host(out.tokens), to_host(out.mask)
     truncated = to_host(out.truncated).astype(bool)
     return Drawn(tokens, mask, truncated, completion_lengths(mask, truncated),
-                 to_host(out.logprobs))
+                 to_host(out.logprobs),
+                 versions_BxC=None if out.versions is None else to_host(out.versions))
 
   def compiles(self) -> int:
     return self.program._cache_size()  # pylint: disable=protected-access

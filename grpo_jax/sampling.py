@@ -118,6 +118,9 @@ class SampleOutput:
   mask: jax.Array       # [B, N] int32: 1 up to and including the first EOS
   lengths: jax.Array    # [B] int32: number of completion tokens (sum of mask)
   truncated: jax.Array  # [B] bool: no EOS within max_new_tokens
+  # [B, N] int32, in-flight updates only (slots.make_inflight): 1 where the update's weights
+  # drew the token, 0 where the first weights did (and off the mask)
+  versions: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass

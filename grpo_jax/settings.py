@@ -147,7 +147,7 @@ def _grpo(g: _Fields, rows: int, dp: int) -> GRPOSettings:
       num_microbatches=_microbatches(rows, g.micro_batch_size, dp, "grpo.micro_batch_size"),
       ref_reset_every=g.ref_reset_every, ref_ema=float(g.ref_ema), loss=loss,
       optim=_optim(g.optim, "grpo.optim"), length_bucket=g.length_bucket,
-      max_staleness=g.max_staleness)
+      max_staleness=g.max_staleness, inflight_after=g.inflight_after)
 
 
 def _sft(s: _Fields, dp: int) -> SFTSettings:

@@ -36,6 +36,7 @@ def check(s: Settings, dp: int) -> None:
                       "disabled")
   _check_reward_model(s, dp)
   _check_staleness(s)
+  _check_inflight(s)
   _check_rollout_devices(s)
   if (s.rollout.paradigm.coefficient == "teacher") != bool(s.distill_teacher):
     raise ConfigError("config.distill.teacher and config.grpo.algorithm = 'distill' go "
@@ -148,6 +149,29 @@ def _check_staleness(s: Settings) -> None:
   if clashes:
     raise ConfigError(f"config.grpo.max_staleness = {k} cannot be combined with "
                       + "; ".join(clashes))
+
+
+def _check_inflight(s: Settings) -> None:
+  """In-flight weight updates: the continuous single-turn sampler of a rollout sampled ahead,
+  switching weights within its budget."""
+  m, r = s.grpo.inflight_after, s.rollout
+  if not m:
+    return
+  name = f"config.grpo.inflight_after = {m}"
+  if not 0 < m < r.max_completion_length:
+    raise ConfigError(f"{name} must be in [0, grpo.max_completion_length = "
+                      f"{r.max_completion_length}): the decode steps before the switch")
+  clashes = [what for what, on in (
+      ("config.grpo.max_staleness = 0 (no rollout is sampled while an update runs)",
+       not s.grpo.max_staleness),
+      (f"config.grpo.batching = {r.batching!r} (needs 'continuous')",
+       r.batching != "continuous"),
+      ("config.tools.env (episodes)", s.tools.enabled),
+      ("config.grpo.dynamic_sampling (resampled rounds after the switch)",
+       r.dynamic_sampling))
+      if on]
+  if clashes:
+    raise ConfigError(f"{name} cannot be combined with " + "; ".join(clashes))
 
 
 def _check_rollout_devices(s: Settings) -> None:

@@ -140,6 +140,9 @@ class GRPOSettings:
   optim: OptimConfig
   length_bucket: int = 0  # update / log-prob passes cut to the needed width, multiples of this
   max_staleness: int = 0  # k: rollouts sampled k steps ahead of their update (staleness.py)
+  # in-flight weight updates: a rollout sampled ahead switches to the step's updated weights
+  # after this many decode steps (0: one set of weights per rollout)
+  inflight_after: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

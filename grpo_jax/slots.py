@@ -31,14 +31,16 @@ measured best (BENCHMARKS.md, "Rollout").
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from grpo_jax import models, sampling
+from grpo_jax import models, sampling, sharding
 from grpo_jax.draws import row_uniforms, sample_keys, sample_tokens
 from grpo_jax.models import KVCache, ModelConfig, per_layer
 
@@ -67,6 +69,9 @@ class DecodeState:
   step: jax.Array         # int32 []: steps run (the ring's write index is step mod N - 1)
   tokens_BxN: jax.Array
   logprobs_BxN: jax.Array
+  # In-flight updates (`decode_first` / `decode_rest`): which weights drew each token, 0 the
+  # first, 1 the update's; None in a plain decode.
+  versions_BxN: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -137,7 +142,8 @@ def _maybe_refill(state: DecodeState, prompts: Prompts, num_samples: int, most: 
 
 
 def decode_step(state: DecodeState, params: Params, config: ModelConfig,
-                settings: sampling.SamplingSettings, prompts: Prompts, rng, tables):
+                settings: sampling.SamplingSettings, prompts: Prompts, rng, tables,
+                version: int = 0):
   """One token for every live slot, recorded at its sample's row and position."""
   sl = state.slots
   B, N = state.tokens_BxN.shape
@@ -155,9 +161,12 @@ def decode_step(state: DecodeState, params: Params, config: ModelConfig,
   # NaN value times a masked weight of 0 is NaN in the next sample's attention.
   drawn_W = sl.drawn_W + sl.live_W.astype(jnp.int32)
   live_W = sl.live_W & ~sampling.is_eos(tokens_W, settings.eos_ids) & (drawn_W < N)
+  versions = state.versions_BxN
+  if versions is not None:
+    versions = versions.at[row_W, sl.drawn_W].set(version, mode="drop")
   return state.replace(
       slots=sl.replace(drawn_W=drawn_W, last_W=tokens_W, live_W=live_W, own=own),
-      step=state.step + 1,
+      step=state.step + 1, versions_BxN=versions,
       tokens_BxN=state.tokens_BxN.at[row_W, sl.drawn_W].set(tokens_W, mode="drop"),
       logprobs_BxN=state.logprobs_BxN.at[row_W, sl.drawn_W].set(logprobs_W, mode="drop"))
 
@@ -189,9 +198,10 @@ def _first_slots(config: ModelConfig, width: int, prompt_len: int, prompts: Prom
                prefix=models.init_cache(config, width, prompt_len))
 
 
-def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSettings,
-           prompt_tokens_PxT, prompt_mask_PxT, rng) -> sampling.SampleOutput:
-  """`sampling.sample_with_settings` in `settings.decode_slots` slots (traceable)."""
+def _start(params: Params, config: ModelConfig, settings: sampling.SamplingSettings,
+           prompt_tokens_PxT, prompt_mask_PxT, rng, *, versions: bool = False
+           ) -> tuple[DecodeState, Prompts]:
+  """The prompts prefilled, every sample's first token drawn, the first slots filled."""
   P, T = prompt_tokens_PxT.shape
   G, N = settings.num_samples, settings.max_new_tokens
   B = P * G
@@ -206,14 +216,28 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
       slots=_first_slots(config, plan[0], T, prompts),
       next_sample=jnp.asarray(0 if refills else B, jnp.int32), step=jnp.zeros((), jnp.int32),
       tokens_BxN=jnp.full((B, N), settings.pad_id, jnp.int32).at[:, 0].set(first_B),
-      logprobs_BxN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprobs_B))
+      logprobs_BxN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprobs_B),
+      versions_BxN=jnp.zeros((B, N), jnp.int32) if versions else None)
   if refills:
     state = refill(state, prompts, G, plan[0])
-  tables = models.rope_tables(config, T + N + 1)
+  return state, prompts
+
+
+def _run(state: DecodeState, params: Params, config: ModelConfig,
+         settings: sampling.SamplingSettings, prompts: Prompts, rng, *, ends: list[int],
+         stop: Optional[int] = None, tail: bool = True, version: int = 0) -> DecodeState:
+  """Decode steps with `params`: a loop per block end of `ends` (the ring grown to it), each
+  while a sample is busy and the step is below the end (and `stop`; with a stop, no early
+  exit to compact), then (`tail`) the compaction levels until no sample is busy."""
+  B = state.tokens_BxN.shape[0]
+  G, N = settings.num_samples, settings.max_new_tokens
+  plan = widths(settings, B)
+  refills = plan[0] < B
+  tables = models.rope_tables(config, prompts.prefix.max_len + N + 1)
 
   def body(most: int):
     def step(s: DecodeState) -> DecodeState:
-      s = decode_step(s, params, config, settings, prompts, rng, tables)
+      s = decode_step(s, params, config, settings, prompts, rng, tables, version)
       return _maybe_refill(s, prompts, G, most) if refills else s
     return step
 
@@ -223,15 +247,16 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
   # The ring grows with the steps as the static path's cache does: before step N - 1 no sample
   # is older than the steps run, so the first blocks need fewer slots (and never wrap). A
   # fixed-length batch with as many slots as rows decodes exactly as the static path.
-  compacts = len(plan) > 1
-  for end in sampling.block_ends(settings):
+  compacts = len(plan) > 1 and stop is None
+  for end in ends:
     state = state.replace(slots=state.slots.replace(
         own=sampling.grow_cache(state.slots.own, end)))
+    limit = end if stop is None else min(end, stop)
     state = lax.while_loop(
-        lambda s, end=end: busy(s) & (s.step < end) & ~(compacts & shrink(s, plan[0])),
+        lambda s, limit=limit: busy(s) & (s.step < limit) & ~(compacts & shrink(s, plan[0])),
         body(max(1, plan[0] // 4)), state)
-  if not (refills or compacts):  # every sample has had its N - 1 steps: done
-    return sampling.finish(state.tokens_BxN, state.logprobs_BxN, settings)
+  if not tail or not (refills or len(plan) > 1):  # (no tail: every sample has had its steps)
+    return state
   # The tail: once nothing is pending and half the slots or fewer are live, half the width.
   for level, width in enumerate(plan):
     if level:
@@ -240,4 +265,74 @@ def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSetti
     state = lax.while_loop(
         lambda s, width=width, last=last: busy(s) if last else busy(s) & ~shrink(s, width),
         body(max(1, width // 4)), state)
+  return state
+
+
+def decode(params: Params, config: ModelConfig, settings: sampling.SamplingSettings,
+           prompt_tokens_PxT, prompt_mask_PxT, rng) -> sampling.SampleOutput:
+  """`sampling.sample_with_settings` in `settings.decode_slots` slots (traceable)."""
+  state, prompts = _start(params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng)
+  state = _run(state, params, config, settings, prompts, rng,
+               ends=sampling.block_ends(settings))
   return sampling.finish(state.tokens_BxN, state.logprobs_BxN, settings)
+
+
+# ----------------------------------------------------------------------------- in-flight updates
+
+
+@flax.struct.dataclass
+class Paused:
+  """A decode stopped after its first decode steps, to go on with other weights."""
+  state: DecodeState
+  prompts: Prompts
+
+
+def decode_first(params: Params, config: ModelConfig, settings: sampling.SamplingSettings,
+                 prompt_tokens_PxT, prompt_mask_PxT, rng, steps: int) -> Paused:
+  """`decode`'s prefill and its first `steps` decode steps (no compaction before them);
+  every token so far is tagged 0."""
+  state, prompts = _start(params, config, settings, prompt_tokens_PxT, prompt_mask_PxT, rng,
+                          versions=True)
+  ends = sampling.block_ends(settings)
+  first = [end for i, end in enumerate(ends) if i == 0 or ends[i - 1] < steps]
+  return Paused(_run(state, params, config, settings, prompts, rng, ends=first, stop=steps,
+                     tail=False), prompts)
+
+
+def decode_rest(params: Params, config: ModelConfig, settings: sampling.SamplingSettings,
+                paused: Paused, rng, steps: int) -> sampling.SampleOutput:
+  """The decode `decode_first(..., steps)` paused, on to its end with `params`, these tokens
+  tagged 1: the samples in progress keep their caches and go on; the samples not started yet
+  start (from the prompts' prefill, and the first token, of the first weights)."""
+  ends = [end for end in sampling.block_ends(settings) if end >= steps]
+  state = _run(paused.state, params, config, settings, paused.prompts, rng, ends=ends,
+               version=1)
+  out = sampling.finish(state.tokens_BxN, state.logprobs_BxN, settings)
+  return out.replace(versions=state.versions_BxN * out.mask)
+
+
+class InFlight(NamedTuple):
+  """The two jitted halves of a decode whose weights change after `steps` decode steps."""
+  first: Any  # (params, prompt_tokens_PxT, prompt_mask_PxT, rng) -> Paused
+  rest: Any   # (params, paused, rng) -> SampleOutput with versions
+  steps: int
+
+
+def make_inflight(config: ModelConfig, settings: sampling.SamplingSettings, steps: int,
+                  mesh: Optional[Mesh] = None) -> InFlight:
+  """`decode_first` / `decode_rest` jitted (as `sampling.make_sampler`, with a mesh: the
+  prompts and outputs sharded over the batch axes, the key replicated)."""
+  first = functools.partial(decode_first, config=config, settings=settings, steps=steps)
+  rest = functools.partial(decode_rest, config=config, settings=settings, steps=steps)
+  first_fn = lambda params, tokens, mask, rng: first(  # noqa: E731
+      params, prompt_tokens_PxT=tokens, prompt_mask_PxT=mask, rng=rng)
+  rest_fn = lambda params, paused, rng: rest(params, paused=paused, rng=rng)  # noqa: E731
+  if mesh is None:
+    return InFlight(jax.jit(first_fn), jax.jit(rest_fn), steps)
+  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+  rows2 = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
+  out = sampling.SampleOutput(tokens=rows2, logprobs=rows2, mask=rows2, lengths=rows,
+                              truncated=rows, versions=rows2)
+  key = sharding.replicated(mesh)
+  return InFlight(jax.jit(first_fn, in_shardings=(None, rows2, rows2, key)),
+                  jax.jit(rest_fn, in_shardings=(None, None, key), out_shardings=out), steps)

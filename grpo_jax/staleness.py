@@ -59,10 +59,19 @@ def drop_stale(queue: Sequence[Pending], step: int, k: int) -> tuple[tuple[Pendi
   return kept, len(queue) - len(kept)
 
 
+def updated_fraction(versions_NxC: np.ndarray, mask_NxC: np.ndarray) -> float:
+  """In-flight updates: the fraction of completion tokens the update's weights drew (tag 1)."""
+  return float((versions_NxC * mask_NxC).sum() / max(mask_NxC.sum(), 1))
+
+
 def figures(step: int, pending: Pending, dropped: int) -> dict:
-  """The step's figures about the rollout it trains on: its own, its staleness, the drops."""
-  return {**pending.figures, "staleness": float(staleness(step, pending)),
-          "dropped_stale": float(dropped)}
+  """The step's figures about the rollout it trains on: its own, its staleness (in-flight
+  updates: also per token, the tokens drawn after the switch one version fresher), the drops."""
+  out = {**pending.figures, "staleness": float(staleness(step, pending)),
+         "dropped_stale": float(dropped)}
+  if "inflight/updated_tokens" in pending.figures:
+    out["inflight/token_staleness"] = out["staleness"] - pending.figures["inflight/updated_tokens"]
+  return out
 
 
 def to_host(queue: Sequence[Pending]) -> dict:

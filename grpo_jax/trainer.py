@@ -11,8 +11,9 @@ One GRPO step (DeepSeekMath Algorithm 1, inner loop), `grpo_step`, in four label
 
 (spelled with host / device overlap: the passes start before the host decodes and scores, the
 update before the step's host bookkeeping). With grpo.max_staleness = k > 0, `stale_step` runs
-blocks 3-4 on the rollout sampled k steps earlier while 1-2 make the one of step + k. Host state is typed and checkpointed with the
-device state (`runstate`). Every draw is `fold_in(named stream key, step)`, so a killed run
+blocks 3-4 on the rollout sampled k steps earlier while 1-2 make the one of step + k (with
+grpo.inflight_after, its samples switching to the update's weights as they decode). Host state
+is typed and checkpointed with the device state (`runstate`). Every draw is `fold_in(named stream key, step)`, so a killed run
 resumes to exactly the metrics of an uninterrupted one.
 """
 
@@ -29,8 +30,8 @@ import numpy as np
 from absl import logging
 
 from grpo_jax import checkpointing, distill, evaluation, experiment, iterative, metrics, paths
-from grpo_jax import preemption, process, progress, rollout, runstate, staleness, updates
-from grpo_jax import weights
+from grpo_jax import preemption, process, progress, rollout, runstate, samplers, staleness
+from grpo_jax import updates, weights
 from grpo_jax import settings as settings_lib
 from grpo_jax.data import iterator
 from grpo_jax.experiment import Experiment, Stream
@@ -241,8 +242,11 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
   t_step = time.perf_counter()
   queue, dropped = staleness.drop_stale(models.rollouts, step, k)
   position = loop.position
+  inflight = bool(s.grpo.inflight_after)
   while len(queue) < min(k, s.grpo.steps - step):  # the first steps, or after drops
-    pending, position, _ = _sample_ahead(exp, _sampling_params(exp, models), position, step,
+    params = _sampling_params(exp, models)  # (in-flight: no update to switch to)
+    pending, position, _ = _sample_ahead(exp, samplers.Swap(params, lambda p=params: p)
+                                         if inflight else params, position, step,
                                          staleness.next_index(queue, step))
     queue += (pending,)
   index = staleness.next_index(queue, step)  # the rollout sampled during this step's update
@@ -260,12 +264,18 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
   # The samplers on their own devices: the update first, both run at once. Sharing the mesh:
   # the update once the new rollout's tokens are on the host, while the host scores them.
   apart = device.programs.sample_train.mesh is not device.mesh
-  dispatched = update() if apart else None
+  dispatched = [update()] if apart else []
+  if ahead and inflight:  # the update queued after the first decode steps, its weights after
+    def then():
+      dispatched.append(dispatched.pop() if dispatched else update())
+      return _sampling_params(exp, dataclasses.replace(models, state=dispatched[0][0]))
+    params = samplers.Swap(params, then)
   if ahead:
     pending, position, started = _sample_ahead(exp, params, position, step, index,
-                                                None if apart else update)
-    dispatched, queue = dispatched or started, queue + (pending,)
-  state, step_metrics = dispatched or update()
+                                                None if apart or inflight else update,
+                                                updated=inflight)
+    dispatched, queue = dispatched or [started] * (started is not None), queue + (pending,)
+  state, step_metrics = dispatched[0] if dispatched else update()
   t_wait = time.perf_counter()
   figures = {**updates.aggregate(jax.device_get(step_metrics)),
              **staleness.figures(step, head, dropped)}
@@ -282,14 +292,19 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
 
 
 def _sample_ahead(exp: Experiment, params, position, version: int, index: int,
-                  start=None) -> tuple[staleness.Pending, iterator.Position, object]:
-  """Rollout `index` (its key), sampled by policy `version` (`params`, `_sampling_params`),
-  scored, as a `staleness.Pending`; `start` runs when its tokens are on the host
-  (`rollout.collect`) and its result comes back third."""
+                  start=None, updated: bool = False
+                  ) -> tuple[staleness.Pending, iterator.Position, object]:
+  """Rollout `index` (its key), sampled by policy `version` (`params`, `_sampling_params`; a
+  `samplers.Swap` for in-flight updates, to version + 1 when `updated`), scored, as a
+  `staleness.Pending`; `start` runs when its tokens are on the host (`rollout.collect`) and its
+  result comes back third."""
   s, data = exp.settings, exp.data
   roll, position = rollout.collect(
       data, exp.device.programs.sample_train, s.rollout, params, position,
       exp.keys(Stream.ROLLOUT, index), start=start)
+  if roll.versions_NxC is not None:  # the tokens the update's weights drew
+    roll = dataclasses.replace(roll, figures={**roll.figures, "inflight/updated_tokens": (
+        staleness.updated_fraction(roll.versions_NxC, roll.mask_NxC) if updated else 0.0)})
   adv, roll = _coefficients(exp, roll)
   batch = rollout.train_batch(roll, adv, mask_truncated=s.rollout.mask_truncated_completions)
   pending = staleness.Pending(batch, version, index, roll.figures,

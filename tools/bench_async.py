@@ -34,7 +34,11 @@ from grpo_jax import metrics  # noqa: E402
 
 CASES = {"sync": [], "k1": ["--config.grpo.max_staleness=1"],  # one mesh
          "sync_split": ["--config.mesh.rollout_devices=4"],      # samplers on 4 devices
-         "k1_split": ["--config.mesh.rollout_devices=4", "--config.grpo.max_staleness=1"]}
+         "k1_split": ["--config.mesh.rollout_devices=4", "--config.grpo.max_staleness=1"],
+         # in-flight weight updates after 8 decode steps (of the smoke / default budgets)
+         "k1_inflight": ["--config.grpo.max_staleness=1", "--config.grpo.inflight_after=8"],
+         "k1_split_inflight": ["--config.mesh.rollout_devices=4", "--config.grpo.max_staleness=1",
+                               "--config.grpo.inflight_after=8"]}
 
 
 def run_case(flags: list[str], steps: int, devices: int, small: bool) -> dict:
