@@ -69,12 +69,13 @@ def limit_malloc_arenas() -> Optional[int]:
 @contextlib.contextmanager
 def profiled(steps: Optional[tuple[int, int]], workdir: str, step: int):
   """A jax.profiler trace of GRPO steps `steps` = (first, last) (config.profile_steps, 1-based),
-  written to <workdir>/profile (TensorBoard's profile plugin or Perfetto read it)."""
+  written to <workdir>/profile: TensorBoard's profile plugin reads it, ui.perfetto.dev its
+  perfetto_trace.json.gz."""
   if not steps or not steps[0] <= step <= steps[1]:
     yield
     return
   if step == steps[0]:
-    jax.profiler.start_trace(str(paths.as_path(workdir) / "profile"))
+    jax.profiler.start_trace(str(paths.as_path(workdir) / "profile"), create_perfetto_trace=True)
   try:
     with jax.profiler.StepTraceAnnotation("grpo_step", step_num=step):
       yield

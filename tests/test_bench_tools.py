@@ -143,3 +143,19 @@ def test_bench_rollout_decode_step_parts(capsys):
   assert sum(f["share_of_step"] for f in figures[:3]) == pytest.approx(1.0, abs=0.01)
   assert figures[3]["share_of_step"] == pytest.approx(figures[3]["seconds"] / step, abs=0.01)
   capsys.readouterr()
+
+
+def test_the_idle_fraction_reads_the_steps_and_the_executions(tmp_path):
+  """bench_async.idle_fraction on a written trace: two steps of 100 us, executions that overlap
+  each other, one step and the gap between the steps; 75 of the 200 us run nothing."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  x = lambda name, ts, dur: {"ph": "X", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+  events = [x("grpo_step", 0, 100), x("grpo_step", 150, 100),
+            x("ThunkExecutor::Execute", 10, 30), x("ThunkExecutor::Execute (wait)", 20, 40),
+            x("ThunkExecutor::Execute", 90, 75), x("ThunkExecutor::Execute", 200, 50),
+            x("ynn_fusion", 60, 30), {"ph": "M", "name": "thread_name"}]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  # busy inside the steps: [10, 60) + [90, 100) + [150, 165) + [200, 250) = 50 + 10 + 15 + 50
+  assert load_tool("bench_async").idle_fraction(str(path)) == pytest.approx(1 - 125 / 200)
