@@ -115,7 +115,8 @@ def _rows_of(batch: TrainBatch, rows, width: int) -> TrainBatch:
                     completion_mask=cut(batch.completion_mask),
                     advantages=adv[rows, :width] if adv.ndim == 2 else adv[rows],
                     old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs),
-                    sampler_logprobs=cut(batch.sampler_logprobs))
+                    sampler_logprobs=cut(batch.sampler_logprobs),
+                    cov_selected=cut(batch.cov_selected))
 
 
 def bucketed_logprobs(programs: BucketedPrograms, params, batch: TrainBatch, plan, mesh,

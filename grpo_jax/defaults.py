@@ -95,8 +95,12 @@ def config() -> ml_collections.ConfigDict:
       loss=dict(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k3",
                 importance_sampling_level="token",
                 # the policy term: "clip" (PPO / GRPO), "cispo" (clipped stop-gradient IS
-                # weight x log-prob), "sapo" (soft sigmoid gate; its temperatures below)
+                # weight x log-prob), "sapo" (soft sigmoid gate; its temperatures below),
+                # "clip_cov" / "kl_cov" (covariance.py: a cov_fraction of the batch's tokens,
+                # those whose log-prob and advantage co-vary most, get no gradient (Clip-Cov:
+                # drawn among cov_low < Cov < cov_high) or a kl_cov_coef x |log ratio| penalty)
                 policy_loss="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                cov_fraction=2e-4, cov_low=1.0, cov_high=5.0, kl_cov_coef=1.0,
                 # entropy bonus: loss -= entropy_coef x token entropy (logged as "entropy")
                 entropy_coef=0.0,
                 # the sampler / trainer mismatch (corrections.py; logged as mismatch/*): "none",

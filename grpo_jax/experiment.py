@@ -41,6 +41,7 @@ class Stream(enum.IntEnum):
   RM_BOOTSTRAP = 4  # the warm-start policy's samples that bootstrap the reward model
   RM_INIT = 5       # the reward model's head
   LORA_INIT = 6     # LoRA adapters (A random, B zero)
+  COVARIANCE = 7    # Clip-Cov's draw of the tokens it restrains, folded with the step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,16 +13,15 @@ term is the policy loss of `policy_loss` ("clip" above), or:
   "sapo":  -(4 / tau) * sigmoid(tau * (r - 1)) * A,  tau = tau_pos if A > 0 else tau_neg
            (SAPO, Gao et al. 2025: a soft gate in place of the clip; its gradient weight
            4 s (1 - s) r, s = sigmoid(tau (r - 1)), is 1 on-policy and fades off-policy)
+  "clip_cov", "kl_cov": the clip, or -r A, with the tokens of high covariance of log-prob and
+           advantage in the whole batch restrained (covariance.py, Cui et al. 2025)
 The loss is l aggregated over tokens and sequences (`loss_type`):
 
   "grpo":    mean_i  sum_t l * m / |o_i|        (DeepSeekMath; each sequence weighs 1/B)
   "dapo":    sum_{i,t} l * m / sum_{i,t} m      (DAPO; each token weighs the same)
   "dr_grpo": sum_{i,t} l * m / (B * L)          (Dr. GRPO; L = the completion budget, below)
 
-Dr. GRPO's L is a constant of the run: the sampler's budget, grpo.max_completion_length + 1
-(room for the EOS; `settings.from_config`). TRL divides by the micro-batch's rows (averaged
-over accumulation steps and processes: the whole B, as here) times its max_completion_length,
-which counts the EOS: for the same config number N this loss is N / (N + 1) of TRL's.
+Dr. GRPO's L: the sampler's budget, grpo.max_completion_length + 1 (README: against TRL's).
 
 Every aggregation is a weighted token sum, sum_{i,t} l_{i,t} * w_{i,t}, with weights that depend
 only on the mask of the *whole* optimizer batch (`loss_weights`). So a batch split into
@@ -43,7 +42,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import corrections
+from grpo_jax import corrections, covariance
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -51,7 +50,9 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
 OBJECTIVES = ("grpo", "sft")
-POLICY_LOSSES = ("clip", "cispo", "sapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo") + covariance.COV_LOSSES
+_ALLOWED = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, importance_sampling_level=IS_LEVELS,
+                objective=OBJECTIVES, policy_loss=POLICY_LOSSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,20 +79,19 @@ class LossConfig:
   sapo_tau_pos: float = 1.0  # SAPO's gate temperatures (the paper's defaults)
   sapo_tau_neg: float = 1.05
   entropy_coef: float = 0.0  # a bonus: loss -= entropy_coef x the policy's token entropy
+  cov_fraction: float = 2e-4  # Clip-Cov / KL-Cov (covariance.py): the tokens restrained,
+  cov_low: float = 1.0        # Clip-Cov's covariance band,
+  cov_high: float = 5.0
+  kl_cov_coef: float = 1.0    # KL-Cov's penalty
   correction: corrections.Correction = corrections.Correction()  # sampler / trainer mismatch
 
   def __post_init__(self):
     if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
       raise ValueError(f"loss: sapo_tau_pos = {self.sapo_tau_pos} and sapo_tau_neg = "
                        f"{self.sapo_tau_neg} must be > 0")
-    for name, value, allowed in (("objective", self.objective, OBJECTIVES),
-                                 ("policy_loss", self.policy_loss, POLICY_LOSSES),
-                                 ("loss_type", self.loss_type, LOSS_TYPES),
-                                 ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
-                                 ("importance_sampling_level", self.importance_sampling_level,
-                                  IS_LEVELS)):
-      if value not in allowed:
-        raise ValueError(f"loss: unknown {name} {value!r}; expected one of {allowed}")
+    _check_names("loss", objective=self.objective, policy_loss=self.policy_loss,
+                 loss_type=self.loss_type, kl_estimator=self.kl_estimator,
+                 importance_sampling_level=self.importance_sampling_level)
     if not self.beta >= 0:
       raise ValueError(f"loss: beta = {self.beta} must be >= 0")
     if self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
@@ -101,31 +101,17 @@ class LossConfig:
       raise ValueError(f"loss: temperature = {self.temperature} must be > 0")
     if not self.entropy_coef >= 0:
       raise ValueError(f"loss: entropy_coef = {self.entropy_coef} must be >= 0")
+    covariance.check(self.cov_fraction, self.cov_low, self.cov_high, self.kl_cov_coef)
 
 
-# ----------------------------------------------------------------------------- log-probs
+def _check_names(where: str, **values: str) -> None:
+  for name, value in values.items():
+    allowed = _ALLOWED[name]
+    if value not in allowed:
+      raise ValueError(f"{where}: unknown {name} {value!r}; expected one of {allowed}")
 
 
-def token_logprobs(logits, targets, *, temperature: float = 1.0) -> jax.Array:
-  """log softmax(logits / temperature)[targets]: [B, T, V], [B, T] -> [B, T] float32.
-
-  Computed as z[target] - logsumexp(z): XLA fuses the scaling into the reduction, so no
-  [B, T, V] log-softmax copy is materialised.
-  """
-  if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
-    raise ValueError(f"token_logprobs: logits {logits.shape} and targets {targets.shape} "
-                     "must be [..., V] and [...]")
-  z = logits.astype(jnp.float32) / temperature
-  target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return target_z - jax.nn.logsumexp(z, axis=-1)
-
-
-def token_entropy(logits, *, temperature: float = 1.0) -> jax.Array:
-  """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32 (nats)."""
-  z = logits.astype(jnp.float32) / temperature
-  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-  p = jnp.exp(z - lse)
-  return lse[..., 0] - jnp.sum(p * z, axis=-1)
+# ----------------------------------------------------------------------------- KL
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: KLEstimator = "k3") -> jax.Array:
@@ -187,13 +173,10 @@ def loss_weights(mask, *, loss_type: LossType = "grpo",
 
 
 def check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
-                 importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss="clip"):
-  for name, value, allowed in (("loss_type", loss_type, LOSS_TYPES),
-                               ("kl_estimator", kl_estimator, KL_ESTIMATORS),
-                               ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
-                               ("policy_loss", policy_loss, POLICY_LOSSES)):
-    if value not in allowed:
-      raise ValueError(f"grpo_loss: unknown {name} {value!r}; expected one of {allowed}")
+                 importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss="clip",
+                 cov_selected=None):
+  _check_names("grpo_loss", loss_type=loss_type, kl_estimator=kl_estimator,
+               importance_sampling_level=importance_sampling_level, policy_loss=policy_loss)
   if logprobs.ndim != 2:
     raise ValueError(f"grpo_loss: logprobs must be [B, T], got shape {logprobs.shape}")
   shape = logprobs.shape
@@ -206,6 +189,9 @@ def check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_ty
   if advantages.shape not in (shape[:1], shape):
     raise ValueError(f"grpo_loss: advantages must be [B] = {shape[:1]} or [B, T] = {shape}, "
                      f"got {advantages.shape}")
+  if policy_loss in covariance.COV_LOSSES and cov_selected is None:
+    raise ValueError(f"grpo_loss: policy_loss {policy_loss!r} needs cov_selected, the tokens "
+                     "covariance.select chose over the whole batch")
   if beta != 0.0 and ref_logprobs is None:
     raise ValueError(f"grpo_loss: beta = {beta} > 0 needs ref_logprobs (the reference policy's "
                      "log-probs); pass them or set beta = 0")
@@ -220,11 +206,12 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
                     beta: float = 0.0, kl_estimator: KLEstimator = "k3",
                     importance_sampling_level: str = "token", policy_loss: str = "clip",
                     sapo_tau: tuple[float, float] = (1.0, 1.05), sampler_logprobs=None,
-                    correction: corrections.Correction = corrections.Correction()
-                    ) -> tuple[jax.Array, dict]:
+                    correction: corrections.Correction = corrections.Correction(),
+                    cov_selected=None, kl_cov_coef: float = 1.0) -> tuple[jax.Array, dict]:
   """The loss as a weighted token sum, and metrics as weighted sums (both additive over batches:
   `combine_sums`). With `sampler_logprobs` ([B, T], the sampler's own), the policy term is
-  weighted by `correction` (corrections.py) and the mismatch is logged.
+  weighted by `correction` (corrections.py) and the mismatch is logged. `cov_selected`: the
+  tokens Clip-Cov / KL-Cov restrain ([B, T], `covariance.select` over the whole batch).
 
   Use this directly for micro-batching (with the full batch's `weights` sliced); otherwise use
   `grpo_loss`. Returns (loss, sums) where `finalize_metrics(sums)` gives the metrics.
@@ -244,10 +231,14 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   valid = mask > 0  # masked positions may hold anything (NaN * 0 weight would still be NaN)
   ratio = jnp.where(valid, jnp.exp(log_ratio_BxT), 1.0)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-  per_token = jnp.where(valid, _policy_loss(policy_loss, ratio, clipped, adv_BxT, jnp.where(
-      valid, logprobs, 0.0), 1.0 + epsilon_high, sapo_tau), 0.0)
-
-  sums = {}
+  if policy_loss in covariance.COV_LOSSES:
+    per_token = covariance.policy_loss(policy_loss, ratio, clipped, adv_BxT, log_ratio_BxT,
+                                       cov_selected.astype(jnp.float32), kl_cov_coef)
+  else:
+    per_token = _policy_loss(policy_loss, ratio, clipped, adv_BxT,
+                             jnp.where(valid, logprobs, 0.0), 1.0 + epsilon_high, sapo_tau)
+  per_token = jnp.where(valid, per_token, 0.0)
+  sums = {} if cov_selected is None else {"cov_selected": jnp.sum(cov_selected * weights.token_BxT)}
   if sampler_logprobs is not None:  # the sampler's draw vs the trainer's sampling policy
     w_BxT, tokens = corrections.mismatch_weights(old_logprobs, sampler_logprobs, mask, correction)
     if correction.kind != "none":  # "none": measured only
@@ -306,18 +297,19 @@ def sft_loss_terms(logprobs, mask, advantages, weights: LossWeights) -> tuple[ja
 
 
 def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights, *,
-               old_logprobs=None, ref_logprobs=None, entropy=None,
-               sampler_logprobs=None) -> tuple[jax.Array, dict]:
+               old_logprobs=None, ref_logprobs=None, entropy=None, sampler_logprobs=None,
+               cov_selected=None) -> tuple[jax.Array, dict]:
   """The training path's loss: `cfg.objective` on one (micro-)batch, inputs checked first.
 
   `old_logprobs` None means mu = 1 (one update per rollout): the ratio's denominator is the
   current policy's log-probs, detached, so the ratio is 1 with the PPO gradient. `entropy`:
   the policy's token entropies [B, T]: logged (token mean), and `cfg.entropy_coef` x entropy
   is subtracted from the loss (a bonus: 0 by default). `sampler_logprobs`: the sampler's own,
-  for `cfg.correction` (None: no correction, nothing logged).
+  for `cfg.correction` (None: no correction, nothing logged). `cov_selected`: Clip-Cov's /
+  KL-Cov's tokens.
   """
   loss, sums = _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
-                           sampler_logprobs)
+                           sampler_logprobs, cov_selected)
   if entropy is not None:
     valid_entropy = jnp.where(mask > 0, entropy, 0.0)
     sums["entropy"] = jnp.sum(jax.lax.stop_gradient(valid_entropy) * weights.token_BxT)
@@ -327,18 +319,20 @@ def loss_terms(cfg: LossConfig, logprobs, mask, advantages, weights: LossWeights
 
 
 def _loss_terms(cfg, logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
-                sampler_logprobs):
+                sampler_logprobs, cov_selected):
   if cfg.objective == "sft":
     return sft_loss_terms(logprobs, mask, advantages, weights)
   old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
   check_inputs(logprobs, old, advantages, mask, ref_logprobs, cfg.loss_type, cfg.kl_estimator,
-               cfg.importance_sampling_level, cfg.beta, cfg.epsilon_low, cfg.epsilon_high)
+               cfg.importance_sampling_level, cfg.beta, cfg.epsilon_low, cfg.epsilon_high,
+               cfg.policy_loss, cov_selected)
   return grpo_loss_terms(
       logprobs, old, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
       kl_estimator=cfg.kl_estimator, importance_sampling_level=cfg.importance_sampling_level,
       policy_loss=cfg.policy_loss, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg),
-      sampler_logprobs=sampler_logprobs, correction=cfg.correction)
+      sampler_logprobs=sampler_logprobs, correction=cfg.correction, cov_selected=cov_selected,
+      kl_cov_coef=cfg.kl_cov_coef)
 
 
 def combine_sums(a: dict, b: dict) -> dict:
@@ -364,36 +358,33 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
               kl_estimator: KLEstimator = "k3", importance_sampling_level: str = "token",
               max_completion_length: int | None = None, policy_loss: str = "clip",
               sapo_tau: tuple[float, float] = (1.0, 1.05), sampler_logprobs=None,
-              correction: corrections.Correction = corrections.Correction()
-              ) -> tuple[jax.Array, dict]:
+              correction: corrections.Correction = corrections.Correction(),
+              cov_selected=None) -> tuple[jax.Array, dict]:
   """The negative GRPO objective (to minimise) and its metrics.
 
   Args:
-    logprobs, old_logprobs: [B, T] log pi(o_t) under the current and the sampling policy.
-    advantages: [B] (outcome) or [B, T] (process supervision).
-    mask: [B, T], 1 for completion tokens (up to and including EOS).
-    ref_logprobs: [B, T] under the reference policy; required when beta != 0.
-    loss_type: "grpo" | "dapo" | "dr_grpo" (see module docstring).
+    logprobs, old_logprobs: [B, T] log pi(o_t) under the current and the sampling policy;
+      advantages: [B] (outcome) or [B, T] (process); mask: [B, T], 1 through the EOS.
+    ref_logprobs: [B, T] under the reference policy; required when beta (inside the loss) != 0.
+    loss_type, policy_loss (sapo_tau: (tau_pos, tau_neg)): the module docstring's names.
     epsilon_low, epsilon_high: clip range [1 - low, 1 + high]; high=None means high=low.
-    beta: KL coefficient, inside the loss.
-    kl_estimator: "k1" | "k2" | "k3" (DeepSeekMath uses k3).
-    importance_sampling_level: "token" (GRPO) or "sequence" (GSPO).
-    max_completion_length: L of "dr_grpo" (defaults to T).
-    policy_loss: "clip" | "cispo" | "sapo" (module docstring); sapo_tau: (tau_pos, tau_neg).
-    sampler_logprobs, correction: [B, T] under the sampler, and the mismatch correction
-      (corrections.py) of the policy term.
+    kl_estimator: "k1" | "k2" | "k3" (DeepSeekMath: k3); importance_sampling_level: "token"
+      (GRPO) or "sequence" (GSPO); max_completion_length: L of "dr_grpo" (None: T).
+    sampler_logprobs, correction: [B, T] under the sampler, the policy term's mismatch
+      correction (corrections.py); cov_selected: Clip-Cov's / KL-Cov's tokens (covariance.py).
   Returns:
-    (loss scalar, metrics dict): kl (if ref given), ratio_mean, clip_frac_low/high, clip_frac,
-    advantage_mean/std, completion_length.
+    (loss, metrics): kl (with ref), ratio_mean, clip_frac(_low/_high), advantage_mean/std, ...
   """
   logprobs, old_logprobs = jnp.asarray(logprobs), jnp.asarray(old_logprobs)
   advantages, mask = jnp.asarray(advantages), jnp.asarray(mask)
   check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, loss_type, kl_estimator,
-               importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss)
+               importance_sampling_level, beta, epsilon_low, epsilon_high, policy_loss,
+               cov_selected)
   weights = loss_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length)
   loss, sums = grpo_loss_terms(
       logprobs, old_logprobs, advantages, mask, weights, ref_logprobs=ref_logprobs,
       epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator,
       importance_sampling_level=importance_sampling_level, policy_loss=policy_loss,
-      sapo_tau=sapo_tau, sampler_logprobs=sampler_logprobs, correction=correction)
+      sapo_tau=sapo_tau, sampler_logprobs=sampler_logprobs, correction=correction,
+      cov_selected=cov_selected)
   return loss, finalize_metrics(sums)

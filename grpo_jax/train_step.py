@@ -71,6 +71,8 @@ class TrainBatch:
   sampler_logprobs:                   [B, C] the sampler's own (0 off the mask), for the
                                       mismatch correction and figures (corrections.py); None
                                       for teacher data.
+  cov_selected:                       [B, C] Clip-Cov's / KL-Cov's tokens (covariance.py),
+                                      chosen over the whole batch; None for the other losses.
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -80,6 +82,7 @@ class TrainBatch:
   old_logprobs: Optional[jax.Array] = None
   ref_logprobs: Optional[jax.Array] = None
   sampler_logprobs: Optional[jax.Array] = None
+  cov_selected: Optional[jax.Array] = None
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -87,6 +90,28 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
 
 
 # ----------------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(logits, targets, *, temperature: float = 1.0) -> jax.Array:
+  """log softmax(logits / temperature)[targets]: [B, T, V], [B, T] -> [B, T] float32.
+
+  Computed as z[target] - logsumexp(z): XLA fuses the scaling into the reduction, so no
+  [B, T, V] log-softmax copy is materialised.
+  """
+  if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
+    raise ValueError(f"token_logprobs: logits {logits.shape} and targets {targets.shape} "
+                     "must be [..., V] and [...]")
+  z = logits.astype(jnp.float32) / temperature
+  target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_z - jax.nn.logsumexp(z, axis=-1)
+
+
+def token_entropy(logits, *, temperature: float = 1.0) -> jax.Array:
+  """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32 (nats)."""
+  z = logits.astype(jnp.float32) / temperature
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  p = jnp.exp(z - lse)
+  return lse[..., 0] - jnp.sum(p * z, axis=-1)
 
 
 def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperature, chunk,
@@ -103,8 +128,8 @@ def _chunked_logprobs(params, model_config, hidden_BxCxE, targets_BxC, temperatu
   @jax.checkpoint
   def one(h_BxcxE, t_Bxc):
     logits = models.unembed(params, model_config, h_BxcxE)
-    lp = losses.token_logprobs(logits, t_Bxc, temperature=temperature)
-    return (lp, losses.token_entropy(logits, temperature=temperature)) if entropy else lp
+    lp = token_logprobs(logits, t_Bxc, temperature=temperature)
+    return (lp, token_entropy(logits, temperature=temperature)) if entropy else lp
 
   h = hidden_BxCxE.reshape(B, n, chunk, E).swapaxes(0, 1)
   t = targets_BxC.reshape(B, n, chunk).swapaxes(0, 1)
@@ -172,7 +197,8 @@ def microbatch_loss_terms(params, mb: dict, *, model_config, loss_cfg: losses.Lo
   return losses.loss_terms(loss_cfg, logprobs, batch.completion_mask, batch.advantages,
                            mb["weights"], old_logprobs=batch.old_logprobs,
                            ref_logprobs=batch.ref_logprobs, entropy=entropy,
-                           sampler_logprobs=batch.sampler_logprobs)
+                           sampler_logprobs=batch.sampler_logprobs,
+                           cov_selected=batch.cov_selected)
 
 
 def loss_and_grads(params, batch: TrainBatch, *, model_config, loss_cfg: losses.LossConfig,

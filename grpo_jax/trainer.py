@@ -211,7 +211,7 @@ def grpo_step(exp: Experiment, loop: LoopState, models: Models,
   t0 = time.perf_counter()
   started = roll.started or start(
       rollout.train_batch(roll, adv, mask_truncated=r.mask_truncated_completions))
-  ready = updates.finish(device, started, adv)
+  ready = updates.finish(device, started, adv, loss=g.loss, key=exp.keys(Stream.COVARIANCE, step))
   del start, started
   roll = dataclasses.replace(roll, started=None)
   # 4. The mu updates, queued; the step's host work runs while the device updates.
@@ -256,7 +256,8 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
     t0.append(time.perf_counter())
     ready = updates.finish(device, updates.start_logprobs(
         device, s.grpo, weights.update_params(models.state, models.base), models.reference,
-        head.batch), head.batch.advantages)
+        head.batch), head.batch.advantages, loss=s.grpo.loss,
+        key=exp.keys(Stream.COVARIANCE, step))
     return updates.dispatch_update(device, s.grpo, models.state, ready, frozen=models.base)
 
   ahead = len(queue) < min(k, s.grpo.steps - step - 1)  # sample step + k's rollout

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
-from grpo_jax import buckets, weights
+from grpo_jax import buckets, covariance, losses, weights
 from grpo_jax.experiment import Device
 from grpo_jax.settings import GRPOSettings
 from grpo_jax.train_step import TrainBatch, TrainState
@@ -65,7 +65,8 @@ def trim(batch: TrainBatch, width: int) -> TrainBatch:
                        completion_mask=cut(batch.completion_mask),
                        advantages=adv[:, :width] if np.ndim(adv) == 2 else adv,
                        old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs),
-                       sampler_logprobs=cut(batch.sampler_logprobs))
+                       sampler_logprobs=cut(batch.sampler_logprobs),
+                       cov_selected=cut(batch.cov_selected))
 
 
 def plan(device: Device, g: GRPOSettings, batch: TrainBatch) -> Plan:
@@ -96,7 +97,8 @@ def with_logprobs(device: Device, g: GRPOSettings, params, ref_params,
   detached). `params`: `weights.update_params`, the sampling policy as the update computes it
   (the sampler itself may decode with a compute-dtype, merged copy: a sampling / training
   mismatch, not the ratio's). The non-GRPO objectives (advantage-weighted NLL) need neither."""
-  return finish(device, start_logprobs(device, g, params, ref_params, batch), batch.advantages)
+  return finish(device, start_logprobs(device, g, params, ref_params, batch), batch.advantages,
+                loss=g.loss)
 
 
 def start_logprobs(device: Device, g: GRPOSettings, params, ref_params,
@@ -122,20 +124,33 @@ def start_logprobs(device: Device, g: GRPOSettings, params, ref_params,
   return Started(batch, ref, old, micro)
 
 
-def finish(device: Device, started: Started, advantages) -> Ready:
+def finish(device: Device, started: Started, advantages, *,
+           loss: Optional[losses.LossConfig] = None, key: Optional[jax.Array] = None) -> Ready:
   """The update's batch: `start_logprobs`' with its `advantages` ([N] or [N, C]) and
-  log-probs (bucketed: gathered to the host, which waits for those passes only)."""
+  log-probs (bucketed: gathered to the host, which waits for those passes only); for
+  Clip-Cov / KL-Cov (`loss.policy_loss`) the tokens they restrain, chosen over the whole batch
+  (covariance.py; `key` draws Clip-Cov's)."""
   batch = started.batch
   advantages = np.asarray(advantages, np.float32)
   if started.plan is not None:
     shape = batch.completion_tokens.shape
     get = lambda p: None if p is None else buckets.gather_logprobs(p, shape)  # noqa: E731
-    return Ready(batch.replace(advantages=advantages, ref_logprobs=get(started.ref),
-                               old_logprobs=get(started.old)), started.plan)
-  if advantages.ndim == 2:  # per-token (process supervision): the batch's width
-    advantages = advantages[:, :batch.completion_tokens.shape[1]]
-  return Ready(batch.replace(advantages=device.shard(advantages)[0], ref_logprobs=started.ref,
-                             old_logprobs=started.old))
+    ready = Ready(batch.replace(advantages=advantages, ref_logprobs=get(started.ref),
+                                old_logprobs=get(started.old)), started.plan)
+  else:
+    if advantages.ndim == 2:  # per-token (process supervision): the batch's width
+      advantages = advantages[:, :batch.completion_tokens.shape[1]]
+    ready = Ready(batch.replace(advantages=device.shard(advantages)[0], ref_logprobs=started.ref,
+                                old_logprobs=started.old))
+  if (loss is None or loss.policy_loss not in covariance.COV_LOSSES
+      or device.programs.objective != "grpo"):
+    return ready
+  b = ready.batch
+  selected = covariance.select(b.sampler_logprobs, b.advantages, b.completion_mask,
+                               jax.random.key(0) if key is None else key, kind=loss.policy_loss,
+                               fraction=loss.cov_fraction, low=loss.cov_low, high=loss.cov_high)
+  return ready._replace(batch=b.replace(
+      cov_selected=selected if ready.plan is None else np.asarray(selected)))
 
 
 def update(device: Device, g: GRPOSettings, state: TrainState, ready: Ready,

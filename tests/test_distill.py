@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import arithmetic
-from grpo_jax import distill, losses, metrics, models, settings, trainer, updates
+from grpo_jax import distill, metrics, models, settings, trainer, updates
+from grpo_jax import train_step as ts
 
 SMOKE_MODEL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_heads=2,
                    num_kv_heads=2, head_dim=16)
@@ -69,7 +70,7 @@ def test_the_teachers_logprobs_are_its_own_forward_pass(tmp_path, monkeypatch):
     logits, _ = models.forward(params, big_config, tokens,
                                jnp.maximum(jnp.cumsum(attn, 1) - 1, 0), attn)
     P = batch.prompt_tokens.shape[1]
-    want = losses.token_logprobs(logits[:, P - 1:-1], batch.completion_tokens)
+    want = ts.token_logprobs(logits[:, P - 1:-1], batch.completion_tokens)
     valid = np.asarray(mask) > 0
     np.testing.assert_allclose(np.asarray(teacher_lp)[valid], np.asarray(want)[valid],
                                atol=2e-5)

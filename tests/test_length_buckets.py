@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import buckets, corrections, losses, models, sharding, train_step, updates
+from grpo_jax import buckets, corrections, covariance, losses, models, sharding, train_step
+from grpo_jax import updates
 from grpo_jax.train_step import TrainBatch
 
 B, TP, C = 16, 5, 24
@@ -104,7 +105,8 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
                                                               lora_rank, correction):
   """Micro-batches of similar lengths, each at its own width (separate jitted pieces), give the
   fused padded update's loss, metrics and step, and the padded log-prob pass; LoRA too; with
-  the sampler's log-probs, the mismatch correction and figures (its maximum kept a maximum)."""
+  the sampler's log-probs, the mismatch correction and figures (its maximum kept a maximum),
+  with KL-Cov's tokens chosen over the whole batch."""
   from grpo_jax.models import lora
   config = models.get_config("tiny_llama").replace(
       vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -126,7 +128,8 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   frozen_sh = params_sh if lora_rank else None
   loss_cfg = losses.LossConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                                epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C,
-                               correction=corrections.Correction(correction or "none", cap=1.02))
+                               correction=corrections.Correction(correction or "none", cap=1.02),
+                               policy_loss="kl_cov" if correction else "clip", cov_fraction=0.1)
   fused = train_step.make_update_fn(mesh, state_sh, model_config=config, optimizer=optimizer,
                                     loss_cfg=loss_cfg, num_microbatches=micro, frozen_sh=frozen_sh)
   logprobs = train_step.make_logprob_fn(mesh, params_sh, model_config=base_config,
@@ -148,6 +151,9 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   if correction:  # a sampler a little off the trainer, row by row
     wobble = 1.0 + 0.05 * np.random.default_rng(0).normal(size=ref_full.shape)
     batch = batch.replace(sampler_logprobs=(ref_full * m * wobble).astype(np.float32))
+    batch = batch.replace(cov_selected=np.asarray(covariance.select(
+        batch.sampler_logprobs, batch.advantages, batch.completion_mask, jax.random.key(0),
+        kind="kl_cov", fraction=0.1, low=1.0, high=5.0)))
   put_frozen = (lambda: (jax.device_put(frozen, frozen_sh),)) if lora_rank else (lambda: ())
   state = jax.device_put(train_step.init_train_state(trained, optimizer), state_sh)
   s_fused, m_fused = fused(state, sharding.shard_batch((batch,), mesh)[0], *put_frozen())
@@ -164,6 +170,7 @@ def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level,
   assert float(m_fused["grad_norm"]) > 0
   if correction:
     assert 0 < m_fused["mismatch/clipped"] < 1 and m_fused["mismatch/ratio_max"] > 1.02
+    assert 0 < m_fused["cov_selected"] <= 0.1
 
 
 def test_pad_ids_outside_the_vocabulary_do_not_poison_the_loss():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import losses, microbatches
+from grpo_jax import train_step as ts
 
 # ----------------------------------------------------------------------------- NumPy reference
 
@@ -237,13 +238,13 @@ def test_token_logprobs_and_entropy_match_numpy():
     z = logits.astype(np.float64) / temp
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(losses.token_logprobs(logits, targets, temperature=temp), want,
+    np.testing.assert_allclose(ts.token_logprobs(logits, targets, temperature=temp), want,
                                rtol=1e-5, atol=1e-6)
     want_h = -(np.exp(logp) * logp).sum(-1)
-    np.testing.assert_allclose(losses.token_entropy(logits, temperature=temp), want_h, rtol=1e-5,
+    np.testing.assert_allclose(ts.token_entropy(logits, temperature=temp), want_h, rtol=1e-5,
                                atol=1e-6)
   with pytest.raises(ValueError, match="targets"):
-    losses.token_logprobs(logits, targets[:, :2])
+    ts.token_logprobs(logits, targets[:, :2])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -288,13 +289,13 @@ def test_microbatched_gradient_equals_full_batch(loss_type, level):
   batch = dict(feats=feats, targets=targets, mask=mask, old=old, ref=ref, adv=adv, weights=weights)
 
   def terms(p, mb):
-    lp = losses.token_logprobs(mb["feats"] @ p["w"], mb["targets"])
+    lp = ts.token_logprobs(mb["feats"] @ p["w"], mb["targets"])
     return losses.grpo_loss_terms(lp, mb["old"], mb["adv"], mb["mask"], mb["weights"],
                                   ref_logprobs=mb["ref"], beta=0.04,
                                   importance_sampling_level=level)
 
   def full(p):
-    lp = losses.token_logprobs(feats @ p["w"], targets)
+    lp = ts.token_logprobs(feats @ p["w"], targets)
     return losses.grpo_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type,
                             importance_sampling_level=level, max_completion_length=6)
 

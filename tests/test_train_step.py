@@ -48,7 +48,7 @@ def test_sequence_logprobs_match_full_logits():
   mask = jnp.concatenate([batch.prompt_mask, jnp.ones_like(batch.completion_tokens)], 1)
   logits, _ = models.forward(params, mw.MODEL, tokens, jnp.maximum(jnp.cumsum(mask, 1) - 1, 0),
                              mask)
-  want = losses.token_logprobs(logits[:, mw.TP - 1:-1], batch.completion_tokens, temperature=0.7)
+  want = ts.token_logprobs(logits[:, mw.TP - 1:-1], batch.completion_tokens, temperature=0.7)
   np.testing.assert_allclose(lp, want, atol=1e-5)
   lp3 = ts.sequence_logprobs(params, batch, model_config=mw.MODEL, temperature=0.7, vocab_chunk=3)
   np.testing.assert_allclose(lp3, want, atol=1e-5)  # C = 8: chunks of 3, the last one padded
