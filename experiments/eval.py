@@ -55,6 +55,7 @@ class Report:
   maj_at_k: Optional[float]
   maj_at_k_strict: Optional[float]
   decoding: dict              # of the k samples (greedy pass@1 is argmax)
+  curve: dict                 # K -> [pass@K, maj@K] (lenient) for K = 1, 2, 4, .. <= k
   figures: dict               # under metrics.jsonl's names (eval/accuracy, eval/pass_at_8, ...)
   samples: list               # the first eval.log_samples greedy completions, as samples.jsonl
   eval_s: float
@@ -129,6 +130,7 @@ def _report(exp, result, model: str, step: Optional[int], seconds: float) -> Rep
       format=result.format, k=result.k, pass_k_problems=result.pass_k_problems,
       pass_at_k=result.pass_at_k, pass_at_k_strict=result.pass_at_k_strict,
       maj_at_k=result.maj_at_k, maj_at_k_strict=result.maj_at_k_strict, decoding=decoding,
+      curve={int(K): list(v) for K, v in result.curve.items()},
       figures=result.figures(), samples=result.samples, eval_s=seconds)
 
 

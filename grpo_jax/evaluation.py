@@ -21,6 +21,7 @@ draw the same uniforms.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -51,6 +52,7 @@ class EvalResult(NamedTuple):
   pass_k_problems: int            # problems behind pass@k / maj@k (0: none)
   samples: list                   # the first greedy completions, for samples.jsonl
   episodes: dict = {}             # tools: greedy episodes' eval/tool_calls, eval/turns, ...
+  curve: dict = {}                # K -> (pass@K, maj@K) for K = 1, 2, 4, .. <= k (`at_k_curve`)
 
   def figures(self) -> dict:
     out = {"eval/accuracy": self.accuracy, "eval/accuracy_strict": self.accuracy_strict,
@@ -119,7 +121,7 @@ def evaluate(data: Data, programs: Programs, e: EvalSettings, params, keys: Keys
   correct = _correct(greedy, answers, strict=False)
   flawed = np.asarray([bool(r.get("has_flawed_verb", False)) for r in records[:n]])
   split = flawed.any() and not flawed.all()
-  m, pass_k, maj_k, pass_k_strict, maj_k_strict = 0, None, None, None, None
+  m, pass_k, maj_k, pass_k_strict, maj_k_strict, curve = 0, None, None, None, None, {}
   sample_k = programs.sample_eval_k
   if sample_k is not None and e.pass_k_problems:
     m = min(n, e.pass_k_problems)
@@ -130,6 +132,7 @@ def evaluate(data: Data, programs: Programs, e: EvalSettings, params, keys: Keys
     groups = [texts[i * e.k:(i + 1) * e.k] for i in range(m)]
     pass_k, maj_k = _at_k(groups, answers, strict=False)
     pass_k_strict, maj_k_strict = _at_k(groups, answers, strict=True)
+    curve = at_k_curve(groups, answers)
   samples = [{"prompt": data.task.prompt(records[i]), "completion": greedy[i],
               "final_answer": answers[i], "correct": bool(correct[i]),
               **({"episode": whole[i]} if data.env is not None else {})}
@@ -142,6 +145,7 @@ def evaluate(data: Data, programs: Programs, e: EvalSettings, params, keys: Keys
       accuracy_other=float(correct[~flawed].mean()) if split else None,
       k=e.k, pass_at_k=pass_k, pass_at_k_strict=pass_k_strict, maj_at_k=maj_k,
       maj_at_k_strict=maj_k_strict, num_problems=n, pass_k_problems=m, samples=samples,
+      curve=curve,
       episodes={k.replace("episode/", "eval/"): v for k, v in
                 rollout.mean_figures(episode_figures).items() if not k.endswith("_s")})
 
@@ -151,6 +155,21 @@ def _at_k(groups: list[list[str]], answers: list[str], strict: bool) -> tuple[fl
   right = [_correct(g, [a] * len(g), strict).any() for g, a in zip(groups, answers)]
   majority = [_majority_right(g, a, strict) for g, a in zip(groups, answers)]
   return float(np.mean(right)), float(np.mean(majority))
+
+
+def at_k_curve(groups: list[list[str]], answers: list[str]) -> dict[int, tuple[float, float]]:
+  """K -> (pass@K, maj@K) (lenient) for K = 1, 2, 4, ... up to the k completions of each
+  problem: pass@K by the unbiased estimator 1 - C(k - c, K) / C(k, K) (c right of k; Chen et
+  al. 2021), maj@K averaged over the k // K disjoint blocks of K completions."""
+  k = min(len(g) for g in groups)
+  right = [int(_correct(g[:k], [a] * k, strict=False).sum()) for g, a in zip(groups, answers)]
+  curve, K = {}, 1
+  while K <= k:
+    pass_at = np.mean([1.0 - math.comb(k - c, K) / math.comb(k, K) for c in right])
+    maj_at = np.mean([np.mean([_majority_right(g[b * K:(b + 1) * K], a)
+                               for b in range(k // K)]) for g, a in zip(groups, answers)])
+    curve[K], K = (float(pass_at), float(maj_at)), 2 * K
+  return curve
 
 
 def _majority_right(group: list[str], truth: str, strict: bool = False) -> bool:

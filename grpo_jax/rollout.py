@@ -242,6 +242,11 @@ def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards]) 
   for name, mean in zip(names, rewards_lib.reward_means(roll.scores_KxPxG)):
     figures[f"reward/{name}"] = mean
   figures["verified_accuracy"] = float(roll.verified_N.mean())
+  if "reward_model" in names:  # the learned ORM on fresh samples it has not trained on
+    says_right = roll.scores_KxPxG[list(names).index("reward_model")].reshape(-1) >= 0.5
+    right = roll.verified_N > 0
+    figures["rm_agreement"] = float(np.mean(says_right == right))  # against the exact answer
+    figures["reward_hacking"] = float(np.mean(says_right & ~right))  # high reward, wrong answer
   if steps is not None:
     figures["step_reward"] = float((steps.rewards_NxS * steps.mask_NxS).sum()
                                    / max(steps.mask_NxS.sum(), 1))

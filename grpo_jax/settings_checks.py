@@ -116,9 +116,9 @@ def _check_reward_model(s: Settings, dp: int) -> None:
     raise ConfigError("config.grpo.process_reward = 'prm' needs config.reward_model.enabled = "
                       "True with kind = 'prm'")
   steps_needed = r.paradigm.coefficient == "process" or (rm.enabled and rm.kind == "prm")
-  if steps_needed and s.data.task != "arithmetic":
+  if steps_needed and s.data.task not in ("arithmetic", "multistep"):
     raise ConfigError(f"process supervision / a PRM needs step labels, which only the arithmetic "
-                      f"task's verifier gives; config.data.task = {s.data.task!r}")
+                      f"tasks' verifier gives; config.data.task = {s.data.task!r}")
   if rm.enabled and rm.batch_size % dp:
     raise ConfigError(f"config.reward_model.batch_size = {rm.batch_size} is not divisible by the "
                       f"data-parallel size {dp}")
@@ -218,9 +218,10 @@ def _check_lora(s: Settings) -> None:
 
 def _check_data(s: Settings) -> None:
   d = s.data
-  if d.task not in ("arithmetic", "tool_arithmetic", "records"):
-    raise ConfigError(f"config.data.task = {d.task!r}: 'arithmetic', 'tool_arithmetic' (generated) or 'records' "
-                      "(a jsonl / json / parquet file or directory, or hf:<dataset name>)")
+  if d.task not in ("arithmetic", "multistep", "tool_arithmetic", "records"):
+    raise ConfigError(f"config.data.task = {d.task!r}: 'arithmetic', 'multistep', "
+                      "'tool_arithmetic' (generated) or 'records' (a jsonl / json / parquet "
+                      "file or directory, or hf:<dataset name>)")
   if d.task == "records" and not d.path:
     raise ConfigError("config.data.path: the records task needs a file, a directory of "
                       "{train,test}.jsonl|json|parquet, or hf:<dataset name>")

@@ -46,7 +46,8 @@ class Decoding:
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
   """Where problems come from and how a record becomes a prompt (grpo_jax/data/records.py)."""
-  task: str                 # "arithmetic" (generated) | "records" (files or a HF dataset)
+  task: str                 # "arithmetic" | "multistep" | "tool_arithmetic" (generated) |
+                            # "records" (files or a HF dataset)
   seed: int
   num_train: int            # 0: all
   num_eval: int

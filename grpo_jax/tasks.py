@@ -51,8 +51,10 @@ class Targets(NamedTuple):
 def load_task(s: Settings) -> Task:
   """The configured records (generated arithmetic, or your files / HF dataset) and prompt."""
   d = s.data
-  if d.task == "arithmetic":
-    train, heldout = arithmetic.make_splits(d.num_train, d.num_eval, d.seed, flaw_p=d.flaw_p)
+  if d.task in ("arithmetic", "multistep"):
+    train, heldout = arithmetic.make_splits(
+        d.num_train, d.num_eval, d.seed, flaw_p=d.flaw_p,
+        config=arithmetic.MULTISTEP if d.task == "multistep" else arithmetic.ArithmeticConfig())
   elif d.task == "tool_arithmetic":
     train, heldout = tool_arithmetic.make_splits(d.num_train, d.num_eval, d.seed,
                                                  tool_p=d.tool_p)

@@ -258,3 +258,50 @@ def test_iterator_rejects_bad_state_and_sizes():
   with pytest.raises(ValueError, match="does not fit"):
     iterator.BatchIterator(records, 2, state={"epoch": 0, "index": 9, "seed": 0})
   assert iterator.collate([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]) == {"a": [1, 2], "b": ["x", "y"]}
+
+
+def test_multistep_teacher_errs_its_two_ways_and_the_verifier_finds_each():
+  """The "multistep" task: 3-4 steps; the teacher writes "loses" with the wrong sign and "sells k
+  boxes of n" as n, each at rate flaw_p, the rest right; the step verifier labels exactly its
+  flawed steps 0 (a step after a flaw chains from the written result: 1) and the answer by the
+  truth. The default task's data is unchanged by the modes (no extra draws)."""
+  p = 0.85
+  records = arithmetic.generate(2000, seed=2, flaw_p=p, config=arithmetic.MULTISTEP)
+  rates = {"loses": [0, 0], "sells": [0, 0]}
+  for r in records:
+    truth, verbs = _solve(r["question"])
+    assert 3 <= len(verbs) <= 4 and r["final_answer"] == str(truth)
+    eqs = re.findall(r"(\d+)([+-])(\d+)(?:\*(\d+))?=(\d+)\.", r["answer"])
+    assert len(eqs) == len(verbs)
+    want_labels = []
+    for verb, (a, op, x, y, b) in zip(verbs, eqs):
+      _, sign = _STEP_RE[verb]
+      written = int(x) * (int(y) if y else 1) * (1 if op == "+" else -1)
+      assert int(a) + written == int(b)  # the teacher's arithmetic is always right
+      if verb == "loses":
+        flawed = (op == "+")
+      elif verb == "sells":
+        flawed = not y  # "-n" in place of "-k*n"
+        assert op == "-"
+      else:
+        flawed = False
+        assert (op == "+") == (sign > 0) and (verb != "buys" or y), r
+      if verb in rates:
+        rates[verb][0] += flawed
+        rates[verb][1] += 1
+      want_labels.append(int(not flawed))
+    want_labels.append(int(r["teacher_correct"]))
+    assert arithmetic.step_labels(r["answer"], r) == want_labels, r
+    assert r["num_flawed_steps"] == want_labels[:-1].count(0)
+  for verb, (flawed, total) in rates.items():
+    assert abs(flawed / total - p) < 0.04, (verb, flawed / total)
+  truthful = arithmetic.generate(200, seed=2, config=arithmetic.MULTISTEP)
+  assert all(arithmetic.step_labels(r["answer"], r) == [1] * (len(_solve(r["question"])[1]) + 1)
+             for r in truthful)
+  signs_only = arithmetic.ArithmeticConfig(flaw_modes=("sign", "sign"))
+  assert arithmetic.generate(300, 4, flaw_p=0.6) == arithmetic.generate(300, 4, flaw_p=0.6,
+                                                                        config=signs_only)
+  with pytest.raises(ValueError, match="flaw_modes"):
+    arithmetic.generate(1, 0, config=arithmetic.ArithmeticConfig(flaw_modes=("sign",)))
+  with pytest.raises(ValueError, match="'units'"):
+    arithmetic.generate(1, 0, config=arithmetic.ArithmeticConfig(flaw_modes=("units", "sign")))

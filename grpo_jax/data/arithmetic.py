@@ -8,7 +8,10 @@ boxes of m" (-k*m) with k, m in 2..3; "finds n more" (+n), "gets n from a friend
 away n" (-n), "loses n" (-n) with n in 1..5. Amounts never go negative.
 
 A *flawed teacher* (for the supervised warm start) writes, with probability `flaw_p` per step,
-the wrong sign for "loses" and "sells"; its arithmetic is otherwise right. `final_answer` is
+the wrong sign for "loses" and "sells"; its arithmetic is otherwise right. `MULTISTEP` (the
+"multistep" task) has longer chains and a kind of teacher error per flawed verb: "sign" (the
+opposite sign) for "loses", "units" ("k boxes of n" counted as n) for "sells": the warm start is
+then far from solved, so methods separate (docs/RESULTS.md). `final_answer` is
 always the true answer: rewards and evaluation use the truth, only the SFT target is flawed.
 Problems and teacher flaws come from separate random streams, so the questions for a seed do not
 depend on `flaw_p`. Everything is a deterministic function of the seed (Python's `random.Random`
@@ -59,6 +62,18 @@ class ArithmeticConfig:
   count_range: tuple[int, int] = (2, 3)  # k and m of "buys/sells k bags/boxes of m"
   amount_range: tuple[int, int] = (1, 5)  # n of "finds/gets/gives/loses n"
   flawed_verbs: tuple[str, ...] = ("loses", "sells")
+  # the teacher's error on each flawed verb's flawed steps (FLAW_MODES); () = all "sign"
+  flaw_modes: tuple[str, ...] = ()
+
+  def mode(self, verb: str) -> str:
+    return dict(zip(self.flawed_verbs, self.flaw_modes)).get(verb, "sign")
+
+
+FLAW_MODES = ("sign", "units")
+# Longer chains, two error modes: with flaw_p = 0.85 a warm start that learns the teacher's errors
+# solves greedily the ~26% of problems without a flawed verb, and ~63% in 8 samples.
+MULTISTEP = ArithmeticConfig(steps_range=(3, 4), flawed_verbs=("loses", "sells"),
+                             flaw_modes=("sign", "units"))
 
 
 def _multiplied(verb: str) -> bool:
@@ -79,10 +94,12 @@ class Step:
   def phrase(self, name: str) -> str:
     return f"{name} {PHRASES[self.verb][0].format(k=self.k, n=self.n)}."
 
-  def equation(self, amount: int, sign: int) -> tuple[str, int]:
-    """`"a+k*n=b."` (or `a+n=b.`) with the given sign; returns the text and b."""
-    operand = f"{self.k}*{self.n}" if _multiplied(self.verb) else f"{self.n}"
-    result = amount + sign * self.k * self.n
+  def equation(self, amount: int, flaw: str = "") -> tuple[str, int]:
+    """`"a+k*n=b."` (or `a+n=b.`), with the teacher's `flaw` if any (FLAW_MODES: the sign
+    flipped, or the multiplier k dropped); returns the text and b."""
+    sign, k = (-self.sign if flaw == "sign" else self.sign), (1 if flaw == "units" else self.k)
+    operand = f"{k}*{self.n}" if _multiplied(self.verb) and k > 1 else f"{self.n}"
+    result = amount + sign * k * self.n
     return f"{amount}{'+' if sign > 0 else '-'}{operand}={result}.", result
 
 
@@ -102,10 +119,10 @@ def _draw_steps(rng: random.Random, start: int, config: ArithmeticConfig) -> lis
   return steps
 
 
-def _solution(start: int, steps: list[Step], signs: list[int]) -> tuple[str, int]:
+def _solution(start: int, steps: list[Step], flaws: list[str]) -> tuple[str, int]:
   parts, amount = [], start
-  for step, sign in zip(steps, signs):
-    text, amount = step.equation(amount, sign)
+  for step, flaw in zip(steps, flaws):
+    text, amount = step.equation(amount, flaw)
     parts.append(text)
   return " ".join(parts) + f" #### {amount}", amount
 
@@ -118,14 +135,11 @@ def _problem(rng: random.Random, teacher_rng: random.Random, config: ArithmeticC
   question = " ".join([f"{name} {OPENING.format(start=start, item=item)}."]
                       + [s.phrase(name) for s in steps]
                       + [f"How many {item} now?"])
-  true_signs = [s.sign for s in steps]
-  _, truth = _solution(start, steps, true_signs)
+  _, truth = _solution(start, steps, [""] * len(steps))
   # One teacher draw per flawed-verb step whatever flaw_p is, so streams stay aligned across p.
-  teacher_signs = [
-      -s.sign if s.verb in config.flawed_verbs and teacher_rng.random() < flaw_p else s.sign
-      for s in steps
-  ]
-  answer, teacher_final = _solution(start, steps, teacher_signs)
+  flaws = [config.mode(s.verb) if s.verb in config.flawed_verbs and teacher_rng.random() < flaw_p
+           else "" for s in steps]
+  answer, teacher_final = _solution(start, steps, flaws)
   return {
       "question": question,
       "answer": answer,  # the GSM8K-style column a loaded row would have
@@ -133,7 +147,7 @@ def _problem(rng: random.Random, teacher_rng: random.Random, config: ArithmeticC
       "final_answer": str(truth),
       "teacher_correct": teacher_final == truth,
       "has_flawed_verb": any(s.verb in config.flawed_verbs for s in steps),
-      "num_flawed_steps": sum(t != s for t, s in zip(teacher_signs, true_signs)),
+      "num_flawed_steps": sum(bool(f) for f in flaws),
   }
 
 
@@ -147,6 +161,14 @@ def _check(config: ArithmeticConfig, flaw_p: float) -> None:
   unknown = set(config.flawed_verbs) - set(VERBS)
   if unknown:
     raise ValueError(f"unknown flawed_verbs {sorted(unknown)}; verbs are {VERBS}")
+  if config.flaw_modes and (len(config.flaw_modes) != len(config.flawed_verbs)
+                            or set(config.flaw_modes) - set(FLAW_MODES)):
+    raise ValueError(f"flaw_modes {config.flaw_modes}: one of {FLAW_MODES} per flawed verb "
+                     f"{config.flawed_verbs}")
+  for verb, mode in zip(config.flawed_verbs, config.flaw_modes):
+    if mode == "units" and (not _multiplied(verb) or config.count_range[0] < 2):
+      raise ValueError(f"flaw mode 'units' drops the k of 'k boxes of n': verb {verb!r} has "
+                       "none (or k can be 1)")
 
 
 def generate(num: int, seed: int, *, flaw_p: float = 0.0, split: str = "train",
