@@ -70,8 +70,8 @@ class ArithmeticConfig:
 
 
 FLAW_MODES = ("sign", "units")
-# Longer chains, two error modes: with flaw_p = 0.85 a warm start that learns the teacher's errors
-# solves greedily the ~26% of problems without a flawed verb, and ~63% in 8 samples.
+# Longer chains, two error modes: with flaw_p = 0.75 (experiments/configs/multistep.py) the warm
+# start solves greedily about the 26% of problems without a flawed verb, ~70% in 8 samples.
 MULTISTEP = ArithmeticConfig(steps_range=(3, 4), flawed_verbs=("loses", "sells"),
                              flaw_modes=("sign", "units"))
 
