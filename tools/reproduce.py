@@ -116,6 +116,13 @@ def _finished(workdir: str) -> bool:
              if "eval/accuracy" in r and r.get("phase") == "grpo")
 
 
+def wall_s(workdir: str) -> float:
+  """A run's wall time: from its config.json (written once its inputs are built) to its last
+  metrics row (the process's start-up, a few seconds, not counted)."""
+  rows = metrics.read_metrics(workdir)
+  return float(rows[-1]["time"] - os.path.getmtime(os.path.join(workdir, "config.json")))
+
+
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
   return [(r["step"], r["eval/accuracy"]) for r in metrics.read_metrics(workdir)
           if "eval/accuracy" in r and r.get("phase") == "grpo"]
@@ -140,7 +147,7 @@ def paradigms(runner: Runner, seeds: list[int], methods: list[str]) -> dict:
           f"| warm start (SFT) | {fmt(list(start.values()))} | |"]
   rows += [f"| {name} | {fmt(v)} | {fmt(np.subtract(v, list(start.values())))} |"
            for name, v in final.items()]
-  return {"runs": runs, "start": start, "final": final, "verdicts": verdicts,
+  return {"runs": runs, "start": start, "final": final, "verdicts": verdicts, "trained": methods,
           "reproduced": len(verdicts) == len(order) and all(v["holds"] for v in verdicts),
           "table": rows}
 
@@ -168,6 +175,7 @@ def iterative(runner: Runner, seeds: list[int], names: list[str]) -> dict:
   rows += [f"| {name} | {fmt(final[name])} | {fmt(rm[name]['rm_agreement'])} | "
            f"{fmt(rm[name]['reward_hacking'])} |" for name in names]
   return {"runs": {n: {s: eval_curve(w[s]) for s in seeds} for n, w in work.items()},
+          "trained": names,
           "final": final, "rm": rm, "verdicts": verdicts,
           "reproduced": bool(verdicts) and all(v["holds"] for v in verdicts), "table": rows}
 
@@ -207,7 +215,7 @@ def majk(runner: Runner, seeds: list[int], k: int, problems: int) -> dict:
               {"claim": f"greedy gains more than Pass@{ks[-1]}",
                "holds": float(np.mean(greedy_gain)) > float(np.mean(gain(ks[-1], 0))),
                "difference": 100 * float(np.mean(greedy_gain) - np.mean(gain(ks[-1], 0)))}]
-  return {"curves": curves, "verdicts": verdicts, "table": rows,
+  return {"curves": curves, "verdicts": verdicts, "table": rows, "trained": ["grpo"],
           "reproduced": all(v["holds"] for v in verdicts)}
 
 
@@ -250,6 +258,8 @@ def plot(claim: str, result: dict, path: str) -> str:
 
 def write(out: str, claim: str, result: dict, seeds: list[int]) -> None:
   os.makedirs(out, exist_ok=True)
+  result["wall_s"] = {f"seed{s}/{name}": round(wall_s(os.path.join(out, f"seed{s}", name)), 1)
+                      for s in seeds for name in ["warmstart", *result["trained"]]}
   with open(os.path.join(out, f"{claim}.json"), "w") as f:
     json.dump({"seeds": seeds, **result}, f, indent=1, default=str)
   lines = [*result["table"], "", "| claim | holds (mean over seeds) | clearly (95% interval "
@@ -259,6 +269,9 @@ def write(out: str, claim: str, result: dict, seeds: list[int]) -> None:
     diff = f"{v['difference']:+.1f}" + ("" if math.isnan(spread) else f" ± {spread:.1f}")
     lines.append(f"| {v['claim']} | {'yes' if v['holds'] else 'no'} | "
                  f"{'yes' if v.get('clearly') else '-'} | {diff} |")
+  walls = result["wall_s"]
+  lines += ["", f"Runs: {len(walls)}, wall time each {min(walls.values()):.0f}-"
+            f"{max(walls.values()):.0f} s (warm starts included; {claim}.json lists them)."]
   lines += ["", f"Reproduced: {'yes' if result['reproduced'] else 'no'} (seeds "
             f"{', '.join(map(str, seeds))}"
             + ("" if result["verdicts"] else "; not every method was run") + ")."]
