@@ -162,14 +162,24 @@ def _compare(final: dict, a: str, b: str, op: str) -> dict:
           "holds": bool(holds), "clearly": bool(not math.isnan(half) and mean - half > 0)}
 
 
+def _verdict(claim: str, holds: bool, per_seed) -> dict:
+  """A verdict with its per-seed differences' mean and 95% interval, in points."""
+  mean, half = interval(per_seed) if len(per_seed) else (float("nan"), float("nan"))
+  return {"claim": claim, "holds": bool(holds), "difference": 100 * mean, "interval": 100 * half,
+          "clearly": bool(holds and not math.isnan(half) and mean - half > 0)}
+
+
 def iterative(runner: Runner, seeds: list[int], names: list[str]) -> dict:
   work = {name: {s: runner.method("iterative", s, name) for s in seeds} for name in names}
   final = {name: [eval_curve(w[s])[-1][1] for s in seeds] for name, w in work.items()}
   tail = lambda rows, key: float(np.mean([r[key] for r in rows[-20:]]))  # noqa: E731
   rm = {name: {key: [tail(grpo_rows(w[s]), key) for s in seeds]
                for key in ("rm_agreement", "reward_hacking")} for name, w in work.items()}
-  verdicts = ([_compare(final, "one_iteration", "iterative", ">")]
+  final["warm start"] = [eval_curve(runner.warm_start(s))[0][1] for s in seeds]
+  verdicts = ([_compare(final, "one_iteration", "iterative", ">"),  # the paper's figure, and
+               _compare(final, "warm start", "iterative", ">")]  # RL with the RM helps at all
               if set(names) == set(METHODS["iterative"]) else [])
+  del final["warm start"]
   rows = ["| method | held-out greedy accuracy (%) | RM agreement with the exact answer, last "
           "20 steps (%) | reward hacking, last 20 steps (%) |", "|---|---|---|---|"]
   rows += [f"| {name} | {fmt(final[name])} | {fmt(rm[name]['rm_agreement'])} | "
@@ -209,12 +219,16 @@ def majk(runner: Runner, seeds: list[int], k: int, problems: int) -> dict:
                 f"| {fmt(at('warmstart', 1))} | {fmt(at('grpo', 1))} | {fmt(gain(K, 1))} |")
   rows.append(f"| greedy | {fmt([curves['warmstart'][s]['greedy'] for s in seeds])} | "
               f"{fmt([curves['grpo'][s]['greedy'] for s in seeds])} | {fmt(greedy_gain)} | | | |")
-  maj_more = [float(np.mean(gain(K, 1)) - np.mean(gain(K, 0))) for K in ks if K > 1]
-  verdicts = [{"claim": "Maj@K gains more than Pass@K, every K > 1", "holds": min(maj_more) > 0,
-               "difference": 100 * float(np.mean(maj_more))},
-              {"claim": f"greedy gains more than Pass@{ks[-1]}",
-               "holds": float(np.mean(greedy_gain)) > float(np.mean(gain(ks[-1], 0))),
-               "difference": 100 * float(np.mean(greedy_gain) - np.mean(gain(ks[-1], 0)))}]
+  # Maj@2 is no majority: of two different answers it keeps the first, so Maj@2 = Pass@1 in
+  # expectation; the claim is read from K = 4 on.
+  big = [K for K in ks if K >= 4]
+  maj_more = [float(np.mean(gain(K, 1)) - np.mean(gain(K, 0))) for K in big]
+  per_seed = np.mean([np.subtract(gain(K, 1), gain(K, 0)) for K in big], axis=0) if big else []
+  verdicts = [_verdict("Maj@K gains more than Pass@K, every K >= 4 (difference: mean over K)",
+                       bool(maj_more) and min(maj_more) > 0, per_seed),
+              _verdict(f"greedy gains more than Pass@{ks[-1]}",
+                       float(np.mean(greedy_gain)) > float(np.mean(gain(ks[-1], 0))),
+                       np.subtract(greedy_gain, gain(ks[-1], 0)))]
   return {"curves": curves, "verdicts": verdicts, "table": rows, "trained": ["grpo"],
           "reproduced": all(v["holds"] for v in verdicts)}
 
@@ -237,16 +251,15 @@ def plot(claim: str, result: dict, path: str) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K")
   else:
-    for name, per_seed in result["runs"].items():
+    for name, per_seed in result["runs"].items():  # the mean, and each seed thin
       seeds = sorted(per_seed)
       steps = [step for step, _ in per_seed[seeds[0]]]
       acc = np.array([[a for _, a in per_seed[s]] for s in seeds])
-      mean = acc.mean(0)
-      half = np.array([interval(acc[:, j])[1] for j in range(acc.shape[1])])
-      ax.plot(steps, mean, marker="o", label=name)
-      if len(seeds) > 1:
-        ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+      line, = ax.plot(steps, acc.mean(0), marker="o", label=f"{name} (mean of {len(seeds)})")
+      for row in acc if len(seeds) > 1 else ():
+        ax.plot(steps, row, color=line.get_color(), alpha=0.3, linewidth=0.8)
     ax.set_xlabel("GRPO step")
+    ax.set_ylim(0, 1)
   ax.set_ylabel("held-out accuracy")
   ax.grid(alpha=0.3)
   ax.legend()
