@@ -222,7 +222,6 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   adv_BxT = jnp.broadcast_to(
       advantages[:, None] if advantages.ndim == 1 else advantages, logprobs.shape
   ).astype(jnp.float32)
-
   log_ratio_BxT = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
   if importance_sampling_level == "sequence":  # GSPO: length-normalised sequence ratio
     seq_len_B = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
@@ -231,13 +230,9 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   valid = mask > 0  # masked positions may hold anything (NaN * 0 weight would still be NaN)
   ratio = jnp.where(valid, jnp.exp(log_ratio_BxT), 1.0)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-  if policy_loss in covariance.COV_LOSSES:
-    per_token = covariance.policy_loss(policy_loss, ratio, clipped, adv_BxT, log_ratio_BxT,
-                                       cov_selected.astype(jnp.float32), kl_cov_coef)
-  else:
-    per_token = _policy_loss(policy_loss, ratio, clipped, adv_BxT,
-                             jnp.where(valid, logprobs, 0.0), 1.0 + epsilon_high, sapo_tau)
-  per_token = jnp.where(valid, per_token, 0.0)
+  per_token = jnp.where(valid, _policy_loss(
+      policy_loss, ratio, clipped, adv_BxT, jnp.where(valid, logprobs, 0.0), 1.0 + epsilon_high,
+      sapo_tau, log_ratio_BxT, cov_selected, kl_cov_coef), 0.0)
   sums = {} if cov_selected is None else {"cov_selected": jnp.sum(cov_selected * weights.token_BxT)}
   if sampler_logprobs is not None:  # the sampler's draw vs the trainer's sampling policy
     w_BxT, tokens = corrections.mismatch_weights(old_logprobs, sampler_logprobs, mask, correction)
@@ -268,9 +263,14 @@ def grpo_loss_terms(logprobs, old_logprobs, advantages, mask, weights: LossWeigh
   return loss, sums
 
 
-def _policy_loss(name: str, ratio, clipped, adv_BxT, logprobs, cap: float, sapo_tau):
+def _policy_loss(name: str, ratio, clipped, adv_BxT, logprobs, cap: float, sapo_tau, log_ratio,
+                 cov_selected, kl_cov_coef: float):
   """Per-token policy loss of `name` (module docstring), before the KL term. `clipped`: the
-  ratio in [1 - eps_low, 1 + eps_high]; CISPO's weight has the upper bound `cap` only."""
+  ratio in [1 - eps_low, 1 + eps_high]; CISPO's weight has the upper bound `cap` only;
+  Clip-Cov / KL-Cov restrain the tokens `cov_selected` (covariance.py)."""
+  if name in covariance.COV_LOSSES:
+    return covariance.policy_loss(name, ratio, clipped, adv_BxT, log_ratio,
+                                  cov_selected.astype(jnp.float32), kl_cov_coef)
   if name == "cispo":
     return -jax.lax.stop_gradient(jnp.minimum(ratio, cap)) * adv_BxT * logprobs
   if name == "sapo":

@@ -56,7 +56,7 @@ def test_settings_import_no_host_module():
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
   allowed = {"grpo_jax.settings", "grpo_jax.settings_types", "grpo_jax.settings_checks",
              "grpo_jax.record_fields", "grpo_jax.paradigms", "grpo_jax.losses",
-             "grpo_jax.corrections",
+             "grpo_jax.corrections", "grpo_jax.covariance",
              "grpo_jax.sharding"}
   assert set(out) <= allowed, sorted(set(out) - allowed)
   assert "grpo_jax.settings" in out
