@@ -31,11 +31,10 @@ def _inflight(params_a, params_b, config, st, ids, mask, key, after):
   return program.rest(params_b, program.first(params_a, ids, mask, key), key)
 
 
-@pytest.mark.parametrize("width, after", [(0, 5), (2, 7), (0, 18)])
+@pytest.mark.parametrize("width, after", [(0, 5)])  # refills: the oracle test below
 def test_the_same_weights_give_the_plain_decode(width, after):
-  """One slot per row (the tail compacted), 2 slots (refills; samples that start after the
-  switch), a switch in the last block: the tokens and log-probs of `decode`.
-  With a slot per row, token p is drawn at decode step p - 1: tagged 1 from p = after + 1."""
+  """One slot per row (the tail compacted): the tokens and log-probs of `decode`. With a slot
+  per row, token p is drawn at decode step p - 1: tagged 1 from p = after + 1."""
   config, params, ids, mask, eos = _case("tiny_qwen2")
   st, key = _settings(width, eos), jax.random.key(3)
   out = _inflight(params, params, config, st, ids, mask, key, after)
