@@ -307,8 +307,15 @@ def make_sampler(config: ModelConfig, settings: SamplingSettings, mesh: Optional
       params, config, settings, tokens, mask, rng)
   if mesh is None:
     return jax.jit(fn)
-  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-  rows2 = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
-  out = SampleOutput(tokens=rows2, logprobs=rows2, mask=rows2, lengths=rows, truncated=rows)
+  rows2, out = output_shardings(mesh)
   return jax.jit(fn, in_shardings=(None, rows2, rows2, sharding.replicated(mesh)),
                  out_shardings=out)
+
+
+def output_shardings(mesh: Mesh, versions: bool = False):
+  """The [B, N] rows' sharding over the batch axes, and a SampleOutput's (with `versions`:
+  in-flight updates' tags too)."""
+  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+  rows2 = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
+  return rows2, SampleOutput(tokens=rows2, logprobs=rows2, mask=rows2, lengths=rows,
+                             truncated=rows, versions=rows2 if versions else None)

@@ -31,14 +31,13 @@ measured best (BENCHMARKS.md, "Rollout").
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from grpo_jax import models, sampling, sharding
 from grpo_jax.draws import row_uniforms, sample_keys, sample_tokens
@@ -322,17 +321,13 @@ def make_inflight(config: ModelConfig, settings: sampling.SamplingSettings, step
                   mesh: Optional[Mesh] = None) -> InFlight:
   """`decode_first` / `decode_rest` jitted (as `sampling.make_sampler`, with a mesh: the
   prompts and outputs sharded over the batch axes, the key replicated)."""
-  first = functools.partial(decode_first, config=config, settings=settings, steps=steps)
-  rest = functools.partial(decode_rest, config=config, settings=settings, steps=steps)
-  first_fn = lambda params, tokens, mask, rng: first(  # noqa: E731
-      params, prompt_tokens_PxT=tokens, prompt_mask_PxT=mask, rng=rng)
-  rest_fn = lambda params, paused, rng: rest(params, paused=paused, rng=rng)  # noqa: E731
+  first_fn = lambda params, tokens, mask, rng: decode_first(  # noqa: E731
+      params, config, settings, tokens, mask, rng, steps)
+  rest_fn = lambda params, paused, rng: decode_rest(  # noqa: E731
+      params, config, settings, paused, rng, steps)
   if mesh is None:
     return InFlight(jax.jit(first_fn), jax.jit(rest_fn), steps)
-  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-  rows2 = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
-  out = sampling.SampleOutput(tokens=rows2, logprobs=rows2, mask=rows2, lengths=rows,
-                              truncated=rows, versions=rows2)
+  rows2, out = sampling.output_shardings(mesh, versions=True)
   key = sharding.replicated(mesh)
   return InFlight(jax.jit(first_fn, in_shardings=(None, rows2, rows2, key)),
                   jax.jit(rest_fn, in_shardings=(None, None, key), out_shardings=out), steps)

@@ -13,8 +13,9 @@ One GRPO step (DeepSeekMath Algorithm 1, inner loop), `grpo_step`, in four label
 update before the step's host bookkeeping). With grpo.max_staleness = k > 0, `stale_step` runs
 blocks 3-4 on the rollout sampled k steps earlier while 1-2 make the one of step + k (with
 grpo.inflight_after, its samples switching to the update's weights as they decode). Host state
-is typed and checkpointed with the device state (`runstate`). Every draw is `fold_in(named stream key, step)`, so a killed run
-resumes to exactly the metrics of an uninterrupted one.
+is typed and checkpointed with the device state (`runstate`). Every draw is
+`fold_in(named stream key, step)`, so a killed run resumes to exactly the metrics of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def stale_step(exp: Experiment, loop: LoopState, models: Models,
   dispatched = [update()] if apart else []
   if ahead and inflight:  # the update queued after the first decode steps, its weights after
     def then():
-      dispatched.append(dispatched.pop() if dispatched else update())
+      if not dispatched:
+        dispatched.append(update())
       return _sampling_params(exp, dataclasses.replace(models, state=dispatched[0][0]))
     params = samplers.Swap(params, then)
   if ahead:
