@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from grpo_jax import models
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -110,10 +112,14 @@ def test_bench_rollout_tiny(capsys):
   assert bench_rollout.stop_ids("fixed", 4096, N) == ()
   k = len(bench_rollout.stop_ids("varlen", 4096, N))
   assert (1 - k / 4096) ** N == pytest.approx(0.1, rel=0.05)  # P(no stop in N steps)
+  vocab = models.get_config("tiny_qwen2").vocab_size  # the benchmark's model at a test's size
+  k = len(bench_rollout.stop_ids("varlen", vocab, N))
+  assert (1 - k / vocab) ** N == pytest.approx(0.1, rel=0.5)
   config = os.path.join(REPO, "experiments/configs/arithmetic.py:smoke")
-  figures = bench_rollout.main(["--part=all", "--prompts=8", "--samples=8", f"--new_tokens={N}",
-                                "--prompt_len=4", "--repeats=1", f"--config={config}",
-                                "--layers=1", "--set=grpo.num_prompts=8", "--slots=0,64"])
+  figures = bench_rollout.main(["--part=all", "--model=tiny_qwen2", "--prompts=8", "--samples=8",
+                                f"--new_tokens={N}", "--prompt_len=4", "--repeats=1",
+                                f"--config={config}", "--layers=1", "--set=grpo.num_prompts=8",
+                                "--slots=0,64"])
   lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
   assert lines == json.loads(json.dumps(figures))
   generation, compiled = figures[:4], figures[4:]

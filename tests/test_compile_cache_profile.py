@@ -34,7 +34,7 @@ def test_second_launch_compiles_nothing(tmp_path):
 
 def test_profile_steps_write_a_trace(tmp_path):
   cfg = arithmetic_config.get_config("smoke")
-  cfg.grpo.num_prompts, cfg.grpo.steps, cfg.profile_steps = 8, 3, "2-3"
+  cfg.grpo.num_prompts, cfg.grpo.steps, cfg.profile_steps = 8, 2, "2"
   trainer.train(cfg, str(tmp_path))
   assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
   cfg.profile_steps = "3-2"

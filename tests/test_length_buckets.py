@@ -38,8 +38,8 @@ def test_bucket_width():
 
 
 @pytest.mark.parametrize("loss_type, level, micro, process", [
-    ("grpo", "token", 1, False), ("grpo", "token", 4, False), ("dapo", "token", 2, False),
-    ("dr_grpo", "token", 4, False), ("grpo", "sequence", 2, False), ("dapo", "token", 2, True),
+    ("grpo", "token", 1, False), ("dapo", "token", 2, False), ("dr_grpo", "token", 4, False),
+    ("grpo", "sequence", 2, False), ("dapo", "token", 2, True),
 ])
 def test_trimmed_update_equals_the_padded_one_on_a_mesh(loss_type, level, micro, process):
   config = models.get_config("tiny_llama").replace(
@@ -96,8 +96,7 @@ def test_microbatch_plan_sorts_rows_and_sizes_each_micro_batch():
 
 
 @pytest.mark.parametrize("loss_type, level, micro, process, lora_rank, correction", [
-    ("grpo", "token", 4, False, 0, None), ("dapo", "token", 2, False, 0, None),
-    ("dr_grpo", "token", 4, False, 0, None), ("grpo", "sequence", 2, False, 0, None),
+    ("dapo", "token", 2, False, 0, None), ("dr_grpo", "token", 4, False, 0, None), ("grpo", "sequence", 2, False, 0, None),
     ("dapo", "token", 4, True, 0, None), ("grpo", "token", 2, False, 4, None),
     ("grpo", "token", 4, False, 0, "tis"),
 ])

@@ -75,7 +75,7 @@ def test_update_step_microbatch_invariance(loss_type):
   batch = jax.tree.map(jnp.asarray, mw.make_batch())
   batch = batch.replace(ref_logprobs=batch.old_logprobs + 0.1)
   results = []
-  for m in (1, 2, 4):
+  for m in (1, 4):
     step = jax.jit(lambda s, b, m=m: ts.update_step(s, b, model_config=mw.MODEL,
                                                      optimizer=optimizer, loss_cfg=loss_cfg,
                                                      num_microbatches=m))
