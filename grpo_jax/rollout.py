@@ -128,7 +128,8 @@ def collect(data: Data, sampler: samplers.Sampler, r: RolloutSettings, params,
       break
   roll = _select_groups(rounds, P, G, keep_all=not r.dynamic_sampling)
   steps = step_rewards(data.tokenizer, r, roll, rm) if r.step_rewards else None
-  figures = _figures(roll, data.rewards.names, steps)
+  figures = _figures(roll, data.rewards.names, steps,
+                     learned_steps=r.process_reward == "prm" and rm is not None)
   if data.env is not None:  # turns, tool calls by status, env-token fraction, tool vs decode time
     figures.update(mean_figures([d.drawn.episodes.figures for d in rounds]))
   if r.reward_errors == "zero":
@@ -233,7 +234,8 @@ def step_rewards(tokenizer, r: RolloutSettings, roll: Rollout,
   return StepRewards(end, mask, rewards * mask, labels)
 
 
-def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards]) -> dict:
+def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards], *,
+             learned_steps: bool = False) -> dict:
   combined = roll.reward_PxG
   figures = {"reward": float(combined.mean()), "reward_std": float(combined.std()),
              "truncated_fraction": float(roll.truncated_N.mean()),
@@ -247,6 +249,11 @@ def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards]) 
     right = roll.verified_N > 0
     figures["rm_agreement"] = float(np.mean(says_right == right))  # against the exact answer
     figures["reward_hacking"] = float(np.mean(says_right & ~right))  # high reward, wrong answer
+  if learned_steps:  # the learned PRM on the fresh samples' steps, against the step verifier
+    on = steps.mask_NxS > 0
+    says_right, right = steps.rewards_NxS[on] >= 0.5, steps.labels_NxS[on] > 0
+    figures["rm_agreement"] = float(np.mean(says_right == right))
+    figures["reward_hacking"] = float(np.mean(says_right & ~right))  # high reward, wrong step
   if steps is not None:
     figures["step_reward"] = float((steps.rewards_NxS * steps.mask_NxS).sum()
                                    / max(steps.mask_NxS.sum(), 1))

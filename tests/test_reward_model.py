@@ -386,3 +386,36 @@ def test_replay_buffer_state_round_trip():
     buf.add({"tokens": np.zeros((2, 4), np.int32), "labels": np.zeros(2, np.float32)})
   with pytest.raises(ValueError, match="replay_fraction"):
     buf.mix(new, 1.0, 0)
+
+
+def test_rm_agreement_and_hacking_figures_against_numpy():
+  """The learned RM's figures on a rollout: an ORM per sample against the exact answer, a PRM
+  per existing step against the step verifier (off-mask steps not counted)."""
+  from grpo_jax import rollout  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  P, G, S = 2, 4, 3
+  orm_p = rng.uniform(size=(P, G)).astype(np.float32)
+  verified = (rng.uniform(size=P * G) < 0.5).astype(np.float32)
+  step_mask = np.array([[1, 1, 0]] * 4 + [[1, 1, 1]] * 4, np.int32)
+  labels = (rng.uniform(size=(P * G, S)) < 0.5).astype(np.float32) * step_mask
+  prm_p = rng.uniform(size=(P * G, S)).astype(np.float32) * step_mask
+  prm_p[0, 2] = 0.9  # off the mask: must not count
+  roll = rollout.Rollout(
+      prompt_ids_NxL=np.zeros((P * G, 2), np.int32), prompt_mask_NxL=np.ones((P * G, 2)),
+      tokens_NxC=np.zeros((P * G, 4), np.int32), mask_NxC=np.ones((P * G, 4), np.int32),
+      truncated_N=np.zeros(P * G, bool), scores_KxPxG=np.stack([verified.reshape(P, G), orm_p]),
+      reward_PxG=orm_p, verified_N=verified, texts=("",) * (P * G), records=({},) * P,
+      steps=None, figures={})
+  figures_of = rollout._figures  # pylint: disable=protected-access
+  figures = figures_of(roll, ("exact_answer", "reward_model"), None)
+  says, right = orm_p.reshape(-1) >= 0.5, verified > 0
+  assert figures["rm_agreement"] == pytest.approx(np.mean(says == right))
+  assert figures["reward_hacking"] == pytest.approx(np.mean(says & ~right))
+  step_rewards = rollout.StepRewards(np.zeros((P * G, S), np.int32), step_mask, prm_p, labels)
+  figures = figures_of(roll, ("exact_answer",), step_rewards, learned_steps=True)
+  on = step_mask > 0
+  says, right = prm_p[on] >= 0.5, labels[on] > 0
+  assert figures["rm_agreement"] == pytest.approx(np.mean(says == right))
+  assert figures["reward_hacking"] == pytest.approx(np.mean(says & ~right))
+  assert figures["step_reward"] == pytest.approx(prm_p[on].mean())
+  assert "rm_agreement" not in figures_of(roll, ("exact_answer",), step_rewards)

@@ -14,7 +14,10 @@ Claims (DeepSeekMath, section 5.2):
   iterative  Figure 6: iterative GRPO (the learned reward model retrained on the policy's own
              samples with replay, the reference reset) beats one iteration; logs the reward
              model's agreement with the exact answer on fresh samples (`rm_agreement`) and the
-             rate of reward hacking (high reward, wrong answer: `reward_hacking`);
+             rate of reward hacking (high reward, wrong answer: `reward_hacking`); with the RM's
+             probability as the reward alone (the paper's) and added to the exact answer's
+             ("_rule" methods: the guard of later work against hacking); --every sets how
+             often the RM is retrained;
   majk       Figure 7: RL raises Maj@K (and greedy accuracy) more than Pass@K, K = 1 .. 64: the
              warm start against the paradigms claim's GRPO run of the same seed.
 
@@ -46,6 +49,8 @@ DEFAULT_CONFIG = "experiments/configs/multistep.py"
 _ORM = ["--config.grpo.algorithm=grpo", "--config.grpo.rewards.exact_answer=0.0",
         "--config.grpo.loss.beta=0.04", "--config.reward_model.enabled=True",
         "--config.reward_model.kind=orm", "--config.reward_model.weight=1.0"]
+_GUARDS = {"": [], "_rule": ["--config.grpo.rewards.exact_answer=1.0"],  # the last flag wins
+           "_unscaled": ["--config.grpo.advantage_scale=none"]}
 METHODS = {
     "paradigms": {
         "rft": ["--config.grpo.algorithm=rft"],
@@ -53,10 +58,15 @@ METHODS = {
         "grpo": ["--config.grpo.algorithm=grpo"],
         "grpo_process": ["--config.grpo.algorithm=grpo", "--config.grpo.supervision=process"],
     },
-    "iterative": {  # the ORM trained once on the warm start's samples, or every 25 steps
-        "one_iteration": _ORM + ["--config.reward_model.iteration_steps=0"],
-        "iterative": _ORM + ["--config.reward_model.iteration_steps={every}"],
-    },
+    # The ORM trained once on the warm start's samples, or every 25 steps, as the reward:
+    # alone (the paper's), added to the exact answer's 0 / 1 ("_rule": Qwen2.5-Math's
+    # r = sigmoid(RM) + (verifier - 1) up to a shift: the RM ranks the right answers among
+    # themselves and the wrong ones, never a wrong one above a right one), or alone with the
+    # group mean as the only baseline ("_unscaled": Dr. GRPO's advantages, r - mean: a group
+    # whose RM scores barely differ gets a small update, not one amplified to unit size).
+    "iterative": {f"{name}{guard}": [*_ORM, *extra, f"--config.reward_model.iteration_steps={n}"]
+                  for guard, extra in _GUARDS.items()
+                  for name, n in (("one_iteration", "0"), ("iterative", "{every}"))},
 }
 CLAIMS = ("paradigms", "iterative", "majk")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -81,7 +91,7 @@ class Runner:
 
   def __init__(self, args):
     self.out, self.config, self.extra = args.out, args.config, [f"--config.{kv}" for kv in args.set]
-    self.smoke = args.smoke
+    self.smoke, self.every = args.smoke, args.every
 
   def workdir(self, seed: int, name: str) -> str:
     return os.path.join(self.out, f"seed{seed}", name)
@@ -100,7 +110,7 @@ class Runner:
     return self.train(seed, "warmstart", ["--config.grpo.steps=0"])
 
   def method(self, claim: str, seed: int, name: str) -> str:
-    every = 2 if self.smoke else 25
+    every = 2 if self.smoke else self.every
     flags = [f.format(every=every) for f in METHODS[claim][name]]
     return self.train(seed, name, [f"--config.init_from={self.warm_start(seed)}", *flags])
 
@@ -176,9 +186,13 @@ def iterative(runner: Runner, seeds: list[int], names: list[str]) -> dict:
   rm = {name: {key: [tail(grpo_rows(w[s]), key) for s in seeds]
                for key in ("rm_agreement", "reward_hacking")} for name, w in work.items()}
   final["warm start"] = [eval_curve(runner.warm_start(s))[0][1] for s in seeds]
-  verdicts = ([_compare(final, "one_iteration", "iterative", ">"),  # the paper's figure, and
-               _compare(final, "warm start", "iterative", ">")]  # RL with the RM helps at all
-              if set(names) == set(METHODS["iterative"]) else [])
+  verdicts, holds_with = [], []
+  for guard in _GUARDS:  # the paper's figure, and that RL with the RM helps at all
+    if {"one_iteration" + guard, "iterative" + guard} <= set(names):
+      pair = [_compare(final, "one_iteration" + guard, "iterative" + guard, ">"),
+              _compare(final, "warm start", "iterative" + guard, ">")]
+      verdicts += pair
+      holds_with += ["iterative" + guard] if all(v["holds"] for v in pair) else []
   del final["warm start"]
   rows = ["| method | held-out greedy accuracy (%) | RM agreement with the exact answer, last "
           "20 steps (%) | reward hacking, last 20 steps (%) |", "|---|---|---|---|"]
@@ -186,8 +200,8 @@ def iterative(runner: Runner, seeds: list[int], names: list[str]) -> dict:
            f"{fmt(rm[name]['reward_hacking'])} |" for name in names]
   return {"runs": {n: {s: eval_curve(w[s]) for s in seeds} for n, w in work.items()},
           "trained": names,
-          "final": final, "rm": rm, "verdicts": verdicts,
-          "reproduced": bool(verdicts) and all(v["holds"] for v in verdicts), "table": rows}
+          "final": final, "rm": rm, "verdicts": verdicts, "reproduced_with": holds_with,
+          "reproduced": bool(holds_with), "table": rows}
 
 
 def majk(runner: Runner, seeds: list[int], k: int, problems: int) -> dict:
@@ -287,7 +301,9 @@ def write(out: str, claim: str, result: dict, seeds: list[int]) -> None:
             f"{max(walls.values()):.0f} s (warm starts included; {claim}.json lists them)."]
   lines += ["", f"Reproduced: {'yes' if result['reproduced'] else 'no'} (seeds "
             f"{', '.join(map(str, seeds))}"
-            + ("" if result["verdicts"] else "; not every method was run") + ")."]
+            + ("" if result["verdicts"] else "; not every method was run")
+            + (f"; both orderings hold with {', '.join(result['reproduced_with'])} only"
+               if result.get("reproduced_with") else "") + ")."]
   with open(os.path.join(out, f"{claim}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -305,6 +321,8 @@ def main(argv=None) -> int:
                       help="a --config.KEY=VALUE flag for every run")
   parser.add_argument("--methods", default="", help="paradigms / iterative: some of the "
                       "claim's methods (default: all; a verdict needs both of its methods)")
+  parser.add_argument("--every", type=int, default=25, help="iterative: GRPO steps between the "
+                      "reward model's retrainings")
   parser.add_argument("--k", type=int, default=64, help="majk: samples per problem")
   parser.add_argument("--problems", type=int, default=200, help="majk: held-out problems")
   args = parser.parse_args(argv)
