@@ -265,11 +265,18 @@ def plot(claim: str, result: dict, path: str) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K")
   else:
+    guards = sorted(_GUARDS, key=len, reverse=True)  # "_unscaled" before ""
     for name, per_seed in result["runs"].items():  # the mean, and each seed thin
       seeds = sorted(per_seed)
       steps = [step for step, _ in per_seed[seeds[0]]]
       acc = np.array([[a for _, a in per_seed[s]] for s in seeds])
-      line, = ax.plot(steps, acc.mean(0), marker="o", label=f"{name} (mean of {len(seeds)})")
+      style = {}  # iterative: a colour per reward, the RM trained once dashed
+      if claim == "iterative":
+        guard = next(g for g in guards if name.endswith(g))
+        style = {"color": f"C{list(_GUARDS).index(guard)}",
+                 "linestyle": "--" if name.startswith("one_iteration") else "-"}
+      line, = ax.plot(steps, acc.mean(0), marker="o", label=f"{name} (mean of {len(seeds)})",
+                      **style)
       for row in acc if len(seeds) > 1 else ():
         ax.plot(steps, row, color=line.get_color(), alpha=0.3, linewidth=0.8)
     ax.set_xlabel("GRPO step")
