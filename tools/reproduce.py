@@ -212,11 +212,13 @@ def majk(runner: Runner, seeds: list[int], k: int, problems: int) -> dict:
       workdir = (runner.warm_start(s) if name == "warmstart"
                  else runner.method("paradigms", s, "grpo"))
       out = os.path.join(workdir, f"eval_k{k}.json")
-      if not os.path.exists(out):
-        cmd = [sys.executable, "-m", "experiments.eval", f"--workdir={workdir}", f"--k={k}",
-               f"--num_problems={problems}", f"--pass_k_problems={problems}", f"--out={out}"]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
+      if not os.path.exists(out):  # `python -m experiments.eval`'s work, in this process
+        from experiments import eval as eval_lib  # pylint: disable=import-outside-toplevel
+        print(f"+ experiments.eval --workdir={workdir} --k={k} --num_problems={problems} "
+              f"--pass_k_problems={problems} --out={out}", flush=True)
+        report = eval_lib.evaluate_workdir(workdir, overrides=eval_lib.eval_overrides(
+            problems, k, problems), progress=eval_lib.progress_printer())
+        eval_lib.write_report(report, out)
       with open(out) as f:
         report = json.load(f)
       curves.setdefault(name, {})[s] = {"greedy": report["accuracy_lenient"],
