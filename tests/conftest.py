@@ -51,18 +51,3 @@ def sandbox_lock():
     fcntl.flock(f, fcntl.LOCK_EX)
     yield
     fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def pytest_collection_modifyitems(items):
-  """With `--dist loadgroup` (the README's command): the tests of a module that share one of its
-  module-scoped fixtures (a trained run, an export) go to one pytest-xdist worker, so the fixture
-  is built once, not once per worker; the sandbox tests go to one worker too, so none waits on
-  `sandbox_lock`. Other tests are spread one by one, as `--dist load` does."""
-  for item in items:
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    if "sandbox_lock" in defs:
-      item.add_marker(pytest.mark.xdist_group("sandbox"))
-      continue
-    shared = any(d[-1].scope == "module" and d[-1].baseid.endswith(".py") for d in defs.values())
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
