@@ -96,8 +96,9 @@ def test_microbatch_plan_sorts_rows_and_sizes_each_micro_batch():
 
 
 @pytest.mark.parametrize("loss_type, level, micro, process, lora_rank, correction", [
-    ("dapo", "token", 2, False, 0, None), ("dr_grpo", "token", 4, False, 0, None), ("grpo", "sequence", 2, False, 0, None),
-    ("dapo", "token", 4, True, 0, None), ("grpo", "token", 2, False, 4, None),
+    ("dapo", "token", 2, False, 0, None), ("dr_grpo", "token", 4, False, 0, None),
+    ("grpo", "sequence", 2, False, 0, None), ("dapo", "token", 4, True, 0, None),
+    ("grpo", "token", 2, False, 4, None),
     ("grpo", "token", 4, False, 0, "tis"),
 ])
 def test_length_bucketed_micro_batches_equal_the_padded_update(loss_type, level, micro, process,

@@ -14,10 +14,10 @@ Claims (DeepSeekMath, section 5.2):
   iterative  Figure 6: iterative GRPO (the learned reward model retrained on the policy's own
              samples with replay, the reference reset) beats one iteration; logs the reward
              model's agreement with the exact answer on fresh samples (`rm_agreement`) and the
-             rate of reward hacking (high reward, wrong answer: `reward_hacking`); with the RM's
-             probability as the reward alone (the paper's) and added to the exact answer's
-             ("_rule" methods: the guard of later work against hacking); --every sets how
-             often the RM is retrained;
+             rate of reward hacking (high reward, wrong answer: `reward_hacking`); each pair
+             with three rewards: the RM's probability alone (the paper's), added to the exact
+             answer's ("_rule") and alone with unscaled advantages ("_unscaled"; both guards
+             of later work against hacking); --every sets how often the RM is retrained;
   majk       Figure 7: RL raises Maj@K (and greedy accuracy) more than Pass@K, K = 1 .. 64: the
              warm start against the paradigms claim's GRPO run of the same seed.
 
@@ -58,7 +58,7 @@ METHODS = {
         "grpo": ["--config.grpo.algorithm=grpo"],
         "grpo_process": ["--config.grpo.algorithm=grpo", "--config.grpo.supervision=process"],
     },
-    # The ORM trained once on the warm start's samples, or every 25 steps, as the reward:
+    # The ORM trained once on the warm start's samples, or every --every (25) steps, as the reward:
     # alone (the paper's), added to the exact answer's 0 / 1 ("_rule": Qwen2.5-Math's
     # r = sigmoid(RM) + (verifier - 1) up to a shift: the RM ranks the right answers among
     # themselves and the wrong ones, never a wrong one above a right one), or alone with the
