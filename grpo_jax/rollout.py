@@ -246,18 +246,21 @@ def _figures(roll: Rollout, names: Sequence[str], steps: Optional[StepRewards], 
   figures["verified_accuracy"] = float(roll.verified_N.mean())
   if "reward_model" in names:  # the learned ORM on fresh samples it has not trained on
     says_right = roll.scores_KxPxG[list(names).index("reward_model")].reshape(-1) >= 0.5
-    right = roll.verified_N > 0
-    figures["rm_agreement"] = float(np.mean(says_right == right))  # against the exact answer
-    figures["reward_hacking"] = float(np.mean(says_right & ~right))  # high reward, wrong answer
+    figures.update(_rm_figures(says_right, roll.verified_N > 0))  # against the exact answer
   if learned_steps:  # the learned PRM on the fresh samples' steps, against the step verifier
     on = steps.mask_NxS > 0
-    says_right, right = steps.rewards_NxS[on] >= 0.5, steps.labels_NxS[on] > 0
-    figures["rm_agreement"] = float(np.mean(says_right == right))
-    figures["reward_hacking"] = float(np.mean(says_right & ~right))  # high reward, wrong step
+    figures.update(_rm_figures(steps.rewards_NxS[on] >= 0.5, steps.labels_NxS[on] > 0))
   if steps is not None:
     figures["step_reward"] = float((steps.rewards_NxS * steps.mask_NxS).sum()
                                    / max(steps.mask_NxS.sum(), 1))
   return figures
+
+
+def _rm_figures(says_right: np.ndarray, right: np.ndarray) -> dict:
+  """A learned RM's "right" (p >= 0.5) against the verifier's: how often they agree, and how
+  often it rates right what is wrong (reward hacking)."""
+  return {"rm_agreement": float(np.mean(says_right == right)),
+          "reward_hacking": float(np.mean(says_right & ~right))}
 
 
 def _teacher(data: Data, r: RolloutSettings, position) -> tuple[Rollout, iterator.Position]:
